@@ -127,14 +127,21 @@ class ProposerSection(_Section):
 
 
 class SandboxSection(_Section):
+    """The bubblewrap jail every phase runs in (see docs/integrity.md); `~` and `$VARS` in paths expand."""
+
     mode: Literal["auto", "required", "off"] = "auto"
-    network: bool = False
+    network: bool = Field(False, description="network in train/evaluate/heldout/checks; setup always has it")
     read_only: list[str] = Field(default_factory=list, description="extra host paths visible read-only")
+    writable: list[str] = Field(
+        default_factory=list,
+        description="host directories every phase may write (data and compile caches); created when missing",
+    )
     train_hidden: list[str] = Field(
         default_factory=list, description="host paths hidden during `command` (e.g. the validation split)"
     )
     eval_hidden: list[str] = Field(
-        default_factory=list, description="host paths hidden during `evaluate` (e.g. the test split)"
+        default_factory=list,
+        description="host paths hidden from every phase but `heldout` (e.g. the test split)",
     )
 
 
