@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, NoReturn
+
 import typer
 
 from nightlab import __version__
@@ -30,8 +34,240 @@ def main(
 
 # --- research loop commands: init, run, status, report ---
 
+WORKSPACE_OPTION = typer.Option(Path("."), "--workspace", "-C", help="The workspace directory (default: here).")
+
+
+def _research_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the user's setup needs a fix": shown as one clear line, no traceback."""
+    from nightlab.config import ConfigError
+    from nightlab.research.journal import ChainError
+    from nightlab.research.loop import LoopError
+    from nightlab.research.proposers.replay import ReplayError
+    from nightlab.research.report import ReportError
+    from nightlab.research.workspace import WorkspaceError
+
+    return ConfigError, ChainError, LoopError, ReplayError, ReportError, WorkspaceError
+
+
+def _setup_errors() -> tuple[type[BaseException], ...]:
+    """Also the proposers' and the sandbox's configuration errors (imported only when something failed)."""
+    from nightlab.research.proposers.llm import LLMError
+    from nightlab.research.sandbox import SandboxUnavailable
+
+    return (*_research_errors(), LLMError, SandboxUnavailable)
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    from rich.console import Console
+    from rich.text import Text
+
+    Console(stderr=True, soft_wrap=True).print(Text("error: ", style="bold red") + Text(str(exc)))
+    raise typer.Exit(1)
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="New (or empty) directory for the workspace.")],
+    template: str = typer.Option("tinygpt", "--template", "-t", help="Built-in template to copy."),
+) -> None:
+    """Create a workspace from a built-in template: a git repo with nightlab.toml and its first commit."""
+    from nightlab.research.workspace import WorkspaceError, init_workspace
+
+    try:
+        dest = init_workspace(template, directory)
+    except WorkspaceError as exc:
+        _fail(exc)
+    typer.echo(f"created {dest} from template {template}; next: cd {directory} && nightlab run")
+
+
+@app.command("run")
+def run_command(
+    tag: str | None = typer.Option(None, help="Run name; branch nightlab/<tag>. Default: the run branch you "
+                                   "are on, else today's date. An existing tag resumes that run."),
+    max_experiments: int | None = typer.Option(None, min=0, help="Stop when the run holds this many experiments."),
+    hours: float | None = typer.Option(None, min=0, help="Stop after this many hours (this invocation)."),
+    max_cost: float | None = typer.Option(None, min=0, help="Stop before LLM spend (USD, whole run) would pass this."),
+    proposer: str | None = typer.Option(None, help="auto, llm, tune or replay (default: nightlab.toml)."),
+    budget: float | None = typer.Option(None, help="Override experiment.budget_seconds."),
+    workspace: Path = WORKSPACE_OPTION,
+) -> None:
+    """Run the research loop until a stop condition (or Ctrl-C); resumes the run after a crash or kill."""
+    import signal
+
+    from nightlab.research.live import make_view
+    from nightlab.research.loop import ResearchLoop, RunOptions
+
+    def _terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
+    options = RunOptions(tag, max_experiments, hours, max_cost, proposer, budget)
+    try:
+        state = ResearchLoop(workspace, options, observer=make_view()).run_loop()
+    except _setup_errors() as exc:
+        _fail(exc)
+    typer.echo(f"see `nightlab status` and `nightlab report` (branch {state.branch})")
+
+
+@app.command()
+def status(
+    tag: str | None = typer.Option(None, help="Run to show (default: the latest)."),
+    workspace: Path = WORKSPACE_OPTION,
+) -> None:
+    """Show the experiments of a run from the journal."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from nightlab.research.journal import JOURNAL_NAME, STATE_DIR, Journal
+    from nightlab.research.live import DECISION_STYLE
+    from nightlab.research.report import find_run
+
+    if not (workspace / STATE_DIR / JOURNAL_NAME).is_file():
+        _fail(RuntimeError(f"{workspace.resolve()} has no nightlab journal yet; start with `nightlab run`"))
+    journal = Journal.for_workspace(workspace)
+    try:
+        journal.verify_chain()
+        run = find_run(journal, tag)
+        rows = journal.experiments(run.id)
+        pending = journal.pending(run.id)
+    except _research_errors() as exc:
+        _fail(exc)
+    finally:
+        journal.close()
+    table = Table(title=f"run {run.tag} ({run.branch})")
+    for col in ("#", "decision", run.metric_name, "margin/noise", "seconds", "description"):
+        table.add_column(col, justify="right" if col in ("#", "seconds") else "left")
+    for r in rows:
+        timings = json.loads(r["timings_json"] or "{}")
+        table.add_row(
+            str(r["number"]), f"[{DECISION_STYLE.get(r['decision'], '')}]{r['decision']}[/]",
+            "-" if r["metric"] is None else f"{r['metric']:.6g}",
+            "-" if r["sigmas"] is None else f"{r['sigmas']:+.1f}", f"{sum(timings.values()):.1f}",
+            "baseline" if r["kind"] == "baseline" else (r["description"] or "")[:70],
+        )
+    for p in pending:
+        table.add_row(str(p["number"]), "[cyan]running[/]", "-", "-", "-", p.get("description", "")[:70])
+    console = Console()
+    console.print(table)
+    kept = [r for r in rows if r["kind"] == "candidate" and r["decision"] == "keep"]
+    done = sum(r["kind"] == "candidate" for r in rows)
+    console.print(f"{done} experiments, {len(kept)} kept")
+
+
+@app.command()
+def report(
+    tag: str | None = typer.Option(None, help="Run to report (default: the latest)."),
+    final: bool = typer.Option(False, "--final", help="Score the best on the held-out split first, if not done."),
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: .nightlab/reports/<tag>/).")] = None,
+    workspace: Path = WORKSPACE_OPTION,
+) -> None:
+    """Write report.md, progress.png and results.tsv for a run."""
+    from nightlab.research.journal import Journal
+    from nightlab.research.live import make_view
+    from nightlab.research.loop import ResearchLoop, RunOptions
+    from nightlab.research.report import build_report, find_run
+
+    try:
+        if final:
+            journal = Journal.for_workspace(workspace)
+            try:
+                run = find_run(journal, tag)
+            finally:
+                journal.close()
+            ResearchLoop(workspace, RunOptions(tag=run.tag), observer=make_view()).final_heldout()
+        files = build_report(workspace, tag, out)
+    except _setup_errors() as exc:
+        _fail(exc)
+    typer.echo(f"wrote {files.report}\nwrote {files.plot}\nwrote {files.tsv}")
+
 
 # --- training service commands: serve, models ---
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on; other than localhost needs --api-key."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", help="Models, checkpoints and the service database (default: $NIGHTLAB_DATA_DIR or ~/.nightlab)."
+    )] = None,
+    device: str = typer.Option("auto", help="Where models run: auto, cpu, cuda or mps."),
+    api_key: Annotated[list[str] | None, typer.Option(
+        "--api-key", help="An accepted API key (tml-...), repeatable; also $NIGHTLAB_API_KEYS, comma-separated."
+    )] = None,
+    preload: Annotated[list[str] | None, typer.Option(
+        "--preload", help="A base model to load before serving, repeatable."
+    )] = None,
+) -> None:
+    """Serve the Tinker training API (/api/v1) and an OpenAI-compatible API (/v1): LoRA fine-tuning on this machine."""
+    from nightlab.train.api.app import serve as run_service
+    from nightlab.train.engine import EngineError
+    from nightlab.train.settings import ServeSettings, default_data_dir, keys_from_env
+
+    try:
+        settings = ServeSettings(
+            data_dir=data_dir or default_data_dir(), device=device, api_keys=[*(api_key or []), *keys_from_env()],
+            preload=preload or [], host=host, port=port,
+        )
+        settings.check_exposure()
+        run_service(settings)
+    except (ValueError, EngineError) as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        typer.echo("interrupted before the server started; nothing was written")
+        raise typer.Exit(130) from None
+
+
+models_app = typer.Typer(help="Base models the training service can serve: list, prepare, pull.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+MODELS_DATA_DIR = typer.Option(
+    None, "--data-dir", help="Where prepared models live (default: $NIGHTLAB_DATA_DIR or ~/.nightlab)."
+)
+
+
+@models_app.command("list")
+def models_list(data_dir: Path | None = MODELS_DATA_DIR) -> None:
+    """Show servable models, one per line; the first column is exactly what to pass as `model_name`."""
+    from rich.console import Console
+
+    from nightlab.train import models
+
+    data_dir = data_dir or models.default_data_dir()
+    with Console(stderr=True).status("reading model configs"):
+        found = [(model, *models.describe(model)) for model in models.list_prepared(data_dir)]
+    typer.echo("NAME\tsource\tarch\tcontext")
+    for model, arch, context in found:
+        typer.echo(f"{model.name}\t{model.source}\t{arch}\t{context}")
+    if any(model.source == "gguf" for model, *_ in found):
+        typer.echo("tip: `nightlab models prepare smollm2` writes a directory clients can load its tokenizer from",
+                   err=True)
+
+
+def _prepare(name: str, data_dir: Path | None) -> None:
+    from nightlab.train import models
+
+    try:
+        path = models.prepare_model(name, data_dir or models.default_data_dir())
+    except (models.UnknownModelError, ValueError, OSError) as exc:
+        _fail(exc)
+    typer.echo(f"prepared {path}\nuse it as model_name: {path}")
+
+
+@models_app.command("prepare")
+def models_prepare(
+    name: Annotated[str, typer.Argument(help="smollm2 (the offline GGUF) or a hub id already in the HF cache.")],
+    data_dir: Path | None = MODELS_DATA_DIR,
+) -> None:
+    """Convert a model into a regular Hugging Face directory under the data dir (tokenizer checked and fixed)."""
+    _prepare(name, data_dir)
+
+
+@models_app.command("pull")
+def models_pull(
+    hub_id: Annotated[str, typer.Argument(help="A Hugging Face hub id such as org/name (needs the network).")],
+    data_dir: Path | None = MODELS_DATA_DIR,
+) -> None:
+    """Download a model from the Hugging Face hub and save it as a prepared model under the data dir."""
+    _prepare(hub_id, data_dir)
+
 
 
 if __name__ == "__main__":

@@ -1,0 +1,147 @@
+"""What a person watching `nightlab run` sees: a rich Live panel on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from nightlab.research.loop import LoopState
+
+DECISION_STYLE = {
+    "keep": "bold green", "discard": "yellow", "crash": "red", "timeout": "red", "invalid": "magenta",
+    "overrun": "red",
+}
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def _describe_row(row: dict[str, Any], state: LoopState) -> str:
+    what = "baseline" if row["kind"] == "baseline" else (row["description"] or "")
+    metric = f"{state.metric_name}={_fmt(row['metric'])}"
+    sigma = f" ({row['sigmas']:+.1f} noise)" if row.get("sigmas") is not None else ""
+    reason = f": {row['reason']}" if row["decision"] not in ("keep",) and row.get("reason") else ""
+    return f"#{row['number']} {row['decision']} {metric}{sigma} {what}{reason}"
+
+
+def _sandbox_words(state: LoopState) -> str:
+    return ("on" if state.sandboxed else "off") + (f" ({state.sandbox_reason})" if state.sandbox_reason else "")
+
+
+class PlainView:
+    """One line per event, for logs and pipes (no cursor tricks)."""
+
+    def __init__(self, console: Console | None = None):
+        self.console = console or Console(highlight=False, soft_wrap=True)
+
+    def _say(self, text: str) -> None:
+        self.console.print(f"[{time.strftime('%H:%M:%S')}] {text}", markup=False)
+
+    def started(self, state: LoopState, resumed: bool) -> None:
+        verb = "resuming" if resumed else "starting"
+        self._say(
+            f"{verb} run {state.tag} on branch {state.branch}; proposer {state.proposer}; "
+            f"sandbox {_sandbox_words(state)}"
+        )
+
+    def phase_started(self, number: int | str, description: str, phase: str, limit: float) -> None:
+        self._say(f"#{number} {phase}: {description}")
+
+    def output(self, line: str) -> None:
+        """The full output is in the experiment's log file; a plain view stays quiet."""
+
+    def experiment_finished(self, row: dict[str, Any], state: LoopState) -> None:
+        self._say(_describe_row(row, state))
+        if state.best is not None:
+            self._say(
+                f"best {state.metric_name}={_fmt(state.best)} noise={_fmt(state.noise)} "
+                f"keeps {state.keeps}/{state.experiments}"
+            )
+
+    def message(self, text: str) -> None:
+        self._say(text)
+
+    def finished(self, state: LoopState) -> None:
+        self._say(
+            f"stopped: {state.stop_reason or 'error'}; {state.experiments} experiments, {state.keeps} kept, "
+            f"best {state.metric_name}={_fmt(state.best)} (baseline {_fmt(state.baseline)})"
+        )
+
+
+class LiveView(PlainView):
+    """A rich Live panel redrawn a few times a second; finished experiments scroll above it."""
+
+    def __init__(self, console: Console | None = None):
+        super().__init__(console)
+        self._lock = threading.Lock()
+        self._state = LoopState()
+        self._phase = ("", "", "", 1.0, time.monotonic())  # number, description, phase, limit, started
+        self._last_line = ""
+        self._live = Live(self, console=self.console, refresh_per_second=4, transient=True)
+
+    def __rich__(self) -> Group:
+        with self._lock:
+            st, (number, description, phase, limit, started), last = self._state, self._phase, self._last_line
+        elapsed = time.monotonic() - started
+        head = Text.assemble(
+            (f"#{number} ", "bold"), (f"{phase} ", "cyan"), (description[:100], ""),
+        )
+        bar = Table.grid(padding=(0, 1))
+        bar.add_row(
+            ProgressBar(total=max(limit, 1e-9), completed=min(elapsed, limit), width=40),
+            Text(f"{elapsed:5.1f}s / {limit:g}s"),
+        )
+        stats = Table.grid(padding=(0, 3))
+        stats.add_row(
+            f"best {st.metric_name}: [bold]{_fmt(st.best)}[/] (baseline {_fmt(st.baseline)})",
+            f"noise floor: {_fmt(st.noise)}",
+        )
+        stats.add_row(
+            f"keeps: {st.keeps}/{st.experiments} ({st.keep_rate:.0%})",
+            f"sandbox: {'on' if st.sandboxed else 'off'}   cost: ${st.cost_usd:.4f}",
+        )
+        return Group(head, bar, Text(last[-160:], style="dim"), stats)
+
+    def started(self, state: LoopState, resumed: bool) -> None:
+        super().started(state, resumed)
+        with self._lock:
+            self._state = state
+        self._live.start()
+
+    def phase_started(self, number: int | str, description: str, phase: str, limit: float) -> None:
+        with self._lock:
+            self._phase = (str(number), description, phase, limit, time.monotonic())
+            self._last_line = ""
+
+    def output(self, line: str) -> None:
+        if line.startswith("NIGHTLAB_METRIC"):
+            return  # the signed record is for the loop, not for the screen
+        with self._lock:
+            self._last_line = line
+
+    def experiment_finished(self, row: dict[str, Any], state: LoopState) -> None:
+        style = DECISION_STYLE.get(row["decision"], "")
+        self.console.print(Text(_describe_row(row, state), style=style))
+        with self._lock:
+            self._state = state
+
+    def message(self, text: str) -> None:
+        self.console.print(Text(text, style="dim"))
+
+    def finished(self, state: LoopState) -> None:
+        self._live.stop()
+        super().finished(state)
+
+
+def make_view(console: Console | None = None) -> PlainView:
+    """The Live panel on a terminal, plain lines when stdout is a pipe or a file."""
+    console = console or Console(soft_wrap=True)
+    return LiveView(console) if console.is_terminal else PlainView(console)

@@ -1,0 +1,163 @@
+"""`nightlab report`: report.md, progress.png and results.tsv for one run, all derived from the journal."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nightlab.config import NightlabConfig
+from nightlab.research import decide
+from nightlab.research.journal import STATE_DIR, Journal, Run
+from nightlab.research.plots import plot_progress
+
+
+class ReportError(RuntimeError):
+    """Nothing to report (no journal, no such run)."""
+
+
+@dataclass
+class ReportFiles:
+    report: Path
+    plot: Path
+    tsv: Path
+
+
+def find_run(journal: Journal, tag: str | None) -> Run:
+    run = journal.find_run(tag) if tag else journal.latest_run()
+    if run is None:
+        known = ", ".join(r.tag for r in journal.runs()) or "none yet"
+        raise ReportError(f"no run {tag!r} in the journal (runs: {known})" if tag else "the journal has no runs yet")
+    return run
+
+
+def _f(value: float | None, digits: int = 6) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def _cell(text: str | None, limit: int = 120) -> str:
+    one = " ".join((text or "").split()).replace("|", "\\|")
+    return one if len(one) <= limit else one[: limit - 1] + "…"
+
+
+def heldout_lines(rows: list[dict[str, Any]], goal: decide.Goal, bar: float) -> list[str]:
+    """Validation vs test for the baseline and the best; flag a gain that did not carry over to test."""
+    by_label = {r["label"]: r for r in rows}
+    lines = ["| | commit | validation | test |", "|---|---|---|---|"]
+    for label in ("baseline", "best"):
+        if label in by_label:
+            r = by_label[label]
+            lines.append(f"| {label} | `{r['commit_sha'][:7]}` | {_f(r['validation'])} | {_f(r['test'])} |")
+    base, best = by_label.get("baseline"), by_label.get("best")
+    if base and best and None not in (base["validation"], base["test"], best["validation"], best["test"]):
+        val_gain = decide.gain(best["validation"], base["validation"], goal)
+        test_gain = decide.gain(best["test"], base["test"], goal)
+        lines += ["", f"Gain over the baseline: validation {val_gain:+.6g}, test {test_gain:+.6g}."]
+        if val_gain - test_gain > bar:
+            lines.append(
+                f"\n**Warning: the validation gain exceeds the test gain by {val_gain - test_gain:.6g}, more "
+                f"than the noise bar ({bar:.6g}). The kept changes may be fitting the validation split.**"
+            )
+        else:
+            lines.append(f"\nThe gain carried over to the test split (difference within the noise bar {bar:.6g}).")
+    elif rows:
+        lines.append("\nA held-out scoring failed; see its log: " + ", ".join(r["log_path"] for r in rows))
+    return lines
+
+
+def build_report(root: Path, tag: str | None = None, out: Path | None = None) -> ReportFiles:
+    """Write report.md, progress.png and results.tsv for a run (default: the latest) into `out`."""
+    root = Path(root).resolve()
+    if not (root / STATE_DIR / "journal.sqlite").is_file():
+        raise ReportError(f"{root} has no nightlab journal yet; start with `nightlab run`")
+    journal = Journal.for_workspace(root)
+    try:
+        journal.verify_chain()
+        run = find_run(journal, tag)
+        out = Path(out) if out else root / STATE_DIR / "reports" / run.tag
+        out.mkdir(parents=True, exist_ok=True)
+        rows = journal.experiments(run.id)
+        config = NightlabConfig.model_validate(run.config)
+        goal = config.metric.goal
+        base = [r["metric"] for r in rows if r["kind"] == "baseline" and r["decision"] == "keep"]
+        noise = decide.noise_floor(base) if base else None
+        plot = plot_progress(rows, run.metric_name, goal, out / "progress.png", noise)
+        tsv = journal.export_tsv(out / "results.tsv", run.id)
+        text = _markdown(run, config, rows, journal.heldout(run.id), base, noise)
+        report = out / "report.md"
+        report.write_text(text, encoding="utf-8")
+    finally:
+        journal.close()
+    return ReportFiles(report, plot, tsv)
+
+
+def _markdown(
+    run: Run, config: NightlabConfig, rows: list[dict[str, Any]], heldout: list[dict[str, Any]],
+    base: list[float], noise: float | None,
+) -> str:
+    goal, name = config.metric.goal, run.metric_name
+    candidates = [r for r in rows if r["kind"] == "candidate"]
+    keeps = [r for r in candidates if r["decision"] == "keep"]
+    counts: dict[str, int] = {}
+    for r in candidates:
+        counts[r["decision"]] = counts.get(r["decision"], 0) + 1
+    baseline = statistics.fmean(base) if base else None
+    best = keeps[-1]["metric"] if keeps else baseline
+    total_gain = decide.gain(best, baseline, goal) if None not in (best, baseline) else None
+    cost = sum(r["cost_usd"] or 0 for r in rows)
+    tokens = sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0) for r in rows)
+    proposers = sorted({r["proposer"] for r in candidates if r["proposer"]})
+    sandboxed = sorted({bool(r["sandboxed"]) for r in rows})
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(rows[0]["started_at"])) if rows else "-"
+    lines = [
+        f"# nightlab report: {config.workspace.name}, run `{run.tag}`",
+        "",
+        f"- branch `{run.branch}` from `{run.source_branch}` at `{run.base_commit[:7]}`; started {started}",
+        f"- proposer: {', '.join(proposers) or '-'}; sandbox: "
+        + ("/".join("on" if s else "off" for s in sandboxed) or "-"),
+        f"- metric: `{name}` ({goal}), channel `{config.metric.channel}`; budget "
+        f"{config.experiment.budget_seconds:g}s per experiment",
+        "",
+        "## Summary",
+        "",
+        "| baseline | best | gain | noise floor | experiments | kept | keep rate | LLM cost |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {_f(baseline)} | {_f(best)} | {_f(total_gain)} | {_f(noise, 3)} | {len(candidates)} | {len(keeps)} | "
+        f"{(len(keeps) / len(candidates) if candidates else 0):.0%} | ${cost:.4f} ({tokens} tokens) |",
+        "",
+        "Decisions: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"),
+        "",
+        "![progress](progress.png)",
+        "",
+        "## Kept changes",
+        "",
+    ]
+    if keeps:
+        lines += ["| # | commit | " + name + " | margin | margin / noise | P(better) | description |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in keeps:
+            runs = json.loads(r["metric_runs_json"] or "[]")
+            confirmed = " (confirmed)" if len(runs) > 1 else ""
+            lines.append(
+                f"| {r['number']} | `{(r['commit_sha'] or '')[:7]}` | {_f(r['metric'])} | {_f(r['margin'])} | "
+                f"{_f(r['sigmas'], 3)}{confirmed} | {_f(r['probability'], 3)} | {_cell(r['description'])} |"
+            )
+    else:
+        lines.append("No change beat the baseline by more than the noise.")
+    lines += ["", "## Validation vs held-out test", ""]
+    if heldout:
+        lines += heldout_lines(heldout, goal, decide.bar(noise or 0.0, config.decide))
+    elif config.experiment.heldout:
+        lines.append("Not scored yet: `nightlab report --final` scores the baseline and the best on the test split.")
+    else:
+        lines.append("No held-out step configured (`experiment.heldout`).")
+    lines += ["", "## All experiments", "", f"| # | decision | {name} | description | reason |", "|---|---|---|---|---|"]
+    for r in rows:
+        what = "baseline" if r["kind"] == "baseline" else r["description"]
+        lines.append(
+            f"| {r['number']} | {r['decision']} | {_f(r['metric'])} | {_cell(what, 80)} | {_cell(r['reason'], 100)} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,31 @@
+"""The editable half of the quadratic toy: "training" picks the knob values the harness will score.
+
+The knobs are the UPPER_CASE constants below. The run writes them (and its seed) to run/model.json;
+evaluate.py, the harness, turns them into the loss. Changing SEED only moves the noise: nightlab must not
+take that for progress.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+LEARNING_RATE = 0.3
+WIDTH = 4
+MOMENTUM = 0.5
+SEED = 42
+
+
+def main() -> None:
+    seed = SEED + int(os.environ.get("NIGHTLAB_SEED_OFFSET", "0"))
+    # Simulated work, so demos and benchmarks can give each experiment a realistic duration.
+    time.sleep(float(os.environ.get("QUADRATIC_WORK_SECONDS", "0")))
+    knobs = {"LEARNING_RATE": LEARNING_RATE, "WIDTH": WIDTH, "MOMENTUM": MOMENTUM}
+    out = Path("run")
+    out.mkdir(exist_ok=True)
+    (out / "model.json").write_text(json.dumps({"knobs": knobs, "seed": seed}))
+    print("trained with " + ", ".join(f"{k}={v}" for k, v in knobs.items()) + f" (seed {seed})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The research commands as a user types them: init, run, status, report, and their error messages."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from nightlab.cli import app
+from tests.research.loop_workspace import commit_all, make_workspace, replace_block
+
+runner = CliRunner()
+
+
+def test_init_refuses_unknown_template_and_non_empty_dir(tmp_path):
+    result = runner.invoke(app, ["init", "--template", "nope", str(tmp_path / "a")])
+    assert result.exit_code == 1 and "unknown template 'nope'; available:" in result.output
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("x")
+    result = runner.invoke(app, ["init", "--template", "quadratic", str(tmp_path / "b")])
+    assert result.exit_code == 1 and "not empty" in result.output
+
+
+def test_config_errors_name_the_key(tmp_path):
+    root = make_workspace(tmp_path)
+    text = (root / "nightlab.toml").read_text()
+    (root / "nightlab.toml").write_text(text.replace("budget_seconds = 5", "budget_seconds = -1"))
+    commit_all(root, "bad budget")
+    result = runner.invoke(app, ["run", "-C", str(root)])
+    assert result.exit_code == 1 and "experiment.budget_seconds" in result.output
+    (root / "nightlab.toml").write_text(text.replace('name = "loss"', 'nmae = "loss"'))
+    commit_all(root, "typo")
+    result = runner.invoke(app, ["run", "-C", str(root)])
+    assert result.exit_code == 1 and "metric.nmae" in result.output and "metric.name" in result.output
+
+
+def test_dirty_tree_is_refused(tmp_path):
+    root = make_workspace(tmp_path, patches={"1.md": replace_block("WIDTH = 4", "WIDTH = 8")})
+    (root / "train.py").write_text((root / "train.py").read_text() + "\n# my edit\n")
+    result = runner.invoke(app, ["run", "-C", str(root), "--proposer", "replay"])
+    assert result.exit_code == 1 and "uncommitted changes" in result.output and "train.py" in result.output
+    assert "# my edit" in (root / "train.py").read_text()
+
+
+def test_run_status_report(tmp_path):
+    root = make_workspace(
+        tmp_path, patches={"1.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05")},
+        config={"decide": {"baseline_runs": 2}},
+    )
+    result = runner.invoke(app, ["run", "-C", str(root), "--tag", "cli", "--proposer", "replay"])
+    assert result.exit_code == 0, result.output
+    assert "#3 keep" in result.output and "stopped: the proposer has nothing more to try" in result.output
+    result = runner.invoke(app, ["status", "-C", str(root)])
+    assert result.exit_code == 0 and "1 experiments, 1 kept" in result.output
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["report", "-C", str(root), "--final", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in out.iterdir()} == {"report.md", "progress.png", "results.tsv"}

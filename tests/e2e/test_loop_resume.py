@@ -1,0 +1,82 @@
+"""kill -9 of `nightlab run` in the middle of an experiment, then resume: nothing lost, nothing twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from nightlab.research.journal import Journal
+from tests.research.loop_workspace import git, make_workspace, replace_block
+
+SLOW = '''def main() -> None:
+    from pathlib import Path
+    Path(os.environ["STARTED_FILE"]).write_text(str(os.getpid()))
+    time.sleep(120)'''
+
+
+def _nightlab(root, *args, **kw):
+    cmd = [sys.executable, "-m", "nightlab.cli", "run", "--tag", "night", "--proposer", "replay", *args]
+    return subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _wait_for(path, seconds=120):
+    deadline = time.monotonic() + seconds
+    while not (path.exists() and path.read_text()):
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+    return int(path.read_text())
+
+
+def test_kill_then_resume(tmp_path):
+    started = tmp_path / "started"
+    root = make_workspace(
+        tmp_path,
+        config={"experiment": {"budget_seconds": 200, "timeout_seconds": 300, "heldout": None,
+                               "env": {"STARTED_FILE": str(started)}}},
+        patches={
+            "1.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05", description="lower the LR"),
+            "2.md": replace_block("def main() -> None:", SLOW, description="slow"),
+            "3.md": replace_block("WIDTH = 4", "WIDTH = 16", description="wider"),
+        },
+    )
+    first = _nightlab(root)
+    orphan = _wait_for(started)
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    assert psutil.pid_exists(orphan)  # the experiment outlived nightlab (its own session)
+    journal = Journal.for_workspace(root)
+    assert [p["number"] for p in journal.pending(1)] == [5]
+    journal.close()
+    assert "time.sleep(120)" in (root / "train.py").read_text()  # killed with the slow change checked out
+
+    second = _nightlab(root)
+    out, _ = second.communicate(timeout=240)
+    assert second.returncode == 0, out
+    assert "#5 was interrupted" in out or "experiment #5 was interrupted" in out
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(orphan) and psutil.Process(orphan).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the orphaned experiment of the killed run is still running"
+        time.sleep(0.1)
+
+    journal = Journal.for_workspace(root)
+    rows = journal.experiments(1)
+    journal.verify_chain()
+    assert journal.pending(1) == []
+    journal.close()
+    assert [r["number"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [(r["description"], r["decision"]) for r in rows[3:]] == [
+        ("lower the LR", "keep"), ("slow", "crash"), ("wider", "keep")
+    ]
+    assert rows[4]["reason"].startswith("interrupted")
+    assert rows[5]["parent_commit"] == rows[3]["commit_sha"]  # built on the last kept commit, not the slow one
+    assert git(root, "rev-parse", "HEAD") == rows[5]["commit_sha"]
+    assert git(root, "log", "--format=%s", "main..HEAD").splitlines() == [
+        "nightlab #6: wider", "nightlab #4: lower the LR"
+    ]
+    assert git(root, "status", "--porcelain", "--untracked-files=all") == ""
+    assert "time.sleep(120)" not in (root / "train.py").read_text()
