@@ -2,8 +2,11 @@
 
 It is the source of truth; results.tsv, plots and reports are views derived from it. Each row stores the
 sha256 of its own canonical content plus the previous row's hash, so an edited, inserted or deleted row breaks
-the chain and `verify_chain` names it. The only mutable table is `pending`: the marker of the experiment in
-flight, which lets a killed run resume without losing or duplicating an experiment.
+the chain and `verify_chain` names it. A chain alone cannot show that its newest rows were cut off, so the
+head of every chain (row count and last hash) is also written, after each commit, to `journal.head` next to
+the database; a journal shorter than its head, or different at the head's row, is refused. The only mutable
+table is `pending`: the marker of the experiment in flight, which lets a killed run resume without losing or
+duplicating an experiment.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -19,6 +23,7 @@ from typing import Any
 
 STATE_DIR = ".nightlab"
 JOURNAL_NAME = "journal.sqlite"
+HEAD_SUFFIX = ".head"
 GENESIS = "0" * 64
 
 # Column lists double as the canonical order that row hashes are computed over.
@@ -30,7 +35,7 @@ EXPERIMENT_COLUMNS = [
     "run_id", "number", "kind", "commit_sha", "parent_commit", "patch", "patch_format", "diff", "description", "rationale", "proposer",
     "params_json", "metric", "metric_runs_json", "extra_json", "decision", "reason", "margin", "sigmas",
     "probability", "noise", "best_before", "timings_json", "exit_code", "peak_rss_mb", "log_path",
-    "prompt_tokens", "completion_tokens", "cost_usd", "sandboxed", "started_at", "finished_at",
+    "prompt_tokens", "completion_tokens", "cost_usd", "sandboxed", "sandbox_reason", "started_at", "finished_at",
 ]
 HELDOUT_COLUMNS = [
     "run_id", "commit_sha", "label", "validation", "test", "extra_json", "log_path", "created_at",
@@ -47,7 +52,8 @@ _TYPES = {
 
 
 class ChainError(RuntimeError):
-    """The journal's hash chain is broken: a row was edited, inserted or removed outside nightlab."""
+    """The journal cannot be trusted as it is: a row was edited, inserted or removed outside nightlab, its head
+    record is missing, or it was written by a nightlab with another schema."""
 
 
 def _normalize(column: str, value: Any) -> Any:
@@ -90,12 +96,15 @@ class Journal:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.head_path = self.path.with_suffix(HEAD_SUFFIX)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self._create()
+        if not self.head_path.exists() and not any(h["rows"] for h in self._heads().values()):
+            self._write_head()  # a new journal starts with its head, so a missing one always means trouble
 
     @classmethod
     def for_workspace(cls, root: Path) -> Journal:
@@ -116,6 +125,14 @@ class Journal:
             "payload TEXT NOT NULL, started_at REAL NOT NULL, PRIMARY KEY (run_id, number))"
         )
         self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS experiments_once ON experiments(run_id, number)")
+        for table, columns in CHAINED.items():
+            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            missing = [c for c in columns if c not in have]
+            if missing:
+                raise ChainError(
+                    f"{self.path}: table {table} lacks column(s) {', '.join(missing)}: it was written by another "
+                    f"version of nightlab; move {self.path.parent} aside to start a new journal"
+                )
 
     # --- chained inserts -------------------------------------------------------------------------------
 
@@ -140,12 +157,74 @@ class Journal:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
+        self._write_head()
         return int(cur.lastrowid)
 
+    # --- the chain heads -------------------------------------------------------------------------------
+
+    def _heads(self) -> dict[str, dict[str, Any]]:
+        heads = {}
+        for table in CHAINED:
+            count, = self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
+            last = self.db.execute(f"SELECT id, row_hash FROM {table} ORDER BY id DESC LIMIT 1").fetchone()
+            heads[table] = {"rows": count, "last_id": last[0] if last else None, "last_hash": last[1] if last else GENESIS}
+        return heads
+
+    def _write_head(self) -> None:
+        """Replace journal.head atomically. Written after the commit, so it never runs ahead of the database:
+        a crash in between leaves it one row behind, which `verify_chain` accepts."""
+        tmp = self.head_path.with_suffix(HEAD_SUFFIX + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            json.dump(self._heads(), f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.head_path)
+
+    def _read_head(self) -> dict[str, dict[str, Any]] | None:
+        try:
+            data = json.loads(self.head_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise ChainError(f"{self.head_path} is unreadable ({exc}): the journal's end cannot be checked") from exc
+        if not isinstance(data, dict) or not all(isinstance(data.get(t), dict) for t in CHAINED):
+            raise ChainError(f"{self.head_path} is malformed: the journal's end cannot be checked")
+        return data
+
+    def _check_head(self, head: dict[str, dict[str, Any]] | None, counts: dict[str, int]) -> None:
+        """The database must still hold every row the head recorded, the last one unchanged."""
+        if head is None:
+            if any(counts.values()):
+                raise ChainError(
+                    f"{self.head_path} is missing, so rows cut from the end of the journal could not be noticed; "
+                    "it was deleted, or the journal was written by an older nightlab"
+                )
+            return
+        for table in CHAINED:
+            want, have = head[table], counts[table]
+            if have < want["rows"]:
+                raise ChainError(
+                    f"journal chain broken at the end of {table}: it has {have} row(s) but {self.head_path.name} "
+                    f"records {want['rows']} ending at row id={want['last_id']}; rows were removed from the end"
+                )
+            if want["rows"]:
+                row = self.db.execute(f"SELECT row_hash FROM {table} WHERE id=?", (want["last_id"],)).fetchone()
+                if row is None or row[0] != want["last_hash"]:
+                    raise ChainError(
+                        f"journal chain broken at {table} row id={want['last_id']}: it is not the row "
+                        f"{self.head_path.name} recorded as the last one; rows at the end were replaced"
+                    )
+
     def verify_chain(self) -> int:
-        """Re-hash every chained row in order; raise ChainError naming the first bad one. Returns rows checked."""
-        checked = 0
+        """Re-hash every chained row in order, then check the head; raise ChainError naming the first bad row.
+
+        The head is read before the rows: it only ever describes a committed state, and the tables only grow,
+        so a run appending meanwhile cannot make a reader fail. Returns the number of rows checked.
+        """
+        head = self._read_head()
+        counts: dict[str, int] = {}
         for table, columns in CHAINED.items():
+            counts[table] = 0
             prev = GENESIS
             for row in self.db.execute(f"SELECT * FROM {table} ORDER BY id"):
                 data = dict(row)
@@ -157,8 +236,9 @@ class Journal:
                 if _canonical_hash(columns, data, prev) != data["row_hash"]:
                     raise ChainError(f"journal chain broken at {where}: its content was modified")
                 prev = data["row_hash"]
-                checked += 1
-        return checked
+                counts[table] += 1
+        self._check_head(head, counts)
+        return sum(counts.values())
 
     # --- runs ------------------------------------------------------------------------------------------
 

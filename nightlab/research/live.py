@@ -108,7 +108,11 @@ class LiveView(PlainView):
             f"keeps: {st.keeps}/{st.experiments} ({st.keep_rate:.0%})",
             f"sandbox: {'on' if st.sandboxed else 'off'}   cost: ${st.cost_usd:.4f}",
         )
-        return Group(head, bar, Text(last[-160:], style="dim"), stats)
+        parts = [head, bar, Text(last[-160:], style="dim"), stats]
+        if not st.sandboxed:
+            # An unsandboxed run stays visible as such for as long as it runs, not only in the first line.
+            parts.append(Text(st.sandbox_reason or "unsandboxed", style="bold red"))
+        return Group(*parts)
 
     def started(self, state: LoopState, resumed: bool) -> None:
         super().started(state, resumed)

@@ -8,6 +8,10 @@ last kept commit, so a kill at any moment leaves a state the next `nightlab run`
   change that kills nightlab itself (e.g. by exhausting memory) cannot trap the run in a retry loop;
 - the git state is reset to the last kept commit recorded in the journal (tracked and untracked files);
 - baseline results and the noise floor are read back from the journal, not measured again.
+
+The harness is checked against the hashes taken when the run started before every training phase and again
+after it, so a change that training made to a harness file (possible only without the sandbox) never gets
+to score itself: the experiment is recorded as `invalid`.
 """
 
 from __future__ import annotations
@@ -109,7 +113,7 @@ class _Silent:
 class Trial:
     """One execution of a commit: its phases, and either a measurement or why there is none."""
 
-    failure: str | None  # None, or a decision: crash | timeout | overrun
+    failure: str | None  # None, or a decision: crash | timeout | overrun | invalid
     reason: str
     measurement: Measurement | None
     phases: list[PhaseResult]
@@ -153,6 +157,7 @@ class ResearchLoop:
             self.state.sandboxed, self.state.sandbox_reason, self.wrap_for = self._sandbox()
         self.journal = Journal.for_workspace(self.root)
         self.run_row: Run | None = None
+        self.repeats: list[list[float]] = []  # runs of the same code, pooled into the noise floor
         self.preserved: list[str] = []
         self.last_invalid: str | None = None
         self._pending: tuple[int, dict[str, Any]] | None = None  # the experiment in flight and its marker
@@ -246,10 +251,11 @@ class ResearchLoop:
         st.best_commit = run.base_commit
         rows = self.journal.experiments(run.id)
         base = [r["metric"] for r in rows if r["kind"] == "baseline" and r["decision"] == "keep"]
+        self.repeats = decide.repeat_groups(rows)
         if base:
             st.baseline = st.best = statistics.fmean(base)
             st.best_runs = len(base)
-            st.noise = decide.noise_floor(base)
+            st.noise = decide.pooled_noise_floor(self.repeats)
         st.experiments = st.keeps = 0
         st.cost_usd = 0.0
         st.decisions = {}
@@ -445,11 +451,11 @@ class ResearchLoop:
         self._evaluate_candidate(number, proposal, pending, row)
         self.ws.reset_to(self.state.best_commit if row["decision"] == "keep" else parent, self.preserved)
         self._record(row)
+        self.journal.verify_chain()  # before anything is read back: a forged row must not steer the run
         self.last_invalid = row["reason"] if row["decision"] == "invalid" else None
         self._restore_state()
         self.view.experiment_finished(row, self.state)
         self.proposer.feedback(proposal, Outcome(row["decision"], row["metric"], row["reason"] or ""))
-        self.journal.verify_chain()
         return True
 
     def _evaluate_candidate(
@@ -471,10 +477,10 @@ class ResearchLoop:
         trials = [self._trial(number, proposal.description, commit, seed_offset=0)]
         judgement = None
         if trials[0].measurement is not None:
-            judgement = self._judge(trials)
+            judgement, noise = self._judge(trials)
             if judgement.verdict == "confirm":
                 trials.append(self._trial(number, proposal.description, commit, seed_offset=1, label="confirm"))
-                judgement = self._judge(trials) if trials[1].measurement is not None else None
+                judgement, noise = self._judge(trials) if trials[1].measurement is not None else (None, noise)
         self._fill_trial(row, trials)
         failed = next((t for t in trials if t.failure), None)
         if failed is not None:
@@ -483,7 +489,7 @@ class ResearchLoop:
         assert judgement is not None
         row.update({
             "decision": judgement.verdict, "reason": judgement.reason, "margin": judgement.margin,
-            "sigmas": judgement.sigmas, "probability": judgement.probability,
+            "sigmas": judgement.sigmas, "probability": judgement.probability, "noise": noise,
         })
         if judgement.verdict == "keep" and self.config.experiment.checks:
             checks = self._phase(number, proposal.description, "checks", self.config.experiment.checks, 0)
@@ -494,11 +500,18 @@ class ResearchLoop:
         if row["decision"] == "keep":
             self.state.best_commit = commit
 
-    def _judge(self, trials: list[Trial]) -> decide.Judgement:
+    def _judge(self, trials: list[Trial]) -> tuple[decide.Judgement, float]:
+        """The decision and the noise floor it used: a re-run candidate's own spread joins the pool."""
         st = self.state
         assert st.best is not None and st.noise is not None
         values = [t.measurement.value for t in trials if t.measurement is not None]
-        return decide.judge(values, st.best, st.best_runs, st.noise, self.config.metric.goal, self.config.decide)
+        groups = [*self.repeats, values] if len(values) >= 2 else self.repeats
+        noise = decide.pooled_noise_floor(groups)
+        judgement = decide.judge(
+            values, st.best, st.best_runs, noise, self.config.metric.goal, self.config.decide,
+            noise_dof=decide.pooled_dof(groups),
+        )
+        return judgement, noise
 
     # --- one execution of a commit ---------------------------------------------------------------------
 
@@ -515,6 +528,10 @@ class ResearchLoop:
         limit = exp.budget_seconds * (1 + exp.budget_tolerance) + exp.startup_allowance_seconds
         if train.timed_out:
             return Trial("timeout", f"killed after {exp.timeout_seconds:g}s (experiment.timeout_seconds)", None, phases)
+        try:
+            self.ws.check_harness(self.run.harness)
+        except WorkspaceError as exc:
+            return Trial("invalid", f"the training phase tampered with the harness: {exc}", None, phases)
         if train.exit_code != 0:
             return Trial("crash", _with_tail(f"command {_failure_words(train)}", train), None, phases)
         if train.wall_seconds > limit:
@@ -576,6 +593,7 @@ class ResearchLoop:
         return {
             "run_id": self.run.id, "number": number, "kind": kind, "noise": self.state.noise, "metric": None,
             "best_before": self.state.best, "sandboxed": int(self.state.sandboxed),
+            "sandbox_reason": self.state.sandbox_reason,
             "log_path": str(self._log_path(number)), "started_at": started_at or time.time(),
         }
 

@@ -43,6 +43,15 @@ def _cell(text: str | None, limit: int = 120) -> str:
     return one if len(one) <= limit else one[: limit - 1] + "…"
 
 
+def overfit_suspected(val_gain: float, test_gain: float, bar: float) -> bool:
+    """A validation gain that test does not share: the gap is beyond the noise and under half of it carried over.
+
+    Both conditions, because two splits rarely show a real gain at exactly the same size: a gap beyond the seed
+    noise alone would also flag honest gains measured on splits of different difficulty.
+    """
+    return val_gain - test_gain > bar and test_gain < val_gain / 2
+
+
 def heldout_lines(rows: list[dict[str, Any]], goal: decide.Goal, bar: float) -> list[str]:
     """Validation vs test for the baseline and the best; flag a gain that did not carry over to test."""
     by_label = {r["label"]: r for r in rows}
@@ -56,16 +65,39 @@ def heldout_lines(rows: list[dict[str, Any]], goal: decide.Goal, bar: float) -> 
         val_gain = decide.gain(best["validation"], base["validation"], goal)
         test_gain = decide.gain(best["test"], base["test"], goal)
         lines += ["", f"Gain over the baseline: validation {val_gain:+.6g}, test {test_gain:+.6g}."]
-        if val_gain - test_gain > bar:
+        if overfit_suspected(val_gain, test_gain, bar):
             lines.append(
                 f"\n**Warning: the validation gain exceeds the test gain by {val_gain - test_gain:.6g}, more "
-                f"than the noise bar ({bar:.6g}). The kept changes may be fitting the validation split.**"
+                f"than the noise bar ({bar:.6g}), and less than half of it carried over to the test split. The "
+                "kept changes may be fitting the validation split.**"
             )
         else:
-            lines.append(f"\nThe gain carried over to the test split (difference within the noise bar {bar:.6g}).")
+            lines.append(
+                f"\nThe gain carried over to the test split (its gap to the validation gain is within the noise "
+                f"bar {bar:.6g}, or at least half of the validation gain remains on test)."
+            )
     elif rows:
         lines.append("\nA held-out scoring failed; see its log: " + ", ".join(r["log_path"] for r in rows))
     return lines
+
+
+def sandbox_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """How the experiments ran, one line per sandbox state with its reason; unsandboxed runs stand out."""
+    groups: dict[tuple[bool, str], int] = {}
+    for r in rows:
+        key = (bool(r["sandboxed"]), r["sandbox_reason"] or "")
+        groups[key] = groups.get(key, 0) + 1
+    lines = []
+    for (on, reason), count in sorted(groups.items(), reverse=True):
+        what = f"{count} of {len(rows)} journal rows"
+        if on:
+            lines.append(f"- sandbox: on for {what} ({reason or 'bubblewrap'})")
+        else:
+            lines.append(
+                f"- **sandbox: off for {what}: {reason or 'unsandboxed'}.** Those experiments ran as your user "
+                "and could reach the journal, the held-out split and the network (see docs/integrity.md)"
+            )
+    return lines or ["- sandbox: no experiments yet"]
 
 
 def build_report(root: Path, tag: str | None = None, out: Path | None = None) -> ReportFiles:
@@ -83,7 +115,7 @@ def build_report(root: Path, tag: str | None = None, out: Path | None = None) ->
         config = NightlabConfig.model_validate(run.config)
         goal = config.metric.goal
         base = [r["metric"] for r in rows if r["kind"] == "baseline" and r["decision"] == "keep"]
-        noise = decide.noise_floor(base) if base else None
+        noise = decide.pooled_noise_floor(decide.repeat_groups(rows)) if base else None
         plot = plot_progress(rows, run.metric_name, goal, out / "progress.png", noise)
         tsv = journal.export_tsv(out / "results.tsv", run.id)
         text = _markdown(run, config, rows, journal.heldout(run.id), base, noise)
@@ -110,20 +142,19 @@ def _markdown(
     cost = sum(r["cost_usd"] or 0 for r in rows)
     tokens = sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0) for r in rows)
     proposers = sorted({r["proposer"] for r in candidates if r["proposer"]})
-    sandboxed = sorted({bool(r["sandboxed"]) for r in rows})
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(rows[0]["started_at"])) if rows else "-"
     lines = [
         f"# nightlab report: {config.workspace.name}, run `{run.tag}`",
         "",
         f"- branch `{run.branch}` from `{run.source_branch}` at `{run.base_commit[:7]}`; started {started}",
-        f"- proposer: {', '.join(proposers) or '-'}; sandbox: "
-        + ("/".join("on" if s else "off" for s in sandboxed) or "-"),
+        f"- proposer: {', '.join(proposers) or '-'}",
+        *sandbox_lines(rows),
         f"- metric: `{name}` ({goal}), channel `{config.metric.channel}`; budget "
         f"{config.experiment.budget_seconds:g}s per experiment",
         "",
         "## Summary",
         "",
-        "| baseline | best | gain | noise floor | experiments | kept | keep rate | LLM cost |",
+        "| baseline | best | gain | noise floor (pooled) | experiments | kept | keep rate | LLM cost |",
         "|---|---|---|---|---|---|---|---|",
         f"| {_f(baseline)} | {_f(best)} | {_f(total_gain)} | {_f(noise, 3)} | {len(candidates)} | {len(keeps)} | "
         f"{(len(keeps) / len(candidates) if candidates else 0):.0%} | ${cost:.4f} ({tokens} tokens) |",
