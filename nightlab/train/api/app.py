@@ -1,0 +1,114 @@
+"""The training service's FastAPI app: the Tinker protocol under /api/v1 and, when available, OpenAI's under /v1."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from nightlab.train.api.tinker import TinkerService, build_router, error_response, validation_message
+from nightlab.train.engine import Engine, EngineError
+from nightlab.train.futures import UserError
+from nightlab.train.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+# Idle connections stay open longer than clients keep them: httpx (under the tinker SDK) drops idle connections
+# after 5 s, uvicorn's default. With equal timeouts a client can send a request on a connection the server is
+# closing; the SDK then waits out its 60 s read timeout before retrying.
+KEEP_ALIVE_S = 75
+
+
+def _openai_router(engine: Engine):  # noqa: ANN202 - an APIRouter, or None when that module is absent
+    """The OpenAI-compatible router, if `nightlab.train.api.openai` provides `build_router(engine)`."""
+    try:
+        module = importlib.import_module("nightlab.train.api.openai")
+    except ModuleNotFoundError as exc:
+        if exc.name != "nightlab.train.api.openai":
+            raise
+        return None
+    build = getattr(module, "build_router", None)
+    return build(engine) if build is not None else None
+
+
+def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
+    """Build the app; pass `engine` to share already-loaded base models (a restart in tests, the CLI's preload)."""
+    engine = engine or Engine(settings.data_dir, device=settings.device, preload=settings.preload)
+    service = TinkerService(settings, engine)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await service.close()
+
+    app = FastAPI(title="nightlab training service", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.tinker = service  # checkpoints (tinker:// paths) for other routers: app.state.tinker.checkpoints
+    app.include_router(build_router(service), prefix="/api/v1")
+    openai = _openai_router(engine)
+    if openai is not None:
+        app.include_router(openai, prefix="/v1")
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, exc: UserError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(EngineError)
+    async def engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        return JSONResponse(
+            {"error": validation_message(errors), "category": "user", "detail": jsonable(errors)}, status_code=422
+        )
+
+    return app
+
+
+def jsonable(errors: list[dict]) -> list[dict]:
+    """Validation errors can carry exceptions in `ctx`; keep only what JSON can carry."""
+    return [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in errors]
+
+
+def serve(settings: ServeSettings) -> None:
+    """Start the service: list the servable models, load the preloads with progress, then serve until Ctrl-C.
+
+    uvicorn turns Ctrl-C into a graceful shutdown: the app stops taking requests, running work gets a few
+    seconds to finish, and checkpoints are written atomically, so an interrupted save leaves nothing behind.
+    """
+    import uvicorn
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    settings.check_exposure()
+    console = Console(stderr=True)
+    engine = Engine(settings.data_dir, device=settings.device)
+    for name in settings.preload:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+            bar.add_task(f"loading {name}", total=None)
+            info = engine.model_info(name)
+        console.print(f"loaded {info.name} ({info.arch}, context {info.max_context_length})")
+    table = Table(title="models this server can train and sample")
+    for col in ("model", "architecture", "context"):
+        table.add_column(col)
+    for m in engine.models():
+        table.add_row(m.name, m.arch, str(m.max_context_length))
+    console.print(table)
+    auth = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "no API keys (local use only)"
+    console.print(
+        f"Tinker API: http://{settings.host}:{settings.port}/api/v1 (TINKER_BASE_URL=http://{settings.host}:"
+        f"{settings.port}), OpenAI API: /v1, data in {settings.data_dir}, {auth}"
+    )
+    config = uvicorn.Config(
+        create_app(settings, engine), host=settings.host, port=settings.port, timeout_graceful_shutdown=5,
+        timeout_keep_alive=KEEP_ALIVE_S, log_level="info",
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,282 @@
+"""`tinker://` paths <-> checkpoint directories under the data dir, with run and checkpoint metadata in SQLite.
+
+A path reads `tinker://<training_run_id>/weights/<name>` (adapter + optimizer state, to resume training) or
+`tinker://<training_run_id>/sampler_weights/<name>` (adapter only, to sample). The database lets a restarted
+server list and load everything it saved. Writes are atomic: a checkpoint is written to a temporary directory
+and renamed into place, so a crash or Ctrl-C never leaves a half-written checkpoint under a real name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from nightlab.train.futures import UserError
+
+SCHEME = "tinker://"
+Kind = Literal["training", "sampler"]
+SEGMENT_OF_KIND: dict[Kind, str] = {"training": "weights", "sampler": "sampler_weights"}
+KIND_OF_SEGMENT: dict[str, Kind] = {v: k for k, v in SEGMENT_OF_KIND.items()}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TEMP_PREFIX = ".tmp-"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS training_runs (
+    run_id TEXT PRIMARY KEY, owner TEXT NOT NULL, session_id TEXT NOT NULL, base_model TEXT NOT NULL,
+    lora TEXT NOT NULL, created_at REAL NOT NULL, last_request_time REAL NOT NULL, user_metadata TEXT);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id TEXT NOT NULL, checkpoint_id TEXT NOT NULL, kind TEXT NOT NULL, directory TEXT NOT NULL,
+    created_at REAL NOT NULL, size_bytes INTEGER NOT NULL, user_metadata TEXT, expires_at REAL,
+    PRIMARY KEY (run_id, checkpoint_id));
+"""
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    """One connection shared by the server's threads (guarded by the caller's lock); WAL keeps readers cheap."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    return conn
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+@dataclass
+class TrainingRun:
+    run_id: str
+    owner: str
+    session_id: str
+    base_model: str
+    lora: dict[str, Any]
+    created_at: float
+    last_request_time: float
+    user_metadata: dict[str, Any] | None
+
+
+@dataclass
+class Checkpoint:
+    run_id: str
+    checkpoint_id: str  # "weights/<name>" or "sampler_weights/<name>", as the SDK names it
+    kind: Kind
+    directory: Path
+    created_at: float
+    size_bytes: int
+    user_metadata: dict[str, str] | None
+    expires_at: float | None
+
+    @property
+    def tinker_path(self) -> str:
+        return f"{SCHEME}{self.run_id}/{self.checkpoint_id}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The SDK's `Checkpoint` shape."""
+        return {
+            "checkpoint_id": self.checkpoint_id,
+            "checkpoint_type": self.kind,
+            "time": iso(self.created_at),
+            "tinker_path": self.tinker_path,
+            "size_bytes": self.size_bytes,
+            "public": False,
+            "user_metadata": self.user_metadata,
+            "expires_at": iso(self.expires_at),
+        }
+
+
+def parse_path(tinker_path: str) -> tuple[str, Kind, str]:
+    """Split a tinker path into (training_run_id, kind, checkpoint_id), or say what a valid one looks like."""
+    parts = tinker_path.removeprefix(SCHEME).split("/") if tinker_path.startswith(SCHEME) else []
+    if len(parts) != 3 or parts[1] not in KIND_OF_SEGMENT or not NAME_RE.match(parts[2]) or not parts[0]:
+        raise UserError(
+            f"invalid checkpoint path {tinker_path!r}: expected tinker://<training_run_id>/weights/<name> "
+            "or tinker://<training_run_id>/sampler_weights/<name>"
+        )
+    return parts[0], KIND_OF_SEGMENT[parts[1]], f"{parts[1]}/{parts[2]}"
+
+
+def _dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class CheckpointStore:
+    """Training runs and their checkpoints, owned by API keys; the only code that touches checkpoint directories."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.root = Path(data_dir) / "checkpoints"
+        self.ephemeral_root = Path(data_dir) / "ephemeral"
+        self._lock = threading.Lock()
+        self._db = open_db(Path(data_dir) / "service.db")
+        self._db.executescript(_SCHEMA)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove what an interrupted save left behind, and the previous process's ephemeral sampler weights."""
+        shutil.rmtree(self.ephemeral_root, ignore_errors=True)
+        self.ephemeral_root.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            known = {r[0] for r in self._db.execute("SELECT directory FROM checkpoints")}
+        for directory in self.root.glob("*/*/*") if self.root.is_dir() else []:
+            if str(directory.relative_to(self.root)) not in known:
+                shutil.rmtree(directory, ignore_errors=True)
+
+    # --- training runs ---
+    def add_run(
+        self, run_id: str, owner: str, session_id: str, base_model: str, lora: dict[str, Any],
+        user_metadata: dict[str, Any] | None,
+    ) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO training_runs VALUES (?,?,?,?,?,?,?,?)",
+                (run_id, owner, session_id, base_model, json.dumps(lora), now, now, json.dumps(user_metadata)),
+            )
+
+    def touch_run(self, run_id: str) -> None:
+        with self._lock:
+            self._db.execute("UPDATE training_runs SET last_request_time=? WHERE run_id=?", (time.time(), run_id))
+
+    def run(self, run_id: str, owner: str) -> TrainingRun:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM training_runs WHERE run_id=?", (run_id,)).fetchone()
+        if row is None:
+            raise UserError(f"unknown training run {run_id!r}", 404)
+        if row["owner"] != owner:
+            raise UserError(f"training run {run_id!r} belongs to another API key", 403)
+        return self._run_of(row)
+
+    def runs(self, owner: str, limit: int = 20, offset: int = 0, session_id: str | None = None) -> tuple[list[TrainingRun], int]:
+        where, args = "owner=?", [owner]
+        if session_id is not None:
+            where, args = where + " AND session_id=?", [*args, session_id]
+        with self._lock:
+            total = self._db.execute(f"SELECT COUNT(*) FROM training_runs WHERE {where}", args).fetchone()[0]
+            rows = self._db.execute(
+                f"SELECT * FROM training_runs WHERE {where} ORDER BY created_at DESC LIMIT ? OFFSET ?",
+                [*args, limit, offset],
+            ).fetchall()
+        return [self._run_of(r) for r in rows], total
+
+    @staticmethod
+    def _run_of(row: sqlite3.Row) -> TrainingRun:
+        return TrainingRun(
+            run_id=row["run_id"], owner=row["owner"], session_id=row["session_id"], base_model=row["base_model"],
+            lora=json.loads(row["lora"]), created_at=row["created_at"], last_request_time=row["last_request_time"],
+            user_metadata=json.loads(row["user_metadata"]) if row["user_metadata"] else None,
+        )
+
+    # --- checkpoints ---
+    def resolve(self, tinker_path: str, owner: str) -> tuple[TrainingRun, Checkpoint]:
+        """The run and checkpoint a path names, if this owner may read it."""
+        run_id, _, checkpoint_id = parse_path(tinker_path)
+        run = self.run(run_id, owner)
+        for ckpt in self.checkpoints(run_id, owner):
+            if ckpt.checkpoint_id == checkpoint_id:
+                return run, ckpt
+        raise UserError(f"no checkpoint {tinker_path!r}; list them with RestClient.list_checkpoints({run_id!r})", 404)
+
+    def checkpoints(self, run_id: str, owner: str) -> list[Checkpoint]:
+        self.run(run_id, owner)
+        return self._select("run_id=?", [run_id])
+
+    def user_checkpoints(self, owner: str, limit: int = 100, offset: int = 0) -> tuple[list[Checkpoint], int]:
+        where = "run_id IN (SELECT run_id FROM training_runs WHERE owner=?)"
+        everything = self._select(where, [owner])
+        return everything[offset : offset + limit], len(everything)
+
+    def _select(self, where: str, args: list[Any]) -> list[Checkpoint]:
+        self._expire()
+        with self._lock:
+            rows = self._db.execute(f"SELECT * FROM checkpoints WHERE {where} ORDER BY created_at", args).fetchall()
+        return [
+            Checkpoint(
+                run_id=r["run_id"], checkpoint_id=r["checkpoint_id"], kind=r["kind"],
+                directory=self.root / r["directory"], created_at=r["created_at"], size_bytes=r["size_bytes"],
+                user_metadata=json.loads(r["user_metadata"]) if r["user_metadata"] else None,
+                expires_at=r["expires_at"],
+            )
+            for r in rows
+        ]
+
+    def _expire(self) -> None:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT run_id, checkpoint_id, directory FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at < ?",
+                (time.time(),),
+            ).fetchall()
+            for r in rows:
+                self._db.execute("DELETE FROM checkpoints WHERE run_id=? AND checkpoint_id=?", (r[0], r[1]))
+        for r in rows:
+            shutil.rmtree(self.root / r[2], ignore_errors=True)
+
+    def save(
+        self, run_id: str, owner: str, kind: Kind, name: str, write: Callable[[Path], None], *,
+        overwrite: bool = False, user_metadata: dict[str, str] | None = None, ttl_seconds: int | None = None,
+    ) -> Checkpoint:
+        """Write a checkpoint with `write(directory)` and record it; refuse to replace one silently.
+
+        Each write gets a fresh directory, renamed into place when complete and recorded in the same step that
+        retires the one it replaces, so readers (and the engine's cache of adapters by path) never see a
+        directory change under them.
+        """
+        if not NAME_RE.match(name):
+            raise UserError(f"invalid checkpoint name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+        self.run(run_id, owner)
+        checkpoint_id = f"{SEGMENT_OF_KIND[kind]}/{name}"
+        with self._lock:
+            previous = self._db.execute(
+                "SELECT directory FROM checkpoints WHERE run_id=? AND checkpoint_id=?", (run_id, checkpoint_id)
+            ).fetchone()
+        if previous and not overwrite:
+            raise UserError(f"checkpoint {SCHEME}{run_id}/{checkpoint_id} exists; pass overwrite=True to replace it")
+        relative = Path(run_id.replace(":", "_")) / SEGMENT_OF_KIND[kind] / f"{name}.{uuid.uuid4().hex[:8]}"
+        final = self.root / relative
+        tmp = final.with_name(_TEMP_PREFIX + final.name)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write(tmp)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        now = time.time()
+        ckpt = Checkpoint(
+            run_id=run_id, checkpoint_id=checkpoint_id, kind=kind, directory=final, created_at=now,
+            size_bytes=_dir_size(final), user_metadata=user_metadata,
+            expires_at=now + ttl_seconds if ttl_seconds else None,
+        )
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?,?)",
+                (run_id, checkpoint_id, kind, str(relative), now, ckpt.size_bytes,
+                 json.dumps(user_metadata) if user_metadata else None, ckpt.expires_at),
+            )
+        if previous:
+            shutil.rmtree(self.root / previous["directory"], ignore_errors=True)
+        return ckpt
+
+    def delete(self, run_id: str, checkpoint_id: str, owner: str) -> None:
+        ckpt = next((c for c in self.checkpoints(run_id, owner) if c.checkpoint_id == checkpoint_id), None)
+        if ckpt is None:
+            raise UserError(f"no checkpoint {SCHEME}{run_id}/{checkpoint_id}", 404)
+        with self._lock:
+            self._db.execute("DELETE FROM checkpoints WHERE run_id=? AND checkpoint_id=?", (run_id, checkpoint_id))
+        shutil.rmtree(ckpt.directory, ignore_errors=True)
+
+    def ephemeral_dir(self, name: str) -> Path:
+        """A directory for sampler weights that live only as long as this process (save_weights_and_get_sampling_client)."""
+        return self.ephemeral_root / name
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,53 @@
+"""Settings of the training service (`nightlab serve`), gathered in one place so the CLI, the app and tests agree."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nightlab.train.models import default_data_dir
+
+API_KEY_PREFIX = "tml-"
+API_KEYS_ENV = "NIGHTLAB_API_KEYS"
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def keys_from_env() -> list[str]:
+    """API keys configured through the environment (comma-separated), so they stay out of shell history."""
+    return [k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",") if k.strip()]
+
+
+@dataclass
+class ServeSettings:
+    """Everything the service needs to start; defaults suit a single user on one machine."""
+
+    data_dir: Path = field(default_factory=default_data_dir)
+    device: str = "auto"
+    api_keys: list[str] = field(default_factory=list)
+    preload: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # A request that waits this long for an earlier seq_id of its model fails: the gap will not fill.
+    seq_gap_timeout_s: float = 120.0
+    # Sampling requests for the same weights that arrive within this window run as one batch.
+    sample_batch_window_s: float = 0.01
+    sample_max_batch: int = 64
+    # retrieve_future answers 408 after this long; the SDK's own timeout for the call is 45 s.
+    long_poll_s: float = 30.0
+    # Finished results are kept this long for clients that poll late.
+    future_ttl_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser()
+        bad = [k for k in self.api_keys if not k.startswith(API_KEY_PREFIX)]
+        if bad:
+            raise ValueError(f"API keys must start with {API_KEY_PREFIX!r} (the tinker SDK refuses others)")
+
+    def check_exposure(self) -> None:
+        """Refuse to listen beyond this machine without API keys: anyone who can connect could train and read checkpoints."""
+        if not self.api_keys and self.host not in LOCAL_HOSTS:
+            raise ValueError(
+                f"refusing to listen on {self.host} without API keys: pass --api-key tml-... (repeatable) or set "
+                f"{API_KEYS_ENV}, or listen on 127.0.0.1"
+            )

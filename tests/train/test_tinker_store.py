@@ -1,0 +1,194 @@
+"""The service's bookkeeping without a model: request ordering and idempotency, checkpoints on disk, API keys."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from nightlab.train.checkpoints import CheckpointStore, parse_path
+from nightlab.train.futures import BatchQueue, FutureStore, OrderedQueue, Payload, UserError
+from nightlab.train.sessions import LOCAL_OWNER, SessionStore
+from nightlab.train.settings import ServeSettings
+
+
+def _recorder(log: list[int], seq: int):
+    async def work() -> Payload:
+        log.append(seq)
+        return Payload({"seq": seq})
+
+    return work
+
+
+def test_ordered_queue_runs_in_seq_order_once_each() -> None:
+    async def scenario() -> None:
+        futures, log = FutureStore(), []
+        queue = OrderedQueue("m", futures, next_seq=1, gap_timeout_s=5)
+        ids = {seq: queue.submit("o", seq, "op", _recorder(log, seq)) for seq in (3, 2)}
+        await asyncio.sleep(0.05)
+        assert log == []  # 1 has not arrived: nothing may run
+        ids[1] = queue.submit("o", 1, "op", _recorder(log, 1))
+        assert queue.submit("o", 2, "op", _recorder(log, 99)) == ids[2]  # a retry gets the first request back
+        with pytest.raises(UserError, match="already used by a op request"):
+            queue.submit("o", 2, "other", _recorder(log, 99))
+        for seq in (1, 2, 3):
+            future = futures.get(ids[seq], "o")
+            assert await futures.wait(future, 5)
+            assert future.payload.body == {"seq": seq}
+        assert log == [1, 2, 3]
+        with pytest.raises(UserError, match="already ran"):
+            queue.submit("o", 0, "op", _recorder(log, 0))
+        assert queue.submit("o", None, "op", _recorder(log, 4)) != ids[3]  # no seq_id: goes last
+        queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_ordered_queue_fails_clearly_when_a_seq_id_never_arrives() -> None:
+    async def scenario() -> None:
+        futures, log = FutureStore(), []
+        queue = OrderedQueue("model-x", futures, next_seq=1, gap_timeout_s=0.2)
+        waiting = queue.submit("o", 3, "op", _recorder(log, 3))
+        future = futures.get(waiting, "o")
+        assert await futures.wait(future, 5)
+        message, category = future.error
+        assert category == "User" and "seq_id 1 of model-x never arrived" in message
+        later = queue.submit("o", 4, "op", _recorder(log, 4))  # the queue moved past the gap
+        assert await futures.wait(futures.get(later, "o"), 5) and log == [4]
+        queue.close()
+
+    asyncio.run(scenario())
+
+
+def test_future_failures_carry_a_category_and_owners_are_kept_apart() -> None:
+    async def scenario() -> None:
+        futures = FutureStore()
+
+        async def bad() -> Payload:
+            raise UserError("no such loss 'foo'")
+
+        async def broken() -> Payload:
+            raise RuntimeError("disk on fire")
+
+        user, server = futures.start("alice", bad), futures.start("alice", broken)
+        for rid, category in ((user, "User"), (server, "Server")):
+            future = futures.get(rid, "alice")
+            assert await futures.wait(future, 5)
+            assert future.error[1] == category
+        with pytest.raises(UserError) as exc:
+            futures.get(user, "bob")
+        assert exc.value.status == 403
+        with pytest.raises(UserError) as exc:
+            futures.get("req-nope", "alice")
+        assert exc.value.status == 404
+
+    asyncio.run(scenario())
+
+
+def test_batch_queue_gathers_concurrent_items_per_key() -> None:
+    calls: list[tuple[str, list[int]]] = []
+
+    def run_batch(key: str, items: list[int]) -> list[int]:
+        calls.append((key, items))
+        return [i * 10 for i in items]
+
+    async def scenario() -> list[int]:
+        queue = BatchQueue(run_batch, window_s=0.05, max_batch=3)
+        return await asyncio.gather(*(queue.submit("a", i) for i in range(5)), queue.submit("b", 7))
+
+    assert asyncio.run(scenario()) == [0, 10, 20, 30, 40, 70]
+    assert ("a", [0, 1, 2]) in calls and ("a", [3, 4]) in calls and ("b", [7]) in calls
+
+
+def _write(text: str):
+    def write(directory: Path) -> None:
+        directory.mkdir(parents=True)
+        (directory / "adapter.txt").write_text(text)
+
+    return write
+
+
+def test_checkpoints_are_atomic_owned_and_survive_a_restart(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.add_run("s1:train:0", "alice", "s1", "base", {"rank": 4}, None)
+    ckpt = store.save("s1:train:0", "alice", "training", "first", _write("v1"))
+    assert ckpt.tinker_path == "tinker://s1:train:0/weights/first"
+    with pytest.raises(UserError, match="exists; pass overwrite=True"):
+        store.save("s1:train:0", "alice", "training", "first", _write("v2"))
+    replaced = store.save("s1:train:0", "alice", "training", "first", _write("v2"), overwrite=True)
+    assert replaced.directory != ckpt.directory and not ckpt.directory.exists()
+
+    def crash(directory: Path) -> None:
+        _write("partial")(directory)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        store.save("s1:train:0", "alice", "sampler", "half", crash)
+    assert [c.checkpoint_id for c in store.checkpoints("s1:train:0", "alice")] == ["weights/first"]
+    with pytest.raises(UserError) as exc:
+        store.resolve(ckpt.tinker_path, "bob")
+    assert exc.value.status == 403
+    with pytest.raises(UserError, match="invalid checkpoint name"):
+        store.save("s1:train:0", "alice", "training", "../escape", _write("x"))
+    store.close()
+
+    (tmp_path / "checkpoints" / "s1_train_0" / "weights" / ".tmp-stray.abc").mkdir()  # a killed save
+    again = CheckpointStore(tmp_path)
+    run, found = again.resolve("tinker://s1:train:0/weights/first", "alice")
+    assert run.base_model == "base" and (found.directory / "adapter.txt").read_text() == "v2"
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "s1_train_0" / "weights").iterdir()) == [
+        found.directory.name
+    ]
+    again.delete("s1:train:0", "weights/first", "alice")
+    assert again.checkpoints("s1:train:0", "alice") == [] and not found.directory.exists()
+    again.close()
+
+
+@pytest.mark.parametrize("path", ["tinker://run/weights", "s3://run/weights/x", "tinker://run/other/x",
+                                  "tinker://run/weights/../x"])
+def test_bad_tinker_paths_say_what_a_good_one_looks_like(path: str) -> None:
+    with pytest.raises(UserError, match="expected tinker://<training_run_id>/weights/<name>"):
+        parse_path(path)
+
+
+def test_api_keys_name_owners_and_sessions_finish(tmp_path: Path) -> None:
+    keyed = SessionStore(tmp_path, ["tml-alice", "tml-bob"])
+    alice, bob = keyed.authenticate("tml-alice"), keyed.authenticate("tml-bob")
+    assert alice != bob and "tml-alice" not in alice
+    for key, hint in ((None, "missing X-API-Key"), ("tml-eve", "unknown API key"), ("sk-x", "start with 'tml-'")):
+        with pytest.raises(UserError, match=hint) as exc:
+            keyed.authenticate(key)
+        assert exc.value.status == 401
+    session = keyed.create(alice, ["t"], {"k": "v"}, "demo", "0.38.0")
+    with pytest.raises(UserError) as exc:
+        keyed.get(session.session_id, bob)
+    assert exc.value.status == 403
+    keyed.heartbeat(session.session_id, alice)
+    keyed.finish(session.session_id, alice, {"type": "success"}, None)
+    with pytest.raises(UserError) as exc:
+        keyed.heartbeat(session.session_id, alice)
+    assert exc.value.status == 410
+    assert keyed.list(alice) == ([session.session_id], 1) and keyed.list(bob) == ([], 0)
+    keyed.close()
+    open_store = SessionStore(tmp_path, [])
+    assert open_store.authenticate(None) == open_store.authenticate("tml-anything") == LOCAL_OWNER
+    open_store.close()
+
+
+def test_settings_refuse_public_host_without_keys(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="refusing to listen on 0.0.0.0 without API keys"):
+        ServeSettings(data_dir=tmp_path, host="0.0.0.0").check_exposure()
+    ServeSettings(data_dir=tmp_path, host="0.0.0.0", api_keys=["tml-k"]).check_exposure()
+    with pytest.raises(ValueError, match="must start with 'tml-'"):
+        ServeSettings(data_dir=tmp_path, api_keys=["secret"])
+
+
+def test_serve_command_refuses_a_public_host_without_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from nightlab.cli import app
+
+    monkeypatch.delenv("NIGHTLAB_API_KEYS", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "without API keys" in result.output
