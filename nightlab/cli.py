@@ -269,6 +269,118 @@ def models_pull(
     _prepare(hub_id, data_dir)
 
 
+# --- recipe commands: s1, rl (post-training through the training service's public API) ---
+recipe_app = typer.Typer(help="Post-training recipes run through `nightlab serve`: s1, rl.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+SERVICE_URL = typer.Option(
+    "http://127.0.0.1:8000", "--base-url", envvar="TINKER_BASE_URL", help="The training service (nightlab serve)."
+)
+SERVICE_KEY = typer.Option(None, "--api-key", envvar="TINKER_API_KEY", help="The service's API key (tml-...).")
+MODEL_NAME = typer.Option(..., "--model", help="Base model on the service, as `nightlab models list` prints it.")
+
+
+def _recipe_errors() -> tuple[type[BaseException], ...]:
+    import tinker
+
+    from nightlab.recipes.s1 import S1Error
+
+    return S1Error, ValueError, OSError, tinker.TinkerError
+
+
+def _csv_ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise typer.BadParameter("give at least one budget, each >= 1")
+    return values
+
+
+@recipe_app.command("s1")
+def recipe_s1(
+    step: Annotated[str, typer.Argument(help="collect, curate, train, evaluate, or all (each skips finished work).")],
+    workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Where every step reads and writes its files.")],
+    model: str = MODEL_NAME,
+    base_url: str = SERVICE_URL,
+    api_key: str | None = SERVICE_KEY,
+    teacher_base_url: str = typer.Option("", help="collect: the teacher's OpenAI-compatible base URL (.../v1)."),
+    teacher_model: str = typer.Option("", help="collect: the teacher model name."),
+    teacher_api_key: str | None = typer.Option(None, envvar="OPENAI_API_KEY", help="collect: the teacher's key."),
+    questions: Annotated[Path | None, typer.Option(help="collect: jsonl with question + integer answer "
+                                                   "(default: built-in arithmetic and word problems).")] = None,
+    num_questions: int = typer.Option(60, min=1, help="collect: how many built-in questions."),
+    size: int = typer.Option(1000, min=1, help="curate: examples to keep."),
+    difficulty_samples: int = typer.Option(1, min=0, help="curate: base-model attempts per question (0: no "
+                                           "difficulty filter)."),
+    epochs: int = typer.Option(3, min=1, help="train: passes over the curated set."),
+    batch_size: int = typer.Option(8, min=1, help="train: examples per optimizer step."),
+    learning_rate: float = typer.Option(2e-4, min=0, help="train: Adam learning rate."),
+    lora_rank: int = typer.Option(16, min=1, help="train: LoRA rank."),
+    eval_questions: Annotated[Path | None, typer.Option(help="evaluate: jsonl of held-out questions "
+                                                        "(default: built-in ones not used in training).")] = None,
+    num_eval_questions: int = typer.Option(24, min=1, help="evaluate: how many built-in held-out questions."),
+    budgets: str = typer.Option("16,32,64", help="evaluate: thinking budgets in tokens, comma-separated."),
+    checkpoint: str | None = typer.Option(None, help="evaluate: a tinker:// sampler path or base model name "
+                                          "(default: the trained weights)."),
+) -> None:
+    """s1: collect teacher traces, curate, LoRA SFT with thinking, evaluate accuracy vs thinking budget."""
+    from nightlab.recipes import s1
+
+    steps = {"collect": s1.collect, "curate": s1.curate, "train": s1.train, "all": s1.run_all}
+    if step not in (*steps, "evaluate"):
+        _fail(ValueError(f"unknown step {step!r}: use collect, curate, train, evaluate or all"))
+    cfg = s1.S1Config(
+        workdir, base_url=base_url, model=model, api_key=api_key, teacher_base_url=teacher_base_url,
+        teacher_model=teacher_model, teacher_api_key=teacher_api_key, questions=questions,
+        num_questions=num_questions, size=size, difficulty_samples=difficulty_samples, epochs=epochs,
+        batch_size=batch_size, learning_rate=learning_rate, lora_rank=lora_rank, eval_questions=eval_questions,
+        num_eval_questions=num_eval_questions, budgets=_csv_ints(budgets),
+    )
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        if step == "evaluate":
+            s1.evaluate(cfg, model=checkpoint)
+        else:
+            steps[step](cfg)
+    except _recipe_errors() as exc:
+        _fail(exc)
+
+
+@recipe_app.command("rl")
+def recipe_rl(
+    log_dir: Annotated[Path, typer.Option("--log-dir", help="New directory for metrics.jsonl and the plot.")],
+    model: str = MODEL_NAME,
+    base_url: str = SERVICE_URL,
+    api_key: str | None = SERVICE_KEY,
+    env: str = typer.Option("arithmetic", help="Environment: arithmetic, or package.module:factory for your own."),
+    steps: int = typer.Option(10, min=1, help="Optimizer steps."),
+    prompts_per_step: int = typer.Option(4, min=1, help="Prompts (groups) per step."),
+    group_size: int = typer.Option(4, min=2, help="Samples per prompt; advantages are relative to the group."),
+    max_tokens: int = typer.Option(16, min=1, help="Longest completion."),
+    temperature: float = typer.Option(1.0, min=0, help="Sampling temperature."),
+    learning_rate: float = typer.Option(3e-4, min=0, help="Adam learning rate."),
+    lora_rank: int = typer.Option(16, min=1, help="LoRA rank."),
+    loss: str = typer.Option("importance_sampling", help="importance_sampling or ppo."),
+    kl_coef: float = typer.Option(0.0, min=0, help="Per-token KL penalty to the base model (0: off)."),
+    seed: int = typer.Option(0, help="Seed for prompts and the LoRA init."),
+) -> None:
+    """GRPO-style RL with LoRA: groups of samples from the latest weights, group-relative advantages."""
+    from nightlab.recipes.rl import PLOT_FILE, RLConfig, run_rl
+
+    cfg = RLConfig(
+        base_url, model, log_dir, env=env, api_key=api_key, steps=steps, prompts_per_step=prompts_per_step,
+        group_size=group_size, max_tokens=max_tokens, temperature=temperature, learning_rate=learning_rate,
+        lora_rank=lora_rank, loss=loss, kl_coef=kl_coef, seed=seed,  # type: ignore[arg-type]
+    )
+    try:
+        rows = run_rl(cfg)
+    except _recipe_errors() as exc:
+        _fail(exc)
+    first, last = rows[0]["reward_mean"], rows[-1]["reward_mean"]
+    typer.echo(f"reward {first:.3f} -> {last:.3f} over {len(rows)} steps; see {log_dir / PLOT_FILE}")
+
+
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,53 @@
+"""Figures for the recipes: the test-time scaling curve of s1 and the per-step metrics of an RL run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_scaling(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Accuracy against thinking budget, one line per mode (rows: budget, mode, accuracy, thinking_tokens)."""
+    fig, (acc_ax, len_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    for mode in sorted({r["mode"] for r in rows}):
+        mine = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["budget"])
+        budgets = [r["budget"] for r in mine]
+        acc_ax.plot(budgets, [100 * r["accuracy"] for r in mine], marker="o", label=mode)
+        len_ax.plot(budgets, [r["thinking_tokens"] for r in mine], marker="o", label=mode)
+    acc_ax.set(xlabel="thinking budget (tokens)", ylabel="accuracy (%)", title="test-time scaling")
+    len_ax.set(xlabel="thinking budget (tokens)", ylabel="mean thinking tokens", title="thinking actually used")
+    for ax in (acc_ax, len_ax):
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+RL_PANELS = (("reward_mean", "reward"), ("kl", "KL to base"), ("entropy", "entropy (nats/token)"),
+             ("completion_len", "completion tokens"))
+
+
+def plot_rl_metrics(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Reward, KL, entropy and completion length per step, one panel each (panels without data stay empty)."""
+    fig, axes = plt.subplots(1, len(RL_PANELS), figsize=(4 * len(RL_PANELS), 3.4), dpi=120)
+    for ax, (key, label) in zip(axes, RL_PANELS, strict=True):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker=".")
+        ax.set(xlabel="step", title=label)
+        ax.grid(alpha=0.3)
+    return _save(fig, path)

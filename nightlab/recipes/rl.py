@@ -1,0 +1,245 @@
+"""GRPO-style RL with LoRA on verifiable rewards, over the public tinker client only.
+
+Each step: snapshot the current weights into a sampling client, draw a group of completions per prompt, score
+them with the environment, turn rewards into group-relative advantages (reward minus the group's mean, so a
+group's advantages sum to zero and a group where every sample scored the same teaches nothing and is dropped),
+optionally subtract a per-token KL penalty against the base model, and take one policy-gradient step with the
+`importance_sampling` or `ppo` loss on datums that carry the sampler's own logprobs. One JSONL row of metrics
+per step; a plot of them at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import tinker
+
+from nightlab.recipes.chat_format import chat_prompt
+from nightlab.recipes.rl_envs import Environment, Reward, Task, load_env
+
+LossName = Literal["importance_sampling", "ppo"]
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "rl_metrics.png"
+
+
+@dataclass
+class RLConfig:
+    """Everything one RL run needs; defaults run a few CPU steps of the built-in environment."""
+
+    base_url: str
+    model: str
+    log_dir: Path
+    env: str = "arithmetic"
+    api_key: str | None = None
+    steps: int = 10
+    prompts_per_step: int = 4
+    group_size: int = 4
+    max_tokens: int = 16
+    temperature: float = 1.0
+    learning_rate: float = 3e-4
+    lora_rank: int = 16
+    loss: LossName = "importance_sampling"
+    kl_coef: float = 0.0
+    measure_kl: bool = True  # reference logprobs cost one prefill per sample; the penalty needs them too
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.loss not in ("importance_sampling", "ppo"):
+            raise ValueError(f"loss must be importance_sampling or ppo, not {self.loss!r}")
+        if self.group_size < 2:
+            raise ValueError("group_size must be at least 2: advantages are relative to the group")
+        for name in ("steps", "prompts_per_step", "max_tokens", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.kl_coef < 0:
+            raise ValueError("kl_coef must be >= 0")
+
+
+@dataclass
+class Rollout:
+    """One sampled completion with the sampler's per-token logprobs and, when measured, the base model's."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    text: str
+    reward: Reward
+    ref_logprobs: list[float] | None = None
+
+
+@dataclass
+class Group:
+    task: Task
+    prompt: list[int]
+    rollouts: list[Rollout] = field(default_factory=list)
+
+
+def group_advantages(rewards: Sequence[float]) -> list[float]:
+    """Reward minus the group mean. No division by the std: it overweights groups that barely differ."""
+    mean = float(np.mean(rewards))
+    return [float(r) - mean for r in rewards]
+
+
+def rl_datum(prompt: list[int], completion: list[int], logprobs: list[float], advantages: list[float]) -> tinker.Datum:
+    """A policy-gradient datum: prompt positions carry zero advantage, completion positions the sampler's logprobs."""
+    if not completion or not (len(completion) == len(logprobs) == len(advantages)):
+        raise ValueError("a completion needs at least one token and one logprob and advantage per token")
+    tokens = prompt + completion
+    pad = [0.0] * (len(prompt) - 1)
+    return tinker.Datum(
+        model_input=tinker.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": tokens[1:],
+            "logprobs": pad + list(logprobs),
+            "advantages": pad + list(advantages),
+        },
+    )
+
+
+def sample_groups(
+    sampler: tinker.SamplingClient, tokenizer, env: Environment, tasks: list[Task], cfg: RLConfig
+) -> list[Group]:
+    """All groups' requests go out at once; the service batches them."""
+    params = tinker.SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+    groups = [Group(task, chat_prompt(tokenizer, task.user, think=False)) for task in tasks]
+    futures = [
+        sampler.sample(tinker.ModelInput.from_ints(g.prompt), num_samples=cfg.group_size, sampling_params=params)
+        for g in groups
+    ]
+    for group, future in zip(groups, futures, strict=True):
+        for seq in future.result().sequences:
+            text = tokenizer.decode(seq.tokens, skip_special_tokens=True)
+            group.rollouts.append(Rollout(list(seq.tokens), list(seq.logprobs or []), text, env.reward(group.task, text)))
+    return groups
+
+
+def add_reference_logprobs(reference: tinker.SamplingClient, groups: list[Group]) -> None:
+    """The base model's logprob of every sampled token, via `compute_logprobs` on prompt + completion."""
+    pending: list[tuple[Rollout, int, Future]] = []
+    for g in groups:
+        for r in g.rollouts:
+            if r.tokens:
+                future = reference.compute_logprobs(tinker.ModelInput.from_ints(g.prompt + r.tokens))
+                pending.append((r, len(g.prompt), future))
+    for rollout, start, future in pending:
+        rollout.ref_logprobs = [float(x) for x in future.result()[start:]]
+
+
+def build_batch(groups: list[Group], kl_coef: float) -> tuple[list[tinker.Datum], dict[str, float]]:
+    """Datums for every group with a reward spread, plus the step's rollout metrics."""
+    data: list[tinker.Datum] = []
+    rewards, lengths, sampler_lp, kl = [], [], [], []
+    components: dict[str, list[float]] = {}
+    skipped = 0
+    for g in groups:
+        group_rewards = [r.reward.value for r in g.rollouts]
+        rewards += group_rewards
+        advantages = group_advantages(group_rewards)
+        informative = any(abs(a) > 1e-9 for a in advantages)
+        skipped += not informative
+        for rollout, adv in zip(g.rollouts, advantages, strict=True):
+            lengths.append(len(rollout.tokens))
+            sampler_lp += rollout.logprobs
+            for key, value in rollout.reward.metrics.items():
+                components.setdefault(key, []).append(value)
+            token_kl = (
+                np.array(rollout.logprobs) - np.array(rollout.ref_logprobs)
+                if rollout.ref_logprobs is not None
+                else None
+            )
+            if token_kl is not None:
+                kl += token_kl.tolist()
+            if not informative or not rollout.tokens:
+                continue
+            token_adv = np.full(len(rollout.tokens), adv)
+            if kl_coef and token_kl is not None:
+                token_adv = token_adv - kl_coef * token_kl
+            data.append(rl_datum(g.prompt, rollout.tokens, rollout.logprobs, token_adv.tolist()))
+    metrics = {
+        "reward_mean": float(np.mean(rewards)),
+        "reward_std": float(np.std(rewards)),
+        "entropy": float(-np.mean(sampler_lp)) if sampler_lp else 0.0,
+        "tokens": float(sum(lengths)),
+        "completion_len": float(np.mean(lengths)),
+        "groups_skipped": float(skipped),
+        "datums": float(len(data)),
+        **{key: float(np.mean(values)) for key, values in components.items()},
+    }
+    if kl:
+        metrics["kl"] = float(np.mean(kl))
+    return data, metrics
+
+
+class RLRun:
+    """One RL run against a service: holds the clients so steps can be driven (and timed) one by one."""
+
+    def __init__(self, cfg: RLConfig) -> None:
+        cfg.check()
+        self.cfg = cfg
+        self.env = load_env(cfg.env)
+        self.service = tinker.ServiceClient(base_url=cfg.base_url, api_key=cfg.api_key)
+        self.trainer = self.service.create_lora_training_client(
+            base_model=cfg.model, rank=cfg.lora_rank, seed=cfg.seed
+        ).result()
+        self.tokenizer = self.trainer.get_tokenizer()
+        wants_reference = cfg.measure_kl or cfg.kl_coef > 0
+        self.reference = (
+            self.service.create_sampling_client(base_model=cfg.model).result() if wants_reference else None
+        )
+        self.adam = tinker.AdamParams(learning_rate=cfg.learning_rate)
+
+    def step(self, index: int) -> dict[str, float]:
+        """Sample from the latest weights, score, and take one optimizer step; return the step's metrics."""
+        t0 = time.perf_counter()
+        sampler = self.trainer.save_weights_and_get_sampling_client().result()
+        tasks = self.env.tasks(self.cfg.prompts_per_step, seed=self.cfg.seed * 100_003 + index)
+        groups = sample_groups(sampler, self.tokenizer, self.env, tasks, self.cfg)
+        if self.reference is not None:
+            add_reference_logprobs(self.reference, groups)
+        data, metrics = build_batch(groups, self.cfg.kl_coef)
+        t1 = time.perf_counter()
+        if data:
+            fb = self.trainer.forward_backward(data, self.cfg.loss)
+            opt = self.trainer.optim_step(self.adam)
+            metrics["loss"] = float(fb.result().metrics["loss:sum"])
+            opt.result()
+        t2 = time.perf_counter()
+        return {"step": index, **metrics, "sample_s": t1 - t0, "train_s": t2 - t1}
+
+    def close(self) -> None:
+        self.service.close("success").result()
+
+
+def run_rl(cfg: RLConfig, show_progress: bool = True) -> list[dict[str, float]]:
+    """Run `cfg.steps` steps; append each step's metrics to `log_dir/metrics.jsonl`; plot them."""
+    from rich.progress import Progress
+
+    from nightlab.recipes.plots import plot_rl_metrics
+
+    cfg.check()
+    log = cfg.log_dir / METRICS_FILE
+    if log.exists() and log.stat().st_size:
+        raise ValueError(f"{log} already holds a run's metrics; pick a new log directory")
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.log_dir / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=2))
+    run = RLRun(cfg)
+    rows = []
+    try:
+        with Progress(disable=not show_progress) as progress, log.open("a", encoding="utf-8") as fh:
+            bar = progress.add_task("RL steps", total=cfg.steps)
+            for i in range(cfg.steps):
+                row = run.step(i)
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                rows.append(row)
+                progress.update(bar, advance=1, description=f"RL reward {row['reward_mean']:.3f}")
+    finally:
+        run.close()
+    plot_rl_metrics(rows, cfg.log_dir / PLOT_FILE)
+    return rows

@@ -1,0 +1,67 @@
+"""Fixtures for the recipe tests: the tiny model, and a real training service on 127.0.0.1 serving it."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from nightlab.train.tiny import make_tiny_model
+
+API_KEY = "tml-recipes-key"
+
+
+@dataclass
+class Service:
+    url: str
+    api_key: str
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@contextmanager
+def running_service(data_dir: Path) -> Iterator[Service]:
+    """`nightlab serve`'s app under uvicorn in a thread on a free port, with one API key."""
+    from nightlab.train.api.app import create_app
+    from nightlab.train.engine import Engine
+    from nightlab.train.settings import ServeSettings
+
+    settings = ServeSettings(data_dir=data_dir, device="cpu", api_keys=[API_KEY])
+    app = create_app(settings, Engine(data_dir, device="cpu", show_progress=False))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the service did not start"
+        time.sleep(0.05)
+    try:
+        yield Service(f"http://127.0.0.1:{sock.getsockname()[1]}", API_KEY)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with running_service(tmp_path_factory.mktemp("serve")) as svc:
+        yield svc
