@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEMO   ?= runs/demo
-EXPERIMENTS ?= 4
+EXPERIMENTS ?= 3
+BUDGET ?= 30
 
 .PHONY: setup system-packages demo test lint clean
 
@@ -28,7 +29,7 @@ setup: system-packages $(BIN)/nightlab
 
 demo: setup
 	@[ -d $(DEMO) ] || $(BIN)/nightlab init --template tinygpt $(DEMO)
-	cd $(DEMO) && $(abspath $(BIN))/nightlab run --max-experiments $(EXPERIMENTS)
+	cd $(DEMO) && $(abspath $(BIN))/nightlab run --max-experiments $(EXPERIMENTS) --budget $(BUDGET)
 	cd $(DEMO) && $(abspath $(BIN))/nightlab report
 
 test: setup

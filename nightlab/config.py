@@ -131,7 +131,10 @@ class SandboxSection(_Section):
 
     mode: Literal["auto", "required", "off"] = "auto"
     network: bool = Field(False, description="network in train/evaluate/heldout/checks; setup always has it")
-    read_only: list[str] = Field(default_factory=list, description="extra host paths visible read-only")
+    read_only: list[str] = Field(
+        default_factory=list,
+        description="host data paths visible read-only (writable, and created, in the setup phase that prepares them)",
+    )
     writable: list[str] = Field(
         default_factory=list,
         description="host directories every phase may write (data and compile caches); created when missing",

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from nightlab.paths import CACHE_ENV, cache_dir
+
 Wrap = Callable[[list[str]], list[str]]
 LineSink = Callable[[str], None]
 
@@ -55,13 +57,16 @@ def venv_bin() -> str:
 
 
 def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
-    """A minimal environment: PATH (venv first), HOME, LANG, plus what the caller adds."""
+    """A minimal environment: PATH (venv first), HOME, LANG, nightlab's cache dir, plus what the caller adds.
+
+    The cache dir is passed explicitly because a sandboxed phase gets an empty private HOME."""
     path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
     env = {
         "PATH": f"{venv_bin()}{os.pathsep}{path}",
         "HOME": os.environ.get("HOME", str(Path.home())),
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "PYTHONUNBUFFERED": "1",
+        CACHE_ENV: str(cache_dir()),
     }
     env.update(extra)
     return env

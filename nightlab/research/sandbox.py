@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from nightlab.config import NightlabConfig
+from nightlab.paths import expand
 
 BWRAP_ENV = "NIGHTLAB_BWRAP"
 Phase = Literal["setup", "train", "evaluate", "heldout", "checks"]
@@ -202,6 +203,7 @@ def wrap_argv(argv: list[str], spec: SandboxSpec) -> list[str]:
 class _PhaseRule:
     editable_writable: bool
     network: bool | None  # None: as configured
+    data_writable: bool  # `read_only` data paths writable (and created): the harness setup prepares them
     hide: tuple[Literal["train_hidden", "eval_hidden"], ...]
 
 
@@ -209,16 +211,16 @@ class _PhaseRule:
 # sees every split. The test split (eval_hidden) is hidden from all the rest but heldout; training and checks
 # run the agent's code alone, so they lose the validation split too.
 _PHASES: dict[str, _PhaseRule] = {
-    "setup": _PhaseRule(editable_writable=False, network=True, hide=()),
-    "train": _PhaseRule(editable_writable=True, network=None, hide=("train_hidden", "eval_hidden")),
-    "evaluate": _PhaseRule(editable_writable=False, network=None, hide=("eval_hidden",)),
-    "heldout": _PhaseRule(editable_writable=False, network=None, hide=()),
-    "checks": _PhaseRule(editable_writable=False, network=None, hide=("train_hidden", "eval_hidden")),
+    "setup": _PhaseRule(editable_writable=False, network=True, data_writable=True, hide=()),
+    "train": _PhaseRule(editable_writable=True, network=None, data_writable=False, hide=("train_hidden", "eval_hidden")),
+    "evaluate": _PhaseRule(editable_writable=False, network=None, data_writable=False, hide=("eval_hidden",)),
+    "heldout": _PhaseRule(editable_writable=False, network=None, data_writable=False, hide=()),
+    "checks": _PhaseRule(editable_writable=False, network=None, data_writable=False, hide=("train_hidden", "eval_hidden")),
 }
 
 
 def _expand(entry: str, workspace: Path) -> Path:
-    path = Path(os.path.expandvars(os.path.expanduser(entry)))
+    path = Path(expand(entry))
     return path if path.is_absolute() else workspace / path
 
 
@@ -264,6 +266,9 @@ def spec_for_phase(
     box = config.sandbox
     scratch = [_inside(Path(s), ws, "scratch path") for s in config.workspace.scratch]
     caches = [_outside(w, ws) for w in box.writable]
+    data = [_expand(r, ws) for r in box.read_only]
+    if rule.data_writable:
+        caches += [_outside(str(d), ws) for d in data]
     for d in scratch + caches:
         if not d.exists():
             d.mkdir(parents=True)
@@ -274,7 +279,7 @@ def spec_for_phase(
     return SandboxSpec(
         workspace=ws,
         writable=editable + scratch + caches,
-        read_only=[_expand(r, ws) for r in box.read_only],
+        read_only=[] if rule.data_writable else data,
         hidden=hidden,
         network=box.network if rule.network is None else rule.network,
         env=dict(env or {}),
