@@ -340,3 +340,23 @@ def test_restarted_server_lists_and_loads_saved_checkpoints(tmp_path: Path, base
         service.close("success").result()
     finally:
         second.stop()
+
+
+def test_budget_forcing_extension_through_asample(server, base, tokenizer) -> None:
+    """The sample request's nightlab extension field forces the thinking delimiter and answer prefix."""
+    body = {
+        "base_model": base, "num_samples": 1,
+        "prompt": {"chunks": [{"type": "encoded_text", "tokens": tokenizer.encode("what is 2 + 3?")}]},
+        "sampling_params": {"max_tokens": 24, "temperature": 0.0},
+        "budget_forcing": {"max_thinking_tokens": 4, "end_thinking": "</think>", "answer_prefix": " The answer is"},
+    }
+    accepted = post(server, "asample", json=body)
+    assert accepted.status_code == 200, accepted.text
+    done = wait_future(server, accepted.json()["request_id"])
+    seq = pb.SampleResponse.FromString(done.content).sequences[0]
+    text = tokenizer.decode(np.frombuffer(seq.tokens, np.int32).tolist())
+    assert "</think> The answer is" in text
+    thinking = tokenizer.encode(text.split("</think>")[0])
+    assert len(thinking) <= 4 + 1  # the budget, give or take a token merged across the boundary
+    bad = post(server, "asample", json={**body, "budget_forcing": {"max_thinking_tokens": 0}})
+    assert bad.status_code == 422 and "max_thinking_tokens" in bad.text

@@ -23,10 +23,17 @@ from google.protobuf.message import DecodeError
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from tinker.proto import tinker_public_pb2 as pb
 
+from nightlab.train.api.openai import BudgetForcingBody
 from nightlab.train.checkpoints import NAME_RE, CheckpointStore, iso
 from nightlab.train.engine import AdamParams, Datum, Engine, EngineError, LoraSpec
 from nightlab.train.futures import BatchQueue, FutureStore, OrderedQueue, Payload, UserError
-from nightlab.train.sampling import SampleRequest, SampleResult, SamplingInputError, SamplingParams
+from nightlab.train.sampling import (
+    BudgetForcing,
+    SampleRequest,
+    SampleResult,
+    SamplingInputError,
+    SamplingParams,
+)
 from nightlab.train.sessions import SessionStore
 from nightlab.train.settings import ServeSettings
 
@@ -178,6 +185,9 @@ class SampleBody(_Body):
     target_prompt_logprobs: dict[str, Any] | None = None
     prompt_alt_tokens_k: int = 0
     prompt_logprobs_last_n: int | None = Field(None, ge=1)
+    budget_forcing: BudgetForcingBody | None = Field(
+        None, description="nightlab extension: s1-style min/max thinking length (see docs/recipes.md)"
+    )
 
 
 class RetrieveBody(_Body):
@@ -610,6 +620,7 @@ class TinkerService:
             prompt_tokens=tokens, params=_sampling_params(body.sampling_params), num_samples=body.num_samples,
             prompt_logprobs=bool(body.prompt_logprobs), topk_prompt_logprobs=body.topk_prompt_logprobs,
             topk_sample_logprobs=body.topk_sample_logprobs,
+            budget_forcing=BudgetForcing(**body.budget_forcing.model_dump()) if body.budget_forcing else None,
         )
 
         async def work() -> Payload:
