@@ -13,10 +13,8 @@ process. The first step of each side is a warm-up and is not timed.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -25,25 +23,16 @@ import torch
 from nightlab.recipes.chat_format import chat_prompt
 from nightlab.recipes.rl import RLConfig, RLRun, group_advantages
 from nightlab.recipes.rl_envs import ArithmeticEnv
+from nightlab.train.api.background import BackgroundServer, serve_in_thread
 
 
-def start_service(data_dir: Path) -> tuple[str, object, threading.Thread]:
-    import uvicorn
-
+def start_service(data_dir: Path) -> BackgroundServer:
     from nightlab.train.api.app import create_app
     from nightlab.train.engine import Engine
     from nightlab.train.settings import ServeSettings
 
     settings = ServeSettings(data_dir=data_dir, device="cpu", api_keys=["tml-bench"])
-    app = create_app(settings, Engine(data_dir, device="cpu", show_progress=False))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread
+    return serve_in_thread(create_app(settings, Engine(data_dir, device="cpu", show_progress=False)))
 
 
 def bench_service(cfg: RLConfig) -> list[tuple[float, float]]:
@@ -149,14 +138,14 @@ def main() -> None:
             model = args.model
         else:
             parser.error("pass --model DIR (see `nightlab models list`) or --tiny")
-        url, server, thread = start_service(Path(tmp) / "serve")
+        background = start_service(Path(tmp) / "serve")
+        url = background.url
         cfg = RLConfig(
             url, model, Path(tmp) / "log", api_key="tml-bench", steps=args.steps, prompts_per_step=args.prompts,
             group_size=args.group_size, max_tokens=args.max_tokens, lora_rank=args.rank, measure_kl=False,
         )
         service = bench_service(cfg)
-        server.should_exit = True
-        thread.join(timeout=30)
+        background.stop()
         raw = bench_raw(cfg)
     report(model, cfg, {"nightlab service": service, "transformers+PEFT": raw})
 

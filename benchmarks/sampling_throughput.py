@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import openai
 import tinker
 import torch
-import uvicorn
 from rich.console import Console
 from rich.table import Table
 
 from nightlab.train import models
 from nightlab.train.api.app import create_app
+from nightlab.train.api.background import serve_in_thread
 from nightlab.train.engine import Engine
 from nightlab.train.settings import ServeSettings
 from nightlab.train.tiny import make_tiny_model
@@ -101,18 +99,6 @@ def _via_openai(base_url: str, model: str, prompts: list[list[int]], tokens: int
     return asyncio.run(run())
 
 
-def _serve(app) -> tuple[str, uvicorn.Server, threading.Thread]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server, thread
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny random model instead of SmolLM2-135M")
@@ -131,9 +117,8 @@ def main() -> None:
                 models.resolve(name, data_dir), data_dir, device=args.device, show_progress=False
             )
         prompts = _prompts(tokenizer, args.requests)
-        base_url, server, thread = _serve(
-            create_app(ServeSettings(data_dir=data_dir, api_keys=[KEY]), engine)
-        )
+        background = serve_in_thread(create_app(ServeSettings(data_dir=data_dir, api_keys=[KEY]), engine))
+        base_url = background.url
         rows: list[tuple[str, float]] = []
         with console.status("sequential model.generate"):
             _sequential(model, prompts[:1], 4, args.device)  # warm-up
@@ -144,8 +129,7 @@ def main() -> None:
             rows.append(
                 ("service /v1/completions, openai SDK", _via_openai(base_url, served, prompts, args.tokens))
             )
-        server.should_exit = True
-        thread.join(timeout=30)
+        background.stop()
 
     total = args.requests * args.tokens
     table = Table(

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from nightlab.train.tiny import make_tiny_model
 
@@ -40,25 +36,13 @@ def tokenizer(tiny_model: Path):
 def running_service(data_dir: Path) -> Iterator[Service]:
     """`nightlab serve`'s app under uvicorn in a thread on a free port, with one API key."""
     from nightlab.train.api.app import create_app
+    from nightlab.train.api.background import serve_in_thread
     from nightlab.train.engine import Engine
     from nightlab.train.settings import ServeSettings
 
     settings = ServeSettings(data_dir=data_dir, device="cpu", api_keys=[API_KEY])
-    app = create_app(settings, Engine(data_dir, device="cpu", show_progress=False))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the service did not start"
-        time.sleep(0.05)
-    try:
-        yield Service(f"http://127.0.0.1:{sock.getsockname()[1]}", API_KEY)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serve_in_thread(create_app(settings, Engine(data_dir, device="cpu", show_progress=False))) as server:
+        yield Service(server.url, API_KEY)
 
 
 @pytest.fixture(scope="module")

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from nightlab.train.api.app import create_app
+from nightlab.train.api.background import serve_in_thread
 from nightlab.train.engine import Engine
 from nightlab.train.settings import ServeSettings
 
@@ -26,20 +23,8 @@ def server(tiny_model_dir, tmp_path_factory):
     settings = ServeSettings(data_dir=data_dir, device="cpu", api_keys=[KEY])
     engine = Engine(data_dir, device="cpu", precision="fp32", show_progress=False)
     engine.model_info(str(tiny_model_dir))  # loaded models are the ones /v1/models lists
-    app = create_app(settings, engine)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not srv.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", str(tiny_model_dir.resolve())
-    srv.should_exit = True
-    thread.join(timeout=30)
+    with serve_in_thread(create_app(settings, engine)) as srv:
+        yield srv.url, str(tiny_model_dir.resolve())
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,11 +10,11 @@ import httpx
 import numpy as np
 import pytest
 import tinker
-import uvicorn
 from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
 
 from nightlab.train.api.app import create_app
+from nightlab.train.api.background import BackgroundServer, serve_in_thread
 from nightlab.train.engine import Engine
 from nightlab.train.settings import ServeSettings
 
@@ -30,12 +27,10 @@ TEXTS = ["the sum of 12 and 30 is 42.", "what time is it? answer: now.", "water 
 class Server:
     url: str
     data_dir: Path
-    uvicorn: uvicorn.Server
-    thread: threading.Thread
+    background: BackgroundServer
 
     def stop(self) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(timeout=30)
+        self.background.stop()
 
 
 def start_server(data_dir: Path, engine: Engine | None = None, **overrides) -> Server:
@@ -43,17 +38,8 @@ def start_server(data_dir: Path, engine: Engine | None = None, **overrides) -> S
         data_dir=data_dir, device="cpu", api_keys=[ALICE, BOB], seq_gap_timeout_s=2.0, long_poll_s=5.0, **overrides
     )
     app = create_app(settings, engine or Engine(data_dir, device="cpu", precision="fp32", show_progress=False))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    return Server(f"http://127.0.0.1:{port}", data_dir, server, thread)
+    background = serve_in_thread(app)
+    return Server(background.url, data_dir, background)
 
 
 @pytest.fixture(scope="module")
