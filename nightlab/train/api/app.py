@@ -19,8 +19,7 @@ from nightlab.train.settings import ServeSettings
 logger = logging.getLogger(__name__)
 
 # Idle connections stay open longer than clients keep them: httpx (under the tinker SDK) drops idle connections
-# after 5 s, uvicorn's default. With equal timeouts a client can send a request on a connection the server is
-# closing; the SDK then waits out its 60 s read timeout before retrying.
+# after 5 s, uvicorn's default, and with equal timeouts a client can pick a connection the server is closing.
 KEEP_ALIVE_S = 75
 
 

@@ -1,0 +1,225 @@
+"""The fixed harness of the finetune workspace: data splits, the training service, the training loop, the score.
+
+    python harness.py setup                  write the data splits (and prepare SmolLM2) under the nightlab cache
+    python harness.py train                  LoRA fine-tune with finetune.py's settings, within the time budget
+    python harness.py evaluate --split val   score run/result.json's checkpoint on a split this file owns
+
+The task is the built-in arithmetic and word problems of `nightlab.recipes.problems`, as chat: the user asks,
+the assistant says "The answer is N.". The score is `nll`, the mean negative log-likelihood per token of the
+reference answer turn (lower is better), plus greedy-decoding `accuracy`. Everything goes through the public
+tinker client, to `NIGHTLAB_SERVICE_URL` when set, else to a training service started inside this process on
+127.0.0.1 (no network needed). The evaluate step runs no code from finetune.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import secrets
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from nightlab.paths import cache_dir
+from nightlab.recipes.problems import Problem, extract_answer, generate_problems, read_problems
+
+DATA = cache_dir() / "finetune"
+SPLITS = {"train": 2000, "val": 64, "test": 64}
+RUN = Path("run")
+RESULT = RUN / "result.json"
+API_KEY = "tml-finetune-local"  # the in-process service has no keys; an external one may need TINKER_API_KEY
+EVAL_MAX_TOKENS = 16
+
+
+def model_name() -> str:
+    """FINETUNE_MODEL (a Hugging Face model directory), else SmolLM2-135M-Instruct prepared by `setup`."""
+    from nightlab.train.models import SMOLLM2_DIRNAME, models_dir
+
+    return os.environ.get("FINETUNE_MODEL") or str(models_dir(DATA) / SMOLLM2_DIRNAME)
+
+
+def split_path(split: str) -> Path:
+    return DATA / "data" / f"{split}.jsonl"
+
+
+def load_split(split: str) -> list[Problem]:
+    path = split_path(split)
+    if not path.is_file():
+        raise SystemExit(f"FAIL: {path} is missing; run `python harness.py setup` first")
+    return list(read_problems(path))
+
+
+def setup() -> None:
+    """Splits drawn from fresh random seeds (so code that reads this file cannot regenerate val or test)."""
+    if not all(split_path(s).is_file() for s in SPLITS):
+        seen: set[str] = set()
+        split_path("train").parent.mkdir(parents=True, exist_ok=True)
+        for split, size in SPLITS.items():
+            rng_seed, rows = secrets.randbits(32), []
+            for problem in generate_problems(size * 3, seed=rng_seed):
+                if problem.question not in seen and len(rows) < size:
+                    seen.add(problem.question)
+                    rows.append(problem.to_json())
+            tmp = split_path(split).with_suffix(".tmp")
+            tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
+            tmp.replace(split_path(split))
+        print(f"wrote {', '.join(f'{s} ({n})' for s, n in SPLITS.items())} to {split_path('train').parent}")
+    model = Path(model_name())
+    if not (model / "config.json").is_file():
+        if "FINETUNE_MODEL" in os.environ:
+            raise SystemExit(f"FAIL: FINETUNE_MODEL={model} is not a Hugging Face model directory")
+        from nightlab.train.models import prepare_model
+
+        prepare_model("smollm2", DATA)
+    print(f"model: {model}")
+
+
+@contextmanager
+def service() -> Iterator[str]:
+    """The training service's base URL: NIGHTLAB_SERVICE_URL, or one served from this process until exit."""
+    if os.environ.get("NIGHTLAB_SERVICE_URL"):
+        yield os.environ["NIGHTLAB_SERVICE_URL"]
+        return
+    from nightlab.train.api.app import create_app
+    from nightlab.train.api.background import serve_in_thread
+    from nightlab.train.settings import ServeSettings
+
+    settings = ServeSettings(data_dir=RUN / "service", device=os.environ.get("FINETUNE_DEVICE", "auto"))
+    with serve_in_thread(create_app(settings)) as background:
+        yield background.url
+
+
+def client(url: str):  # noqa: ANN201 - a tinker.ServiceClient, imported late to keep `--help` fast
+    import tinker
+
+    return tinker.ServiceClient(base_url=url, api_key=os.environ.get("TINKER_API_KEY", API_KEY))
+
+
+def render(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
+    """(prompt tokens, answer-turn tokens) in the model's own chat template: the fixed format of the task."""
+    user = [{"role": "user", "content": problem.question}]
+    full = user + [{"role": "assistant", "content": f"The answer is {problem.answer}."}]
+    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(full, tokenize=False)
+    if not text.startswith(prompt):
+        raise SystemExit("FAIL: the chat template renders the prompt differently inside the conversation")
+    return (tokenizer.encode(prompt, add_special_tokens=False),
+            tokenizer.encode(text[len(prompt):], add_special_tokens=False))
+
+
+def train() -> None:
+    """Train until finetune.STEPS or the time budget, whichever comes first; save weights for sampling."""
+    import finetune as ft
+    import tinker
+    from transformers import AutoTokenizer
+
+    budget = float(os.environ.get("NIGHTLAB_BUDGET_SECONDS", "60"))
+    seed = ft.SEED + int(os.environ.get("NIGHTLAB_SEED_OFFSET", "0"))
+    problems = load_split("train")
+    random.Random(seed).shuffle(problems)
+    model = model_name()
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    examples = [render(tokenizer, p) for p in problems]
+    with service() as url:
+        trainer = client(url).create_lora_training_client(base_model=model, rank=ft.LORA_RANK, seed=seed).result()
+        # The first step (model load, warm-up) is outside the budget; the budget clock starts after it.
+        start, steps, losses, last = None, 0, [], 0.0
+        while steps < ft.STEPS:
+            if start is not None and time.monotonic() - start + last > budget:
+                break  # the next step would end past the budget
+            began = time.monotonic()
+            batch = [examples[(steps * ft.BATCH_SIZE + i) % len(examples)] for i in range(ft.BATCH_SIZE)]
+            data = [ft.build_datum(prompt, answer) for prompt, answer in batch]
+            adam = tinker.AdamParams(learning_rate=ft.learning_rate(steps), beta1=ft.BETA1, beta2=ft.BETA2,
+                                     eps=1e-8, weight_decay=ft.WEIGHT_DECAY, grad_clip_norm=ft.GRAD_CLIP_NORM)
+            fwd = trainer.forward_backward(data, ft.LOSS, ft.LOSS_CONFIG)
+            opt = trainer.optim_step(adam)
+            result, _ = fwd.result(), opt.result()
+            weight = sum(sum(d.loss_fn_inputs["weights"].tolist()) for d in data)
+            losses.append(result.metrics["loss:sum"] / max(weight, 1e-9))
+            steps += 1
+            last = time.monotonic() - began
+            start = start if start is not None else time.monotonic()
+            if not math.isfinite(losses[-1]):
+                raise SystemExit(f"FAIL: training loss is {losses[-1]} at step {steps}")
+            print(f"step {steps:4d}  loss {losses[-1]:.4f}  lr {adam.learning_rate:.2e}  {last:5.2f}s/step", flush=True)
+        seconds = time.monotonic() - start if start is not None else 0.0
+        path = trainer.save_weights_for_sampler("final").result().path
+    RESULT.write_text(json.dumps({"sampler_path": path, "model": model, "steps": steps,
+                                  "train_seconds": seconds, "service": os.environ.get("NIGHTLAB_SERVICE_URL")}))
+    print(f"trained {steps} steps in {seconds:.1f}s; final train loss {losses[-1] if losses else float('nan'):.4f}")
+
+
+def score(url: str, result: dict, problems: list[Problem]) -> dict[str, float]:
+    """Mean NLL per answer-turn token (teacher forcing) and greedy accuracy, from the saved sampler weights."""
+    import tinker
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(result["model"])
+    sampler = client(url).create_sampling_client(model_path=result["sampler_path"]).result()
+    rendered = [render(tokenizer, p) for p in problems]
+    logprob_futures = [sampler.compute_logprobs(tinker.ModelInput.from_ints(prompt + answer))
+                       for prompt, answer in rendered]
+    greedy = tinker.SamplingParams(max_tokens=EVAL_MAX_TOKENS, temperature=0.0)
+    sample_futures = [sampler.sample(tinker.ModelInput.from_ints(prompt), 1, greedy) for prompt, _ in rendered]
+    nll = tokens = 0.0
+    for (prompt, answer), future in zip(rendered, logprob_futures, strict=True):
+        nll -= sum(future.result()[len(prompt):])
+        tokens += len(answer)
+    correct = sum(
+        extract_answer(tokenizer.decode(f.result().sequences[0].tokens, skip_special_tokens=True)) == p.answer
+        for p, f in zip(problems, sample_futures, strict=True)
+    )
+    return {"nll": nll / tokens, "accuracy": correct / len(problems), "eval_tokens": tokens}
+
+
+def evaluate(split: str) -> int:
+    key = os.environ.pop("NIGHTLAB_METRIC_KEY", None)
+    try:
+        result = json.loads(RESULT.read_text())
+        path = str(result["sampler_path"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"FAIL: no usable {RESULT} from the train step: {exc}")
+        return 1
+    problems = load_split(split)
+    with service() as url:
+        metrics = score(url, result, problems)
+    metrics.update(train_steps=float(result.get("steps", 0)), train_seconds=float(result.get("train_seconds", 0)))
+    if not math.isfinite(metrics["nll"]):
+        print(f"FAIL: nll is {metrics['nll']}")
+        return 1
+    for name, value in metrics.items():
+        print(f"{name}: {value:.6f}")
+    print(f"(scored {path} on {len(problems)} {split} problems)")
+    if key:
+        from nightlab.research.metrics import sign_metrics
+
+        print(sign_metrics(metrics, key))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="step", required=True)
+    sub.add_parser("setup", help="write the data splits; prepare SmolLM2 unless FINETUNE_MODEL is set")
+    sub.add_parser("train", help="fine-tune with finetune.py's settings within NIGHTLAB_BUDGET_SECONDS")
+    ev = sub.add_parser("evaluate", help="score the trained weights; prints a signed metric line")
+    ev.add_argument("--split", choices=["val", "test"], default="val")
+    args = parser.parse_args()
+    if args.step == "setup":
+        setup()
+    elif args.step == "train":
+        RUN.mkdir(exist_ok=True)
+        train()
+    else:
+        return evaluate(args.split)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
