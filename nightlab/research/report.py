@@ -76,8 +76,11 @@ def heldout_lines(rows: list[dict[str, Any]], goal: decide.Goal, bar: float) -> 
                 f"\nThe gain carried over to the test split (its gap to the validation gain is within the noise "
                 f"bar {bar:.6g}, or at least half of the validation gain remains on test)."
             )
-    elif rows:
-        lines.append("\nA held-out scoring failed; see its log: " + ", ".join(r["log_path"] for r in rows))
+    failed = [r for r in rows if None in (r["validation"], r["test"])]
+    if failed:
+        lines.append("\nA held-out scoring failed; see its log: " + ", ".join(r["log_path"] for r in failed))
+    elif base and not best:
+        lines.append("\nNothing was kept, so only the baseline was scored on the test split.")
     return lines
 
 
