@@ -1,9 +1,10 @@
 """A plain nanoGPT-style baseline for the tinygpt benchmark: the same data, width, depth and time budget.
 
 GPT-2 architecture as nanoGPT writes it (learned position embeddings, LayerNorm, GELU MLP, weight-tied head),
-AdamW with warm-up and cosine decay as in nanoGPT's small-model configs, fp32 on CPU (nanoGPT autocasts on
-CUDA only) and no compilation. Run inside a tinygpt workspace, it reads the sizes from that workspace's
-train.py and scores itself with the workspace's own `prepare.evaluate_bpb`.
+AdamW with warm-up and cosine decay as in nanoGPT's small-model configs, on the device the harness picks
+(fp32 on CPU, bf16 autocast on CUDA, as nanoGPT does) and no compilation. Run inside a tinygpt workspace, it
+reads the sizes from that workspace's train.py and scores itself with the workspace's own
+`prepare.evaluate_bpb`.
 
     python benchmarks/nanogpt_reference.py --workspace DIR [--budget 60]
 """
@@ -100,7 +101,10 @@ def main() -> None:
     torch.manual_seed(train.SEED)
     vocab = prepare.dataset_info()["vocab_size"]
     seq, batch = train.SEQ_LEN, train.BATCH_SIZE
+    device = prepare.pick_device()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     model = NanoGPT(vocab, max(seq, prepare.SEQ_LEN), train.DEPTH, train.WIDTH, train.WIDTH // train.HEAD_DIM)
+    model = model.to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
@@ -111,13 +115,14 @@ def main() -> None:
     while training_time < args.budget:
         t0 = time.perf_counter()
         starts = rng.integers(0, len(tokens) - seq - 1, size=batch)
-        rows = torch.from_numpy(np.stack([tokens[s : s + seq + 1] for s in starts]).astype(np.int64))
+        rows = torch.from_numpy(np.stack([tokens[s : s + seq + 1] for s in starts]).astype(np.int64)).to(device)
         progress = training_time / args.budget
         lr = LR * (progress / WARMUP_FRAC if progress < WARMUP_FRAC else
                    MIN_LR_FRAC + (1 - MIN_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * progress)))
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = model(rows[:, :-1], rows[:, 1:])
+        with autocast:
+            loss = model(rows[:, :-1], rows[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()

@@ -36,6 +36,7 @@ BATCH_SIZE = 8  # sequences per optimizer step (small: a short CPU run gains mor
 MATRIX_LR = 0.02  # Muon, for the 2D weights inside the blocks
 EMBED_LR = 0.3  # AdamW, token embedding
 HEAD_LR = 0.004  # AdamW, output head
+SCALAR_LR = 0.02  # AdamW, any other parameter (gains, biases, scalars you add)
 ADAM_BETAS = (0.8, 0.95)
 WEIGHT_DECAY = 0.0
 MUON_MOMENTUM = 0.95
@@ -167,10 +168,10 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def flops_per_token(self) -> float:
-        """Training FLOPs per token: 6 per matmul weight, plus the causal attention scores and mixing."""
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token at context seq_len: 6 per matmul weight, plus attention scores and mixing."""
         matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and not n.startswith("wte"))
-        return 6 * matmul + 6 * self.cfg.n_layer * self.cfg.n_embd * self.cfg.seq_len
+        return 6 * matmul + 6 * self.cfg.n_layer * self.cfg.n_embd * seq_len
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -217,10 +218,14 @@ class Muon(torch.optim.Optimizer):
 
 
 def build_optimizers(model: GPT, fast_bf16: bool) -> list[torch.optim.Optimizer]:
+    """Every parameter gets exactly one optimizer, so a gain or scalar added to the model is never frozen."""
     matrices = [p for p in model.blocks.parameters() if p.dim() == 2]
+    special = {id(p) for p in (*matrices, model.wte.weight, model.lm_head.weight)}
+    scalars = [p for p in model.parameters() if id(p) not in special]
     adam_groups = [
         dict(params=[model.wte.weight], lr=EMBED_LR),
         dict(params=[model.lm_head.weight], lr=HEAD_LR),
+        dict(params=scalars, lr=SCALAR_LR),
     ]
     ns_dtype = torch.bfloat16 if fast_bf16 else torch.float32
     optimizers = [
@@ -265,7 +270,10 @@ class Batches:
 
 
 def budget_seconds(device: torch.device) -> float:
-    return float(os.environ.get("NIGHTLAB_BUDGET_SECONDS") or (60 if device.type == "cpu" else 300))
+    budget = float(os.environ.get("NIGHTLAB_BUDGET_SECONDS") or (60 if device.type == "cpu" else 300))
+    if budget <= 0:
+        fail(f"the time budget must be positive, got {budget} s (NIGHTLAB_BUDGET_SECONDS)")
+    return budget
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -339,7 +347,7 @@ def main() -> None:
     save_checkpoint(model, Path("run"))  # before any evaluation, so a crash there loses nothing
     tokens_per_second = timed_tokens / training_time
     dtype = torch.bfloat16 if use_bf16 else torch.float32
-    mfu = model.flops_per_token() * tokens_per_second / prepare.peak_flops(device, dtype)
+    mfu = model.flops_per_token(SEQ_LEN) * tokens_per_second / prepare.peak_flops(device, dtype)
     print("---")
     if os.environ.get("NIGHTLAB_PHASE") != "train":  # under the loop, the harness evaluates separately
         try:
