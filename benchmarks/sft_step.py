@@ -1,7 +1,10 @@
-"""One LoRA SFT step through the nightlab engine vs a hand-written transformers + PEFT loop.
+"""One LoRA SFT step through the training service vs a hand-written transformers + PEFT loop.
 
-Same model, batch, LoRA rank and targets, same autocast choice; the two run alternately in one process so a
-busy machine slows both alike. Prints seconds per step and the ratio engine / hand-written (goal <= 1.10).
+The service path is the official tinker SDK (forward_backward + optim_step, sent back to back as the SDK intends)
+against `nightlab serve`'s app started in-process on 127.0.0.1; the engine path calls the engine directly, which
+shows what the HTTP + protobuf layer costs. Same model, batch, LoRA rank and targets, same autocast choice; the
+paths run in turn in one process so a busy machine slows them alike. Prints seconds per step and the ratio
+service / hand-written (goal <= 1.10).
 
     .venv/bin/python benchmarks/sft_step.py                       # SmolLM2 (prepared dir or offline GGUF)
     .venv/bin/python benchmarks/sft_step.py --model tiny --batch 4 --seq 64
@@ -10,9 +13,11 @@ busy machine slows both alike. Prints seconds per step and the ratio engine / ha
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +26,13 @@ from rich.console import Console
 from rich.table import Table
 
 from nightlab.train import models
+from nightlab.train.api.app import create_app
+from nightlab.train.api.background import BackgroundServer, serve_in_thread
 from nightlab.train.engine import LORA_ALPHA, AdamParams, Datum, Engine, LoraSpec, pick_autocast
+from nightlab.train.settings import ServeSettings
+
+KEY = "tml-benchmark"
+LEARNING_RATE = 1e-5
 
 
 def parse() -> argparse.Namespace:
@@ -48,6 +59,33 @@ def hand_written_step(model, optimizer, input_ids, autocast) -> float:
     return loss.item()
 
 
+def service_step(
+    engine: Engine, name: str, rank: int, tokens: np.ndarray, data_dir: Path
+) -> tuple[Callable[[], None], BackgroundServer]:
+    """A training client of the service (on the engine's loaded base, its records in `data_dir`) and one step."""
+    os.environ.setdefault("TINKER_TELEMETRY", "0")
+    import tinker
+    from tinker import types
+
+    settings = ServeSettings(data_dir=data_dir, api_keys=[KEY])
+    server = serve_in_thread(create_app(settings, engine))
+    service = tinker.ServiceClient(base_url=server.url, api_key=KEY)
+    client = service.create_lora_training_client(base_model=name, rank=rank, seed=0).result()
+    data = [
+        types.Datum(model_input=types.ModelInput.from_ints(row[:-1].tolist()), loss_fn_inputs={"target_tokens": row[1:]})
+        for row in tokens
+    ]
+    adam = types.AdamParams(learning_rate=LEARNING_RATE)
+
+    def step() -> None:
+        forward_backward = client.forward_backward(data, "cross_entropy")
+        optim_step = client.optim_step(adam)
+        forward_backward.result()
+        optim_step.result()
+
+    return step, server
+
+
 def main() -> None:
     args = parse()
     torch.manual_seed(0)
@@ -63,7 +101,7 @@ def main() -> None:
     vocab = engine.tokenizer(name).vocab_size
     tokens = np.random.default_rng(0).integers(0, vocab, size=(args.batch, args.seq + 1))
     data = [Datum(row[:-1].tolist(), {"target_tokens": row[1:]}) for row in tokens]
-    adam = AdamParams(learning_rate=1e-5)
+    adam = AdamParams(learning_rate=LEARNING_RATE)
 
     # the hand-written side gets its own copy of the base, wrapped by PEFT the usual way
     from peft import LoraConfig, get_peft_model
@@ -73,7 +111,7 @@ def main() -> None:
     targets = [n for n, module in plain.named_modules() if isinstance(module, torch.nn.Linear)]  # lm_head too
     config = LoraConfig(r=args.rank, lora_alpha=LORA_ALPHA, target_modules=targets, task_type="CAUSAL_LM")
     peft_model = get_peft_model(plain, config)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=LEARNING_RATE)
     input_ids = torch.from_numpy(tokens[:, :-1]).to(engine.device)
 
     def engine_step() -> None:
@@ -83,16 +121,24 @@ def main() -> None:
     def plain_step() -> None:
         hand_written_step(peft_model, optimizer, input_ids, autocast)
 
-    times: dict[str, list[float]] = {"engine": [], "hand-written": []}
     console = Console()
-    with console.status("timing") as status:
-        for step in range(args.steps + 1):
-            for label, fn in (("engine", engine_step), ("hand-written", plain_step)):
-                status.update(f"step {step}/{args.steps}: {label}")
-                start = time.perf_counter()
-                fn()
-                if step:  # step 0 warms up allocators and kernels
-                    times[label].append(time.perf_counter() - start)
+    service_dir = tempfile.TemporaryDirectory(prefix="nightlab-bench-")
+    with console.status("starting the service"):
+        through_service, server = service_step(engine, name, args.rank, tokens, Path(service_dir.name))
+    paths = {"service (tinker SDK)": through_service, "engine": engine_step, "hand-written": plain_step}
+    times: dict[str, list[float]] = {label: [] for label in paths}
+    try:
+        with console.status("timing") as status:
+            for step in range(args.steps + 1):
+                for label, fn in paths.items():
+                    status.update(f"step {step}/{args.steps}: {label}")
+                    start = time.perf_counter()
+                    fn()
+                    if step:  # step 0 warms up allocators and kernels
+                        times[label].append(time.perf_counter() - start)
+    finally:
+        server.stop()
+        service_dir.cleanup()
 
     table = Table(title=f"LoRA SFT step: {resolved.name}, batch {args.batch}x{args.seq}, rank {args.rank}, "
                         f"autocast {autocast or 'off'}, {torch.get_num_threads()} threads")
@@ -102,8 +148,10 @@ def main() -> None:
         median = statistics.median(values)
         table.add_row(label, f"{median:.3f}", f"{min(values):.3f}", f"{args.batch * args.seq / median:.0f}")
     console.print(table)
-    ratio = statistics.median(times["engine"]) / statistics.median(times["hand-written"])
-    console.print(f"engine / hand-written = {ratio:.2f}x (goal <= 1.10x)")
+    baseline = statistics.median(times["hand-written"])
+    for label in ("service (tinker SDK)", "engine"):
+        goal = " (goal <= 1.10x)" if label.startswith("service") else ""
+        console.print(f"{label} / hand-written = {statistics.median(times[label]) / baseline:.2f}x{goal}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ and renamed into place, so a crash or Ctrl-C never leaves a half-written checkpo
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -273,9 +274,34 @@ class CheckpointStore:
             self._db.execute("DELETE FROM checkpoints WHERE run_id=? AND checkpoint_id=?", (run_id, checkpoint_id))
         shutil.rmtree(ckpt.directory, ignore_errors=True)
 
-    def ephemeral_dir(self, name: str) -> Path:
-        """A directory for sampler weights that live only as long as this process (save_weights_and_get_sampling_client)."""
-        return self.ephemeral_root / name
+    def ephemeral_dir(self, model_id: str) -> Path:
+        """Where a training model's unnamed sampler weights (save_weights_and_get_sampling_client) live: only as
+        long as the model, and never across a restart."""
+        return self.ephemeral_root / model_id.replace(":", "_")
+
+    def publish_inflight(self, model_id: str, write: Callable[[Path], None]) -> Path:
+        """Write the model's shared `inflight` sampler weights and return the path every inflight sampler uses.
+
+        That path is a symlink switched atomically to each new version, so samplers created by earlier inflight
+        saves sample the newest weights from their next batch on. The version before stays on disk until the
+        next save, for a sampler that resolved the link just before the switch.
+        """
+        root = self.ephemeral_dir(model_id)
+        root.mkdir(parents=True, exist_ok=True)
+        link = root / "inflight"
+        previous = os.readlink(link) if link.is_symlink() else None  # a name in `root`, as written below
+        version = root / f"inflight-{uuid.uuid4().hex[:8]}"
+        write(version)
+        staged = root / f"{_TEMP_PREFIX}inflight-{uuid.uuid4().hex[:8]}"
+        staged.symlink_to(version.name)
+        os.replace(staged, link)
+        for old in root.glob("inflight-*"):
+            if old.name not in (version.name, previous):
+                shutil.rmtree(old, ignore_errors=True)
+        return link
+
+    def drop_ephemeral(self, model_id: str) -> None:
+        shutil.rmtree(self.ephemeral_dir(model_id), ignore_errors=True)
 
     def close(self) -> None:
         with self._lock:

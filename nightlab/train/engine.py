@@ -71,6 +71,16 @@ class ForwardBackwardResult:
 
 
 @dataclass
+class EngineStats:
+    """What the engine holds and has done, for tests, benchmarks and operators."""
+
+    training_adapters: int  # adapters of live training clients
+    sampler_adapters: int  # checkpoints loaded for sampling (a small cache per base)
+    sample_calls: int  # sample() calls, each one batched generation
+    sampled_requests: int  # requests those calls served
+
+
+@dataclass
 class ModelInfo:
     name: str
     tokenizer_id: str
@@ -284,6 +294,8 @@ class Engine:
         self._lock = threading.Lock()  # guards the two dicts above and the load locks
         self._load_locks: dict[str, threading.Lock] = {}
         self._slots = itertools.count()
+        self._sample_calls = 0
+        self._sampled_requests = 0
         for name in preload:
             self._base(name)
 
@@ -343,6 +355,20 @@ class Engine:
     def model_info(self, name: str) -> ModelInfo:
         return self._base(name).info
 
+    def canonical_name(self, name: str) -> str:
+        """The name a model is known by once loaded (aliases and relative paths resolved), without loading it."""
+        return self._resolve(name).name
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            bases = list(self._bases.values())
+            return EngineStats(
+                training_adapters=len(self._adapters),
+                sampler_adapters=sum(len(b.samplers) for b in bases),
+                sample_calls=self._sample_calls,
+                sampled_requests=self._sampled_requests,
+            )
+
     def tokenizer(self, base_model: str):
         return self._base(base_model).tokenizer
 
@@ -371,7 +397,9 @@ class Engine:
         return slot
 
     def _remove_slot(self, base: _Base, slot: str) -> None:
-        base.peft.delete_adapter(slot)
+        with warnings.catch_warnings():  # PEFT warns when the active adapter goes; the next request sets its own
+            warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
+            base.peft.delete_adapter(slot)
 
     def create_adapter(self, model_id: str, base_model: str, lora: LoraSpec) -> None:
         base = self._base(base_model)
@@ -625,13 +653,38 @@ class Engine:
             self._remove_slot(base, evicted)
         return slot
 
-    def sample(
-        self, base_model: str, adapter_dir: Path | None, requests: list[SampleRequest]
-    ) -> list[SampleResult]:
-        """Generate for `requests` from the base model alone, or with the checkpoint in `adapter_dir` on it."""
+    def forget_samplers(self, under: Path) -> None:
+        """Unload the sampling adapters loaded from checkpoints inside `under` (weights about to be deleted)."""
+        root = Path(under).resolve()
+        with self._lock:
+            bases = list(self._bases.values())
+        for base in bases:
+            with base.lock:
+                for key in [k for k in base.samplers if Path(k[0]).is_relative_to(root)]:
+                    self._remove_slot(base, base.samplers.pop(key))
+
+    def check_sample(self, base_model: str, request: SampleRequest) -> None:
+        """Refuse a sampling request the model can never serve (token ids outside its vocabulary, a prompt plus
+        max_tokens beyond its context, bad parameters) before it joins a batch."""
         from nightlab.train import sampling
 
         base = self._base(base_model)
+        try:
+            sampling.validate(request, base.vocab_size, base.info.max_context_length or None)
+        except sampling.SamplingInputError as error:
+            raise EngineError(str(error)) from None
+
+    def sample(
+        self, base_model: str, adapter_dir: Path | None, requests: list[SampleRequest]
+    ) -> list[SampleResult]:
+        """Generate for `requests` from the base model alone, or with the checkpoint in `adapter_dir` on it.
+        `adapter_dir` may be a symlink: it is resolved on each call (inflight sampler weights move)."""
+        from nightlab.train import sampling
+
+        base = self._base(base_model)
+        with self._lock:
+            self._sample_calls += 1
+            self._sampled_requests += len(requests)
         try:
             with base.lock:
                 if adapter_dir is None:

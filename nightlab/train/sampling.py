@@ -100,7 +100,7 @@ def generate(model, tokenizer, requests: list[SampleRequest]) -> list[SampleResu
     vocab = model.get_input_embeddings().num_embeddings
     max_context = getattr(model.config, "max_position_embeddings", None)
     for request in requests:
-        _validate(request, vocab, max_context)
+        validate(request, vocab, max_context)
     eos_ids = _eos_ids(model, tokenizer)
     was_training = model.training
     model.eval()
@@ -117,7 +117,7 @@ def generate(model, tokenizer, requests: list[SampleRequest]) -> list[SampleResu
 # --- validation -----------------------------------------------------------------------------------------------
 
 
-def _validate(request: SampleRequest, vocab: int, max_context: int | None) -> None:
+def validate(request: SampleRequest, vocab: int, max_context: int | None) -> None:
     """Reject what would crash or silently misbehave deep inside the decode loop."""
     p = request.params
     if not request.prompt_tokens:

@@ -118,6 +118,18 @@ class SessionStore:
         with self._lock:
             self._db.execute("UPDATE sessions SET status=? WHERE session_id=?", (json.dumps(status), session_id))
 
+    def expire(self, idle_s: float) -> list[str]:
+        """End the active sessions that sent no heartbeat for `idle_s` (status `cancelled`); return their ids."""
+        active = json.dumps({"type": "active"})
+        cancelled = json.dumps({"type": "cancelled", "detail": f"no heartbeat for {idle_s:.0f} s"})
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT session_id FROM sessions WHERE status=? AND last_heartbeat<?", (active, time.time() - idle_s)
+            ).fetchall()
+            ids = [r[0] for r in rows]
+            self._db.executemany("UPDATE sessions SET status=? WHERE session_id=?", [(cancelled, i) for i in ids])
+        return ids
+
     def list(self, owner: str, limit: int = 20, offset: int = 0) -> tuple[list[str], int]:
         with self._lock:
             total = self._db.execute("SELECT COUNT(*) FROM sessions WHERE owner=?", (owner,)).fetchone()[0]

@@ -28,8 +28,18 @@ class ServeSettings:
     preload: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 8000
-    # A request that waits this long for an earlier seq_id of its model fails: the gap will not fill.
-    seq_gap_timeout_s: float = 120.0
+    # A forward_backward chunk that waits this long for an earlier seq_id of its model fails: the gap will not fill.
+    # Only chunks of one call can arrive out of order; the SDK sends the first chunk once the others were accepted
+    # (milliseconds here), so 30 s leaves room for a few of its retries (0.5 s to 10 s apart) and no more.
+    seq_gap_timeout_s: float = 30.0
+    # A session without a heartbeat for this long is ended and its adapters freed (the SDK beats every 10 s).
+    session_timeout_s: float = 300.0
+    # On shutdown, queued training work (forward_backward, optim_step, saves) gets this long to finish.
+    shutdown_grace_s: float = 30.0
+    # Told to the SDK by /client/config: datums per forward_backward request, and whether to zstd the body (on a
+    # local link compression only costs CPU on both ends).
+    fwdbwd_max_chunk_len: int = 256
+    proto_compress_fwdbwd: bool = False
     # Sampling requests for the same weights that arrive within this window run as one batch.
     sample_batch_window_s: float = 0.01
     sample_max_batch: int = 64

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -227,7 +228,6 @@ def test_user_errors_are_clear_and_lose_nothing(engine, base, batch):
     short = Datum(good.tokens, {"target_tokens": good.loss_fn_inputs["target_tokens"][:-1]})
     outside = Datum([10**6], {"target_tokens": np.array([1])})
     cases = [
-        (lambda: engine.model_info("no/such-model-here-xyz-not-cached"), "cannot load model"),
         (lambda: engine.model_info("definitely not a model"), "unknown model"),
         (lambda: engine.forward_backward(model_id, batch, "hinge", None), "unknown loss_fn 'hinge'"),
         (lambda: engine.forward_backward(model_id, [good, short], "cross_entropy", None), "datum 1"),
@@ -248,6 +248,35 @@ def test_user_errors_are_clear_and_lose_nothing(engine, base, batch):
         assert message in str(info.value)
     after = grads(engine, model_id)
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_an_uncached_hub_id_fails_without_touching_the_network(engine, monkeypatch):
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("the network is off limits in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    with pytest.raises(EngineError, match="cannot load model") as info:
+        engine.model_info("no/such-model-here-xyz-not-cached")
+    assert info.value.category == "User" and attempts == []
+
+
+def test_check_sample_refuses_what_the_model_cannot_serve(engine, base):
+    from nightlab.train.sampling import SampleRequest, SamplingParams
+
+    context = engine.model_info(base).max_context_length
+    engine.check_sample(base, SampleRequest([1, 2], SamplingParams(max_tokens=4)))
+    for request, message in (
+        (SampleRequest([10**6], SamplingParams()), "outside the vocabulary"),
+        (SampleRequest([1], SamplingParams(max_tokens=context)), "exceeds the model's context length"),
+        (SampleRequest([1], SamplingParams(top_p=0)), "top_p"),
+    ):
+        with pytest.raises(EngineError, match=message) as info:
+            engine.check_sample(base, request)
+        assert info.value.category == "User"
 
 
 def test_sample_from_base_and_from_a_checkpoint(engine, base, batch, tmp_path):
@@ -271,3 +300,6 @@ def test_sample_from_base_and_from_a_checkpoint(engine, base, batch, tmp_path):
     np.testing.assert_allclose(tuned.logprobs, trained["logprobs"][len(prompt) - 1 :], atol=1e-4)
     with pytest.raises(EngineError, match="not a nightlab adapter checkpoint"):
         engine.sample(base, tmp_path, [request])
+    loaded = engine.stats().sampler_adapters
+    engine.forget_samplers(tmp_path)  # its files are about to go: the adapter loaded from them goes first
+    assert engine.stats().sampler_adapters == loaded - 1

@@ -17,12 +17,18 @@ KEY = "tml-openai-test"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    """(base_url, model name) of a live server; its data dir is a temp dir."""
-    data_dir = tmp_path_factory.mktemp("serve")
-    settings = ServeSettings(data_dir=data_dir, device="cpu", api_keys=[KEY])
-    engine = Engine(data_dir, device="cpu", precision="fp32", show_progress=False)
+def engine(tiny_model_dir, tmp_path_factory):
+    engine = Engine(tmp_path_factory.mktemp("engine"), device="cpu", precision="fp32", show_progress=False)
     engine.model_info(str(tiny_model_dir))  # loaded models are the ones /v1/models lists
+    return engine
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory, engine):
+    """(base_url, model name) of a live server; its data dir is a temp dir. Requests arriving within 0.2 s of
+    each other share a batch."""
+    data_dir = tmp_path_factory.mktemp("serve")
+    settings = ServeSettings(data_dir=data_dir, device="cpu", api_keys=[KEY], sample_batch_window_s=0.2)
     with serve_in_thread(create_app(settings, engine)) as srv:
         yield srv.url, str(tiny_model_dir.resolve())
 
@@ -73,7 +79,7 @@ def test_chat_completion_uses_the_chat_template(client, server):
     choice = out.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason in ("stop", "length")
     entries = choice.logprobs.content
-    assert "".join(e.token for e in entries) == choice.message.content or choice.finish_reason == "stop"
+    assert entries and "".join(e.token for e in entries) == choice.message.content
     for e in entries:  # greedy: the chosen token is the most likely one
         assert e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
     assert out.usage.prompt_tokens > len("what is 2 + 3?") // 4  # template tokens included
@@ -114,25 +120,37 @@ def test_budget_forcing_extension_field(client, server):
     assert "</think> A:" in out.choices[0].text
 
 
-def test_concurrent_requests_share_one_batch(client, server):
-    """Concurrent greedy requests give the same answers as one at a time (they run as one batch)."""
-    prompts = ["the answer is", "hi there", "what is the sum", "many numbers"]
-    alone = [
-        client.completions.create(model=server[1], prompt=p, max_tokens=6, temperature=0).choices[0].text
-        for p in prompts
-    ]
+def concurrently(server, requests: list[dict]) -> list:
+    """Send completion requests at once; each answer, or the exception it raised."""
 
-    async def together() -> list[str]:
+    async def send() -> list:
         aclient = openai.AsyncOpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
-        outs = await asyncio.gather(
-            *(
-                aclient.completions.create(model=server[1], prompt=p, max_tokens=6, temperature=0)
-                for p in prompts
-            )
-        )
-        return [o.choices[0].text for o in outs]
+        calls = (aclient.completions.create(model=server[1], **r) for r in requests)
+        return await asyncio.gather(*calls, return_exceptions=True)
 
-    assert asyncio.run(together()) == alone
+    return asyncio.run(send())
+
+
+def test_concurrent_requests_share_one_batch(client, server, engine):
+    """Concurrent greedy requests run in fewer engine calls than requests and answer as they do one at a time."""
+    requests = [
+        {"prompt": p, "max_tokens": 6, "temperature": 0}
+        for p in ["the answer is", "hi there", "what is the sum", "many numbers"]
+    ]
+    alone = [client.completions.create(model=server[1], **r).choices[0].text for r in requests]
+    before = engine.stats()
+    together = concurrently(server, requests)
+    after = engine.stats()
+    assert [o.choices[0].text for o in together] == alone
+    assert after.sampled_requests - before.sampled_requests == 4
+    assert after.sample_calls - before.sample_calls < 4  # at least two of them shared one generation
+
+
+def test_a_bad_request_does_not_fail_the_requests_sent_with_it(server):
+    good = {"prompt": "hi there", "max_tokens": 3, "temperature": 0}
+    answers = concurrently(server, [good, {**good, "prompt": [10**6]}, good])
+    assert isinstance(answers[1], openai.BadRequestError) and "token ids" in str(answers[1])
+    assert answers[0].choices[0].text == answers[2].choices[0].text
 
 
 def test_errors_use_openai_shape_and_status(client, server):
@@ -190,3 +208,10 @@ def test_sampling_a_trained_checkpoint_by_tinker_path(client, server):
     assert out.choices[0].text == tokenizer.decode(via_tinker, skip_special_tokens=True)
     assert out.choices[0].text != base.choices[0].text  # the adapter is really applied
     assert path in [m.id for m in client.models.list().data]
+
+    chat = dict(messages=[{"role": "user", "content": "the answer is"}], max_tokens=6, temperature=0, logprobs=True)
+    tuned = client.chat.completions.create(model=path, **chat).choices[0]
+    plain = client.chat.completions.create(model=server[1], **chat).choices[0]
+    assert tuned.logprobs.content[0].logprob != pytest.approx(plain.logprobs.content[0].logprob, abs=1e-4)
+    stream = client.chat.completions.create(model=path, stream=True, **chat)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == tuned.message.content

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,9 @@ TEXTS = ["the sum of 12 and 30 is 42.", "what time is it? answer: now.", "water 
 class Server:
     url: str
     data_dir: Path
+    engine: Engine
     background: BackgroundServer
+    requests: list[tuple[str, str | None]]  # (path, Content-Encoding) of every request, in arrival order
 
     def stop(self) -> None:
         self.background.stop()
@@ -37,9 +41,25 @@ def start_server(data_dir: Path, engine: Engine | None = None, **overrides) -> S
     settings = ServeSettings(
         data_dir=data_dir, device="cpu", api_keys=[ALICE, BOB], seq_gap_timeout_s=2.0, long_poll_s=5.0, **overrides
     )
-    app = create_app(settings, engine or Engine(data_dir, device="cpu", precision="fp32", show_progress=False))
+    engine = engine or Engine(data_dir, device="cpu", precision="fp32", show_progress=False)
+    app = create_app(settings, engine)
+    seen: list[tuple[str, str | None]] = []
+
+    @app.middleware("http")
+    async def record(request, call_next):
+        seen.append((request.url.path, request.headers.get("content-encoding")))
+        return await call_next(request)
+
     background = serve_in_thread(app)
-    return Server(background.url, data_dir, background)
+    return Server(background.url, data_dir, engine, background, seen)
+
+
+def eventually(check, timeout: float = 20.0) -> None:
+    """Wait until `check()` holds (background work such as freeing a session finishes on its own time)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +192,21 @@ def test_rl_step_with_importance_sampling_and_ppo(alice, base, tokenizer) -> Non
     assert out.metrics["loss:sum"] == pytest.approx(expected, abs=1e-2)
     ppo = client.forward_backward(data, "ppo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}).result()
     assert ppo.metrics["loss:sum"] == pytest.approx(expected, abs=1e-2)
-    assert client.optim_step(ADAM).result().metrics
+    # With ratio 1 cispo is the policy gradient loss -sum(logp * A); dro adds beta/2 * (logp - q)^2, which the
+    # prompt positions (q = 0 there) make large.
+    policy_gradient = -sum(a * sum(s.logprobs) for s, a in zip(result.sequences, advantages, strict=True))
+    cispo = client.forward_backward(data, "cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5}).result()
+    assert cispo.metrics["loss:sum"] == pytest.approx(policy_gradient, abs=1e-2)
+    dro = client.forward_backward(data, "dro", {"beta": 0.1}).result()
+    expected_dro = 0.0
+    for datum, output in zip(data, dro.loss_fn_outputs, strict=True):
+        logp, q, adv = (np.array(t.tolist()) for t in (output["logprobs"], *map(datum.loss_fn_inputs.get, ("logprobs", "advantages"))))
+        expected_dro += float(-(logp * adv).sum() + 0.05 * ((logp - q) ** 2).sum())
+    assert dro.metrics["loss:sum"] == pytest.approx(expected_dro, rel=1e-4) and expected_dro > policy_gradient + 1
+    step = client.optim_step(ADAM).result().metrics
+    assert step["grad_norm:mean"] > 0 and step["step:max"] == 1
+    moved = client.forward(data, "importance_sampling").result().metrics["loss:sum"]
+    assert moved != pytest.approx(expected, abs=1e-3)  # the step changed the policy
 
 
 def test_forward_backward_custom_agrees_with_cross_entropy(alice, base, tokenizer) -> None:
@@ -282,6 +316,9 @@ def test_bad_input_gets_clear_errors(server, alice, base, tokenizer) -> None:
     retry = httpx.post(f"{server.url}/api/v1/forward_backward", content=fwdbwd_body(model_id, 1, tokens),
                        headers=proto_headers, timeout=30).json()
     assert retry["request_id"] == first["request_id"]
+    changed = httpx.post(f"{server.url}/api/v1/forward_backward", content=fwdbwd_body(model_id, 1, tokens[:-1]),
+                         headers=proto_headers, timeout=30)
+    assert changed.status_code == 400 and "already used by a different forward_backward" in changed.json()["error"]
     done = wait_future(server, first["request_id"])
     assert done.headers["content-type"] == "application/x-protobuf"
     output = pb.ForwardBackwardOutput.FromString(done.content)
@@ -294,6 +331,9 @@ def test_bad_input_gets_clear_errors(server, alice, base, tokenizer) -> None:
                      headers=proto_headers, timeout=30).json()
     failed = wait_future(server, gap["request_id"]).json()
     assert failed["category"] == "user" and "seq_id 2" in failed["error"] and "never arrived" in failed["error"]
+    # Only the chunks of one forward_backward may run ahead of a gap; anything else skipping a seq_id is refused.
+    jump = post(server, "optim_step", json={"model_id": model_id, "seq_id": 9, "adam_params": {}})
+    assert jump.status_code == 400 and "arrived before seq_id 6" in jump.json()["error"]
 
     bob = post(server, "retrieve_future", key=BOB, json={"request_id": first["request_id"]})
     assert bob.status_code == 403
@@ -346,3 +386,180 @@ def test_budget_forcing_extension_through_asample(server, base, tokenizer) -> No
     assert len(thinking) <= 4 + 1  # the budget, give or take a token merged across the boundary
     bad = post(server, "asample", json={**body, "budget_forcing": {"max_thinking_tokens": 0}})
     assert bad.status_code == 422 and "max_thinking_tokens" in bad.text
+
+
+def test_a_bad_sample_request_fails_alone(server, alice, base, tokenizer) -> None:
+    """A request the model can never serve is refused before it joins a batch; the requests sent with it succeed."""
+    sampler = alice.create_sampling_client(base_model=base).result()
+    good = types.ModelInput.from_ints(tokenizer.encode("the sum of"))
+    bad = types.ModelInput.from_ints([10**6])
+    params = types.SamplingParams(max_tokens=3, seed=0, stop=[])
+    futures = [sampler.sample(prompt, 1, params) for prompt in (good, bad, good, good)]
+    with pytest.raises(tinker.BadRequestError, match="outside the vocabulary"):
+        futures[1].result()
+    assert [len(f.result().sequences[0].tokens) for f in futures[::2] + futures[3:]] == [3, 3, 3]
+    too_long = {"base_model": base, "prompt": {"chunks": [{"tokens": good.to_ints()}]},
+                "sampling_params": {"max_tokens": 10**6}}
+    refused = post(server, "asample", json=too_long)
+    assert refused.status_code == 400 and "context length" in refused.json()["error"]
+
+
+def test_finishing_a_session_frees_its_memory_and_keeps_its_checkpoints(server, base, tokenizer) -> None:
+    engine, data = server.engine, sft_data(tokenizer)
+    before = engine.stats()
+    service = tinker.ServiceClient(base_url=server.url, api_key=ALICE)
+    client = service.create_lora_training_client(base_model=base, rank=4, seed=9).result()
+    train(client, data, 1)
+    state = client.save_state("kept").result().path
+    named = client.save_weights_for_sampler("kept-sampler").result().path
+    loss = forward_loss(client, data)
+    prompt = types.ModelInput.from_ints(tokenizer.encode("the sum of"))
+    client.save_weights_and_get_sampling_client().result().sample(prompt, 1, types.SamplingParams(max_tokens=2)).result()
+    live = engine.stats()
+    ephemeral = server.data_dir / "ephemeral" / client.model_id.replace(":", "_")
+    assert live.training_adapters == before.training_adapters + 1 and ephemeral.is_dir()
+
+    service.close("success").result()
+    eventually(lambda: engine.stats().training_adapters == before.training_adapters and not ephemeral.exists())
+    assert engine.stats().sampler_adapters == live.sampler_adapters - 1
+    gone = post(server, "get_info", json={"model_id": client.model_id})
+    assert gone.status_code == 404
+
+    again = tinker.ServiceClient(base_url=server.url, api_key=ALICE)
+    resumed = again.create_training_client_from_state_with_optimizer(state).result()
+    assert forward_loss(resumed, data) == pytest.approx(loss, rel=1e-5)
+    sampled = again.create_sampling_client(model_path=named).result().sample(prompt, 1, types.SamplingParams(max_tokens=2))
+    assert len(sampled.result().sequences) == 1
+    again.close("success").result()
+
+
+def test_a_session_without_heartbeats_is_ended_and_freed(tmp_path: Path, base) -> None:
+    srv = start_server(tmp_path, session_timeout_s=0.5)
+    try:
+        srv.engine.model_info(base)  # loaded up front, so creating the model takes well under the timeout
+        session = post(srv, "create_session", json={"tags": [], "sdk_version": "x", "user_metadata": None}).json()
+        created = post(srv, "create_model", json={"session_id": session["session_id"], "model_seq_id": 0,
+                                                  "base_model": base, "lora_config": {"rank": 4}}).json()
+        assert "model_id" in wait_future(srv, created["request_id"]).json()
+        eventually(lambda: srv.engine.stats().training_adapters == 0)
+        beat = post(srv, "session_heartbeat", json={"session_id": session["session_id"]})
+        assert beat.status_code == 410
+    finally:
+        srv.stop()
+
+
+class SlowSaveEngine(Engine):
+    """Every save takes a second, so a shutdown starts while one runs and another waits its turn."""
+
+    def save_adapter(self, *args, **kwargs) -> None:
+        time.sleep(1.0)
+        super().save_adapter(*args, **kwargs)
+
+
+def test_shutdown_lets_queued_saves_finish(tmp_path: Path, base) -> None:
+    srv = start_server(tmp_path, SlowSaveEngine(tmp_path, device="cpu", precision="fp32", show_progress=False))
+    try:
+        session = post(srv, "create_session", json={"tags": [], "sdk_version": "x", "user_metadata": None}).json()
+        created = post(srv, "create_model", json={"session_id": session["session_id"], "model_seq_id": 0,
+                                                  "base_model": base, "lora_config": {"rank": 4}}).json()
+        model_id = wait_future(srv, created["request_id"]).json()["model_id"]
+        for seq in (1, 2):
+            assert post(srv, "save_weights", json={"model_id": model_id, "seq_id": seq, "path": f"at-exit-{seq}"}).is_success
+    finally:
+        srv.stop()
+    again = start_server(tmp_path)
+    try:
+        listed = tinker.RestClient(base_url=again.url, api_key=ALICE).list_checkpoints(model_id).result().checkpoints
+        assert sorted(c.checkpoint_id for c in listed) == ["weights/at-exit-1", "weights/at-exit-2"]
+    finally:
+        again.stop()
+
+
+def test_inflight_samplers_follow_later_saves(alice, base, tokenizer) -> None:
+    client = alice.create_lora_training_client(base_model=base, rank=4, seed=13).result()
+    prompt = types.ModelInput.from_ints(tokenizer.encode(TEXTS[0]))
+
+    def scored(sampler) -> np.ndarray:
+        return np.array(sampler.compute_logprobs(prompt).result()[1:])
+
+    snapshot = client.save_weights_and_get_sampling_client().result()
+    early = client.save_weights_and_get_sampling_client(kind="inflight").result()
+    before = scored(early)
+    train(client, sft_data(tokenizer), 2)
+    late = client.save_weights_and_get_sampling_client(kind="inflight").result()
+    np.testing.assert_allclose(scored(early), scored(late), atol=1e-5)  # one shared target for both
+    assert not np.allclose(scored(early), before, atol=1e-3)  # so the early sampler sees the later weights
+    np.testing.assert_allclose(scored(snapshot), before, atol=1e-5)  # while a snapshot stays put
+
+
+def test_load_weights_accepts_an_alias_of_the_base_model(alice, base, tokenizer, tmp_path: Path) -> None:
+    client = alice.create_lora_training_client(base_model=base, rank=4, seed=14).result()
+    path = client.save_state("aliased").result().path
+    alias = tmp_path / "same-model"
+    alias.symlink_to(base)
+    resumed = alice.create_training_client_from_state(path, base_model=str(alias)).result()
+    data = sft_data(tokenizer)
+    assert forward_loss(resumed, data) == pytest.approx(forward_loss(client, data), rel=1e-5)
+
+
+def test_provenance_spans_are_accepted_and_logged_as_ignored(alice, base, tokenizer, caplog) -> None:
+    client = alice.create_lora_training_client(base_model=base, rank=4, seed=16).result()
+    datum = sft_data(tokenizer)[0]
+    span = [types.PromptProvenanceSpan(sequence_id="req-x:0", length=datum.model_input.length)]
+    marked = datum.with_provenance(model_input=span, loss_fn_inputs=span)
+    with caplog.at_level(logging.WARNING, logger="nightlab.train.api.service"):
+        out = client.forward(data=[marked], loss_fn="cross_entropy").result()
+    assert out.metrics["loss:sum"] == pytest.approx(forward_loss(client, [datum]), rel=1e-6)
+    assert any("provenance spans" in r.getMessage() and client.model_id in r.getMessage() for r in caplog.records)
+
+
+def test_unsupported_endpoints_answer_a_clear_404(server) -> None:
+    answer = post(server, "publish_checkpoint", json={})
+    assert answer.status_code == 404 and "not supported by nightlab serve" in answer.json()["error"]
+
+
+def test_chunked_and_compressed_forward_backward_matches_one_request(server, base, tokenizer) -> None:
+    """5 datums in chunks of 2 sent zstd-compressed in parallel give the unchunked loss, logprobs and gradients."""
+    chunked = start_server(server.data_dir / "chunked", server.engine, fwdbwd_max_chunk_len=2,
+                           proto_compress_fwdbwd=True)
+    data = sft_data(tokenizer, TEXTS + TEXTS[:2])
+    outcomes = []
+    try:
+        for srv in (server, chunked):
+            service = tinker.ServiceClient(base_url=srv.url, api_key=ALICE)
+            client = service.create_lora_training_client(base_model=base, rank=4, seed=15).result()
+            out = client.forward_backward(data, "cross_entropy").result()
+            grad_norm = client.optim_step(ADAM).result().metrics["grad_norm:mean"]
+            outcomes.append((out, grad_norm, forward_loss(client, data)))
+            service.close("success").result()
+        sent = [encoding for path, encoding in chunked.requests if path.endswith("/forward_backward")]
+    finally:
+        chunked.stop()
+    (whole, whole_norm, whole_after), (parts, parts_norm, parts_after) = outcomes
+    assert sent == ["zstd"] * 6  # forward_backward and forward, 3 chunks each
+    assert parts.metrics["loss:sum"] == pytest.approx(whole.metrics["loss:sum"], rel=1e-5)
+    for a, b in zip(whole.loss_fn_outputs, parts.loss_fn_outputs, strict=True):
+        np.testing.assert_allclose(a["logprobs"].tolist(), b["logprobs"].tolist(), atol=1e-5)
+    assert parts_norm == pytest.approx(whole_norm, rel=1e-4) and parts_after == pytest.approx(whole_after, rel=1e-5)
+
+
+def test_topk_prompt_logprobs_and_stop_strings_through_the_sdk(alice, base, tokenizer) -> None:
+    sampler = alice.create_sampling_client(base_model=base).result()
+    tokens = tokenizer.encode(TEXTS[0])
+    prompt = types.ModelInput.from_ints(tokens)
+    greedy = types.SamplingParams(max_tokens=12, temperature=0.0)
+    out = sampler.sample(prompt, 1, greedy, include_prompt_logprobs=True, topk_prompt_logprobs=3).result()
+    assert out.prompt_logprobs[0] is None and out.topk_prompt_logprobs[0] is None
+    for token, logprob, top in zip(tokens[1:], out.prompt_logprobs[1:], out.topk_prompt_logprobs[1:], strict=True):
+        values = [v for _, v in top]
+        assert len(top) == 3 and values == sorted(values, reverse=True) and logprob <= values[0] + 1e-5
+        if token in dict(top):
+            assert dict(top)[token] == pytest.approx(logprob, abs=1e-4)
+
+    text = tokenizer.decode(out.sequences[0].tokens)
+    stop = text[len(text) // 3 :][:3]
+    cut = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=12, temperature=0.0, stop=[stop])).result()
+    seq = cut.sequences[0]
+    cut_text = tokenizer.decode(seq.tokens)
+    assert seq.stop_reason == "stop" and stop in cut_text and text.startswith(cut_text)  # the stop text included
+    assert len(seq.tokens) < len(out.sequences[0].tokens)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from nightlab.train import futures as futures_module
 from nightlab.train.checkpoints import CheckpointStore, parse_path
+from nightlab.train.engine import EngineError
 from nightlab.train.futures import BatchQueue, FutureStore, OrderedQueue, Payload, UserError
 from nightlab.train.sessions import LOCAL_OWNER, SessionStore
 from nightlab.train.settings import ServeSettings
@@ -25,11 +27,12 @@ def test_ordered_queue_runs_in_seq_order_once_each() -> None:
     async def scenario() -> None:
         futures, log = FutureStore(), []
         queue = OrderedQueue("m", futures, next_seq=1, gap_timeout_s=5)
-        ids = {seq: queue.submit("o", seq, "op", _recorder(log, seq)) for seq in (3, 2)}
+        # chunks of one call may arrive out of order (the SDK sends the first one last)
+        ids = {seq: queue.submit("o", seq, "op", _recorder(log, seq), chunk=True) for seq in (3, 2)}
         await asyncio.sleep(0.05)
         assert log == []  # 1 has not arrived: nothing may run
-        ids[1] = queue.submit("o", 1, "op", _recorder(log, 1))
-        assert queue.submit("o", 2, "op", _recorder(log, 99)) == ids[2]  # a retry gets the first request back
+        ids[1] = queue.submit("o", 1, "op", _recorder(log, 1), chunk=True)
+        assert queue.submit("o", 2, "op", _recorder(log, 99), chunk=True) == ids[2]  # a retry gets the first back
         with pytest.raises(UserError, match="already used by a op request"):
             queue.submit("o", 2, "other", _recorder(log, 99))
         for seq in (1, 2, 3):
@@ -40,7 +43,7 @@ def test_ordered_queue_runs_in_seq_order_once_each() -> None:
         with pytest.raises(UserError, match="already ran"):
             queue.submit("o", 0, "op", _recorder(log, 0))
         assert queue.submit("o", None, "op", _recorder(log, 4)) != ids[3]  # no seq_id: goes last
-        queue.close()
+        await queue.close(1)
 
     asyncio.run(scenario())
 
@@ -49,14 +52,84 @@ def test_ordered_queue_fails_clearly_when_a_seq_id_never_arrives() -> None:
     async def scenario() -> None:
         futures, log = FutureStore(), []
         queue = OrderedQueue("model-x", futures, next_seq=1, gap_timeout_s=0.2)
-        waiting = queue.submit("o", 3, "op", _recorder(log, 3))
+        waiting = queue.submit("o", 3, "op", _recorder(log, 3), chunk=True)
         future = futures.get(waiting, "o")
         assert await futures.wait(future, 5)
         message, category = future.error
         assert category == "User" and "seq_id 1 of model-x never arrived" in message
         later = queue.submit("o", 4, "op", _recorder(log, 4))  # the queue moved past the gap
         assert await futures.wait(futures.get(later, "o"), 5) and log == [4]
-        queue.close()
+        await queue.close(1)
+
+    asyncio.run(scenario())
+
+
+def test_ordered_queue_refuses_a_skipped_seq_id_and_a_changed_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(futures_module, "SEEN_KEPT", 2)
+
+    async def scenario() -> None:
+        futures, log = FutureStore(), []
+        queue = OrderedQueue("model-y", futures, next_seq=1, gap_timeout_s=5)
+        waiting = queue.submit("o", 2, "fb", _recorder(log, 2), chunk=True)  # a chunk may wait for seq_id 1
+        with pytest.raises(UserError, match="seq_id 3 of model-y arrived before seq_id 1") as exc:
+            queue.submit("o", 3, "optim_step", _recorder(log, 3))  # nothing else may: refused at once
+        assert exc.value.status == 400 and "continues from seq_id 4" in str(exc.value)
+        assert futures.get(waiting, "o").error == (str(exc.value), "User")  # the chunk waiting on 1 fails too
+        first = queue.submit("o", 4, "fb", _recorder(log, 4), chunk=True, fingerprint="a")  # and the model goes on
+        assert queue.submit("o", 4, "fb", _recorder(log, 4), chunk=True, fingerprint="a") == first
+        with pytest.raises(UserError, match="already used by a different fb request"):
+            queue.submit("o", 4, "fb", _recorder(log, 4), chunk=True, fingerprint="b")
+        for seq in range(5, 10):  # the retry memory stays bounded: old seq_ids are forgotten
+            await futures.wait(futures.get(queue.submit("o", seq, "op", _recorder(log, seq)), "o"), 5)
+        with pytest.raises(UserError, match="already ran"):
+            queue.submit("o", 4, "fb", _recorder(log, 4), chunk=True, fingerprint="a")
+        assert log == list(range(4, 10))
+        await queue.close(1)
+
+    asyncio.run(scenario())
+
+
+def test_ordered_queue_close_lets_queued_work_finish_within_the_grace() -> None:
+    async def scenario() -> None:
+        futures, log = FutureStore(), []
+
+        def slow(seq: int):
+            async def work() -> Payload:
+                await asyncio.sleep(0.05)
+                log.append(seq)
+                return Payload({"seq": seq})
+
+            return work
+
+        queue = OrderedQueue("m", futures, next_seq=1)
+        ids = [queue.submit("o", seq, "op", slow(seq)) for seq in (1, 2, 3)]
+        await queue.close(grace_s=5)
+        assert log == [1, 2, 3] and all(futures.get(i, "o").payload for i in ids)
+        with pytest.raises(UserError) as exc:
+            queue.submit("o", 4, "op", slow(4))
+        assert exc.value.status == 410
+
+        hurried = OrderedQueue("m", futures, next_seq=1)
+        ids = [hurried.submit("o", seq, "op", slow(seq)) for seq in (1, 2)]
+        await hurried.close(grace_s=0.01)
+        assert [futures.get(i, "o").error[1] for i in ids] == ["Server", "Server"]  # cut off, and told so
+
+    asyncio.run(scenario())
+
+
+def test_future_store_forgets_results_soon_after_they_are_fetched() -> None:
+    async def scenario() -> None:
+        futures = FutureStore(ttl_s=3600, fetched_keep_s=0)
+        fetched, unfetched = (futures.start("o", _recorder([], i)) for i in (1, 2))
+        for rid in (fetched, unfetched):
+            assert await futures.wait(futures.get(rid, "o"), 5)
+        futures.fetched(futures.get(fetched, "o"))
+        await asyncio.sleep(0.01)
+        futures.prune()
+        with pytest.raises(UserError, match="unknown request_id") as exc:
+            futures.get(fetched, "o")
+        assert exc.value.status == 404
+        assert futures.get(unfetched, "o").payload.body == {"seq": 2}  # kept until fetched or the TTL
 
     asyncio.run(scenario())
 
@@ -99,6 +172,35 @@ def test_batch_queue_gathers_concurrent_items_per_key() -> None:
 
     assert asyncio.run(scenario()) == [0, 10, 20, 30, 40, 70]
     assert ("a", [0, 1, 2]) in calls and ("a", [3, 4]) in calls and ("b", [7]) in calls
+
+
+def test_batch_queue_fails_only_the_bad_item_when_a_batch_is_refused() -> None:
+    calls: list[list[int]] = []
+
+    def run_batch(key: str, items: list[int]) -> list[int]:
+        calls.append(items)
+        if any(i < 0 for i in items):  # validation refuses the whole call before any work, like Engine.sample
+            raise EngineError(f"item {min(items)} is negative")
+        return [i * 10 for i in items]
+
+    async def scenario() -> list[int | BaseException]:
+        queue = BatchQueue(run_batch, window_s=0.05, max_batch=8)
+        return await asyncio.gather(*(queue.submit("k", i) for i in (1, -1, 2)), return_exceptions=True)
+
+    good_a, bad, good_b = asyncio.run(scenario())
+    assert (good_a, good_b) == (10, 20) and isinstance(bad, EngineError) and "-1 is negative" in str(bad)
+    assert calls[0] == [1, -1, 2]  # one batch first, then each item alone
+
+
+def test_batch_queue_fails_the_whole_batch_on_a_server_error() -> None:
+    def run_batch(key: str, items: list[int]) -> list[int]:
+        raise EngineError("out of memory", "Server")
+
+    async def scenario() -> list[int | BaseException]:
+        queue = BatchQueue(run_batch, window_s=0.05, max_batch=8)
+        return await asyncio.gather(*(queue.submit("k", i) for i in (1, 2)), return_exceptions=True)
+
+    assert all(isinstance(r, EngineError) and r.category == "Server" for r in asyncio.run(scenario()))
 
 
 def _write(text: str):
@@ -145,6 +247,19 @@ def test_checkpoints_are_atomic_owned_and_survive_a_restart(tmp_path: Path) -> N
     again.close()
 
 
+def test_inflight_weights_are_one_link_switched_to_each_new_version(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    link = store.publish_inflight("s1:train:0", _write("v1"))
+    first = link.resolve()
+    assert store.publish_inflight("s1:train:0", _write("v2")) == link and (link / "adapter.txt").read_text() == "v2"
+    assert first.is_dir()  # kept for a sampler that resolved the link just before the switch
+    store.publish_inflight("s1:train:0", _write("v3"))
+    assert not first.exists() and (link / "adapter.txt").read_text() == "v3"
+    store.drop_ephemeral("s1:train:0")
+    assert not store.ephemeral_dir("s1:train:0").exists()
+    store.close()
+
+
 @pytest.mark.parametrize("path", ["tinker://run/weights", "s3://run/weights/x", "tinker://run/other/x",
                                   "tinker://run/weights/../x"])
 def test_bad_tinker_paths_say_what_a_good_one_looks_like(path: str) -> None:
@@ -170,6 +285,10 @@ def test_api_keys_name_owners_and_sessions_finish(tmp_path: Path) -> None:
         keyed.heartbeat(session.session_id, alice)
     assert exc.value.status == 410
     assert keyed.list(alice) == ([session.session_id], 1) and keyed.list(bob) == ([], 0)
+    silent = keyed.create(bob, [], None, None, None)
+    assert keyed.expire(idle_s=3600) == []
+    assert keyed.expire(idle_s=0) == [silent.session_id]  # the finished session is not expired again
+    assert keyed.get(silent.session_id, bob).status["type"] == "cancelled"
     keyed.close()
     open_store = SessionStore(tmp_path, [])
     assert open_store.authenticate(None) == open_store.authenticate("tml-anything") == LOCAL_OWNER

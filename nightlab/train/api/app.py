@@ -11,7 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from nightlab.train.api.tinker import TinkerService, build_router, error_response, validation_message
+from nightlab.train.api.service import TinkerService
+from nightlab.train.api.tinker import build_router, error_response, validation_message
 from nightlab.train.engine import Engine, EngineError
 from nightlab.train.futures import UserError
 from nightlab.train.settings import ServeSettings
@@ -42,6 +43,7 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.start()
         yield
         await service.close()
 
@@ -79,8 +81,8 @@ def jsonable(errors: list[dict]) -> list[dict]:
 def serve(settings: ServeSettings) -> None:
     """Start the service: list the servable models, load the preloads with progress, then serve until Ctrl-C.
 
-    uvicorn turns Ctrl-C into a graceful shutdown: the app stops taking requests, running work gets a few
-    seconds to finish, and checkpoints are written atomically, so an interrupted save leaves nothing behind.
+    uvicorn turns Ctrl-C into a graceful shutdown: the app stops taking requests, queued training work gets
+    `shutdown_grace_s` to finish, and checkpoints are written atomically, so an interrupted save leaves nothing behind.
     """
     import uvicorn
     from rich.console import Console

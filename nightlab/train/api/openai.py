@@ -35,7 +35,6 @@ from nightlab.train.sampling import (
     SampledSequence,
     SampleRequest,
     SampleResult,
-    SamplingInputError,
     SamplingParams,
 )
 from nightlab.train.sessions import LOCAL_OWNER
@@ -186,7 +185,7 @@ def build_router(engine: Engine) -> APIRouter:
     """The `/v1` routes. Checkpoints, API keys and the batch queue come from the app's Tinker service when present."""
     router = APIRouter()
     own_queue: BatchQueue[tuple[str, Path | None], SampleRequest, SampleResult] = BatchQueue(
-        lambda key, reqs: engine.sample(key[0], key[1], reqs), window_s=BATCH_WINDOW_S, max_batch=MAX_BATCH
+        lambda key, reqs: engine.sample(*key, reqs), window_s=BATCH_WINDOW_S, max_batch=MAX_BATCH
     )
 
     def service(request: Request) -> Any:
@@ -239,8 +238,8 @@ def build_router(engine: Engine) -> APIRouter:
         key = (job.target.base, job.target.adapter_dir)
         try:
             return list(await asyncio.gather(*(queue.submit(key, r) for r in job.requests)))
-        except (SamplingInputError, UserError) as exc:
-            raise OpenAIError(getattr(exc, "status", 400), str(exc)) from None
+        except UserError as exc:
+            raise OpenAIError(exc.status, str(exc)) from None
         except EngineError as exc:
             raise OpenAIError(400 if exc.category == "User" else 500, str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - the client still gets an OpenAI-shaped answer

@@ -1,0 +1,150 @@
+"""Request bodies of the Tinker JSON endpoints. Unknown keys are ignored: newer SDKs add fields."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from nightlab.train.api.openai import BudgetForcingBody
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+class CreateSessionBody(_Body):
+    tags: list[str] = []
+    user_metadata: dict[str, Any] | None = None
+    sdk_version: str | None = None
+    display_name: str | None = None
+
+
+class SessionIdBody(_Body):
+    session_id: str
+
+
+class FinishBody(_Body):
+    reason: dict[str, Any] | None = None
+    detail: str | None = None
+
+
+class LoraBody(_Body):
+    rank: int = Field(32, ge=1, le=1024)
+    seed: int | None = None
+    train_mlp: bool = True
+    train_attn: bool = True
+    train_unembed: bool = True
+
+
+class OptimizerConfigBody(_Body):
+    model_config = ConfigDict(extra="allow")
+    type: str = "adamw"
+
+
+class CreateModelBody(_Body):
+    session_id: str
+    model_seq_id: int
+    base_model: str
+    lora_config: LoraBody = LoraBody()
+    optimizer_config: OptimizerConfigBody = OptimizerConfigBody()
+    user_metadata: dict[str, Any] | None = None
+
+
+class ModelIdBody(_Body):
+    model_id: str
+
+
+class AdamBody(_Body):
+    type: str = "adamw"
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+
+class OptimStepBody(_Body):
+    model_id: str
+    seq_id: int | None = None
+    adam_params: AdamBody = Field(validation_alias=AliasChoices("adam_params", "optim_params", "optimizer_params"))
+
+
+class SaveWeightsBody(_Body):
+    model_id: str
+    path: str | None = None
+    seq_id: int | None = None
+    ttl_seconds: int | None = Field(None, ge=1)
+    overwrite: bool = False
+    user_metadata: dict[str, str] | None = None
+
+
+class SaveForSamplerBody(SaveWeightsBody):
+    sampling_session_seq_id: int | None = None
+    kind: Literal["snapshot", "inflight"] = "snapshot"
+
+
+class LoadWeightsBody(_Body):
+    path: str
+    optimizer: bool = False
+    model_id: str | None = None
+    seq_id: int | None = None
+    session_id: str | None = None
+    model_seq_id: int | None = None
+    base_model: str | None = None
+    user_metadata: dict[str, Any] | None = None
+    optimizer_config: OptimizerConfigBody | None = None
+
+
+class CreateSamplerBody(_Body):
+    session_id: str
+    sampling_session_seq_id: int
+    base_model: str | None = None
+    model_path: str | None = None
+
+
+class ChunkBody(_Body):
+    type: str = "encoded_text"
+    tokens: list[int] = []
+
+
+class ModelInputBody(_Body):
+    chunks: list[ChunkBody]
+
+
+class SamplingParamsBody(_Body):
+    max_tokens: int | None = Field(None, ge=0)
+    seed: int | None = None
+    stop: str | list[int] | list[str] | None = None
+    temperature: float = Field(1.0, ge=0)
+    top_k: int = -1
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class SampleBody(_Body):
+    prompt: ModelInputBody
+    sampling_params: SamplingParamsBody
+    num_samples: int = Field(1, ge=1, le=1024)
+    sampling_session_id: str | None = None
+    base_model: str | None = None
+    model_path: str | None = None
+    seq_id: int | None = None
+    prompt_logprobs: bool | None = None
+    topk_prompt_logprobs: int = Field(0, ge=0)
+    topk_sample_logprobs: int = Field(0, ge=0)
+    target_prompt_logprobs: dict[str, Any] | None = None
+    prompt_alt_tokens_k: int = 0
+    prompt_logprobs_last_n: int | None = Field(None, ge=1)
+    budget_forcing: BudgetForcingBody | None = Field(
+        None, description="nightlab extension: s1-style min/max thinking length (see docs/recipes.md)"
+    )
+
+
+class RetrieveBody(_Body):
+    request_id: str
+    allow_metadata_only: bool = False
+
+
+class WeightsInfoBody(_Body):
+    tinker_path: str

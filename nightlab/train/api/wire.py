@@ -1,0 +1,163 @@
+"""The Tinker wire format of the SDK's own `tinker_public_pb2`: forward_backward requests and results, and sample
+results, between protobuf bytes and the engine's types."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import zstandard
+from google.protobuf.message import DecodeError
+from tinker.proto import tinker_public_pb2 as pb
+
+from nightlab.train.engine import Datum
+from nightlab.train.futures import UserError
+from nightlab.train.sampling import SampleResult
+
+PROTOBUF = "application/x-protobuf"
+_NP_OF_DTYPE = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
+
+
+def _tensor(name: str, t: pb.Tensor) -> np.ndarray:
+    """A loss_fn_inputs tensor, dense or sparse CSR (unlisted cells are 0), as a numpy array of its shape."""
+    shape = [int(s) for s in t.shape]
+    try:
+        if t.dtype == pb.DTYPE_BFLOAT16:
+            decode = lambda b: (np.frombuffer(b, np.uint16).astype(np.uint32) << 16).view(np.float32)  # noqa: E731
+        else:
+            decode = lambda b: np.frombuffer(b, _NP_OF_DTYPE[t.dtype])  # noqa: E731
+        if t.WhichOneof("encoding") == "sparse_csr":
+            values = decode(t.sparse_csr.values)
+            crow = np.frombuffer(t.sparse_csr.crow_indices, np.int64)
+            col = np.frombuffer(t.sparse_csr.col_indices, np.int64)
+            if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
+                raise ValueError("sparse tensor needs a 2-D shape, rows+1 row pointers and one column per value")
+            dense = np.zeros(shape, dtype=values.dtype)
+            rows = np.repeat(np.arange(shape[0]), np.diff(crow))
+            dense[rows, col] = values
+            return dense
+        arr = decode(t.dense).copy()
+        return arr.reshape(shape) if shape else arr
+    except (KeyError, ValueError, IndexError) as exc:
+        raise UserError(f"malformed tensor loss_fn_inputs[{name!r}]: {exc}") from exc
+
+
+def _datum(i: int, d: pb.Datum) -> Datum:
+    tokens: list[int] = []
+    for chunk in d.model_input:
+        kind = chunk.WhichOneof("chunk")
+        if kind != "encoded_text":
+            raise UserError(f"datum {i}: {kind} chunks are not supported here; send token chunks (encoded_text)")
+        if len(chunk.encoded_text.tokens) % 4:
+            raise UserError(f"datum {i}: token bytes are not a whole number of int32 values")
+        tokens.extend(np.frombuffer(chunk.encoded_text.tokens, np.int32).tolist())
+    if not tokens:
+        raise UserError(f"datum {i} has no tokens")
+    return Datum(tokens=tokens, loss_fn_inputs={k: _tensor(k, v) for k, v in d.loss_fn_inputs.items()})
+
+
+@dataclass
+class FwdBwdRequest:
+    model_id: str
+    seq_id: int
+    loss_fn: str
+    loss_fn_config: dict[str, float | str] | None
+    forward_only: bool
+    data: list[Datum]
+    fingerprint: str  # digest of the request's canonical encoding: a retry has the same one
+    has_provenance: bool  # datums carry provenance spans (SDK 0.38 stable_reinforce); nightlab ignores them
+
+
+def decode_forward_backward(body: bytes, content_encoding: str | None) -> FwdBwdRequest:
+    """Parse the SDK's protobuf ForwardBackwardRequest (zstd-compressed when it says so)."""
+    if content_encoding and content_encoding.lower() == "zstd":
+        try:
+            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 31)
+        except zstandard.ZstdError as exc:
+            raise UserError(f"body says Content-Encoding: zstd but does not decompress: {exc}") from exc
+    msg = pb.ForwardBackwardRequest()
+    try:
+        msg.ParseFromString(body)
+    except DecodeError as exc:
+        raise UserError(f"malformed protobuf ForwardBackwardRequest: {exc}") from exc
+    if not msg.model_id:
+        raise UserError("ForwardBackwardRequest has no model_id")
+    if not msg.data:
+        raise UserError("ForwardBackwardRequest has no data")
+    config: dict[str, float | str] = {k: v for k, v in msg.loss_fn_config.items()}
+    for k, v in msg.loss_fn_config_v2.items():
+        config[k] = v.text if v.WhichOneof("value") == "text" else v.number
+    return FwdBwdRequest(
+        model_id=msg.model_id, seq_id=msg.seq_id, loss_fn=msg.loss_fn or "cross_entropy",
+        loss_fn_config=config or None, forward_only=msg.forward_only,
+        data=[_datum(i, d) for i, d in enumerate(msg.data)],
+        fingerprint=hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest(),
+        has_provenance=any(d.model_input_spans or d.loss_fn_input_spans for d in msg.data),
+    )
+
+
+def _batched(arrays: list[np.ndarray]) -> pb.BatchedTensor:
+    is_float = np.issubdtype(arrays[0].dtype, np.floating)
+    dtype = np.float32 if is_float else np.int64
+    blobs = [np.ascontiguousarray(a, dtype=dtype).tobytes() for a in arrays]
+    offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
+    return pb.BatchedTensor(
+        data=b"".join(blobs), offsets=offsets.tobytes(), dtype=pb.DTYPE_FLOAT32 if is_float else pb.DTYPE_INT64,
+        trailing_shape=list(arrays[0].shape[1:]),
+    )
+
+
+def encode_forward_backward(outputs: list[dict[str, np.ndarray]], metrics: dict[str, float]) -> bytes:
+    """ForwardBackwardOutput: one ArrayRecord per run of datums whose fields share trailing shapes."""
+    msg = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", metrics={k: float(v) for k, v in metrics.items()})
+    outputs = [{k: np.asarray(v) for k, v in o.items()} for o in outputs]
+
+    def signature(o: dict[str, np.ndarray]) -> tuple:
+        return tuple(sorted((k, v.shape[1:], np.issubdtype(v.dtype, np.floating)) for k, v in o.items()))
+
+    start = 0
+    while start < len(outputs):
+        end = start + 1
+        while end < len(outputs) and signature(outputs[end]) == signature(outputs[start]):
+            end += 1
+        group = outputs[start:end]
+        record = msg.loss_fn_outputs.add(type_tag="ArrayRecord", num_datums=len(group))
+        for name in group[0]:
+            record.fields[name].CopyFrom(_batched([o[name] for o in group]))
+        start = end
+    return msg.SerializeToString()
+
+
+def encode_sample(result: SampleResult, last_n: int | None) -> bytes:
+    """SampleResponse: int32 tokens, float32 logprobs, NaN where a prompt logprob does not exist."""
+    msg = pb.SampleResponse()
+    for seq in result.sequences:
+        out = msg.sequences.add(
+            stop_reason=pb.STOP_REASON_STOP if seq.stop_reason == "stop" else pb.STOP_REASON_LENGTH,
+            tokens=np.asarray(seq.tokens, np.int32).tobytes(),
+            logprobs=np.asarray(seq.logprobs, np.float32).tobytes(),
+        )
+        if seq.topk_logprobs:
+            out.topk_sampled_logprobs.CopyFrom(_topk(seq.topk_logprobs))
+    hide = (lambda n: max(0, n - last_n)) if last_n else (lambda n: 0)
+    if result.prompt_logprobs is not None:
+        lp = [np.nan if v is None else v for v in result.prompt_logprobs]
+        lp[: hide(len(lp))] = [np.nan] * hide(len(lp))
+        msg.prompt_logprobs = np.asarray(lp, np.float32).tobytes()
+    if result.topk_prompt_logprobs:
+        rows = list(result.topk_prompt_logprobs)
+        rows[: hide(len(rows))] = [None] * hide(len(rows))
+        msg.topk_prompt_logprobs.CopyFrom(_topk(rows))
+    return msg.SerializeToString()
+
+
+def _topk(rows: list[list[tuple[int, float]] | None]) -> pb.TopkLogprobs:
+    """Rows of (token, logprob) pairs as the protocol's dense N x K matrices; empty cells are (0, -99999)."""
+    k = max((len(r) for r in rows if r), default=0)
+    ids = np.zeros((len(rows), k), np.int32)
+    lps = np.full((len(rows), k), -99999.0, np.float32)
+    for i, row in enumerate(rows):
+        for j, (tok, val) in enumerate(row or []):
+            ids[i, j], lps[i, j] = tok, val
+    return pb.TopkLogprobs(token_ids=ids.tobytes(), logprobs=lps.tobytes(), k=k, length=len(rows))
