@@ -8,22 +8,32 @@
 The dataset can also be chosen with the TINYGPT_DATA environment variable, which train.py and the evaluate
 step read too. Splits live in separate folders (`<cache>/tinygpt/{train,val,test}/<dataset>`) so a sandbox can
 hide the validation split while training runs and the test split while scoring runs.
+
+The evaluate step never imports train.py itself: it runs the model in a separate worker process (the hidden
+`model-worker` subcommand) that holds no key, and computes the loss from the logits the worker returns.
 """
 
 from __future__ import annotations
 
 import argparse
-import builtins
+import contextlib
+import ctypes
 import hashlib
 import hmac
 import json
 import math
 import os
+import random
 import re
+import select
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -435,12 +445,15 @@ def _sync(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The metric.
 
+Logits = Callable[[torch.Tensor], torch.Tensor]  # token ids (B, SEQ_LEN) -> float32 logits (B, SEQ_LEN, vocab), CPU
+
 
 def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 is the fast path: CUDA with bf16, or a CPU with AMX / AVX-512 BF16 (elsewhere it is emulated
-    and many times slower than fp32). Decided from the hardware, never from a timing, so it never flips."""
+    """Whether bf16 is the fast path: a CUDA GPU with native bf16 (compute capability 8.0+; is_bf16_supported()
+    also counts older GPUs that emulate it), or a CPU with AMX / AVX-512 BF16 (elsewhere bf16 is emulated and
+    many times slower than fp32). Decided from the hardware, never from a timing, so it never flips."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.get_device_capability(device) >= (8, 0)
     if device.type == "cpu":
         cpuinfo = Path("/proc/cpuinfo")
         flags = set(re.findall(r"\w+", cpuinfo.read_text())) if cpuinfo.exists() else set()
@@ -453,47 +466,61 @@ def autocast_for(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_bf16(device))
 
 
-def evaluate_bpb(model: torch.nn.Module, split: str = "val", max_tokens: int = EVAL_TOKENS) -> float:
-    """Validation bits per byte: summed nats over scored targets / (ln 2 * their bytes).
+@dataclass
+class EvalTokens:
+    """The scored part of a split, copied into memory, and the bytes each token id stands for."""
 
-    The model maps token ids (B, T) to logits (B, T, >= vocab); the loss is computed here, in fp32, over
-    consecutive non-overlapping windows of SEQ_LEN from the start of the split: fixed order, no sampling.
-    Targets that are special tokens (0 bytes) are skipped.
-    """
-    nats, nbytes, _ = _score(model, split, max_tokens)
+    tokens: torch.Tensor  # int64: rows * SEQ_LEN + 1 ids from the start of the split
+    token_bytes: torch.Tensor  # int64, one entry per token id
+    rows: int
+
+    @property
+    def vocab(self) -> int:
+        return self.token_bytes.numel()
+
+    def batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(inputs, targets), each (n, SEQ_LEN): consecutive non-overlapping windows, EVAL_BATCH at a time."""
+        out = []
+        for start in range(0, self.rows, EVAL_BATCH):
+            n = min(EVAL_BATCH, self.rows - start)
+            chunk = self.tokens[start * SEQ_LEN : (start + n) * SEQ_LEN + 1]
+            out.append((chunk[:-1].view(n, SEQ_LEN), chunk[1:].view(n, SEQ_LEN)))
+        return out
+
+
+def read_eval_tokens(split: str, max_tokens: int = EVAL_TOKENS) -> EvalTokens:
+    tokens = load_tokens(split)
+    rows = min(max_tokens, len(tokens) - 1) // SEQ_LEN
+    if rows < 1:
+        raise ValueError(f"the {split} split has {len(tokens)} tokens, fewer than one window of {SEQ_LEN}")
+    ids = np.array(tokens[: rows * SEQ_LEN + 1], dtype=np.int64)  # a copy: nothing is read from disk later
+    return EvalTokens(torch.from_numpy(ids), token_bytes(), rows)
+
+
+def batch_loss(logits: torch.Tensor, targets: torch.Tensor, tbytes: torch.Tensor) -> tuple[float, int, int]:
+    """Summed nats over the scored targets (fp32), the bytes they stand for, and their count. Targets worth 0
+    bytes (the document separator) are skipped."""
+    vocab = tbytes.numel()
+    nll = F.cross_entropy(logits.float().reshape(-1, vocab), targets.reshape(-1), reduction="none")
+    weight = tbytes[targets.reshape(-1)]
+    mask = weight > 0
+    return float(nll[mask].sum()), int(weight.sum()), int(mask.sum())
+
+
+def bits_per_byte(nats: float, nbytes: int) -> float:
+    if not math.isfinite(nats):
+        raise ValueError("the model produced non-finite losses")
     return nats / (math.log(2) * nbytes)
 
 
 @torch.no_grad()
-def _score(model: torch.nn.Module, split: str, max_tokens: int) -> tuple[float, int, int]:
-    tokens = load_tokens(split)
-    tbytes = token_bytes()
-    vocab = tbytes.numel()
-    rows = min(max_tokens, len(tokens) - 1) // SEQ_LEN
-    if rows < 1:
-        raise ValueError(f"the {split} split has {len(tokens)} tokens, fewer than one window of {SEQ_LEN}")
+def model_logits(model: torch.nn.Module, idx: torch.Tensor, vocab: int) -> torch.Tensor:
+    """`model(idx)` in the evaluation precision, checked and cut to the vocabulary: float32 on the CPU."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total_nats, total_bytes, scored = 0.0, 0, 0
-    for start in range(0, rows, EVAL_BATCH):
-        n = min(EVAL_BATCH, rows - start)
-        chunk = torch.from_numpy(np.asarray(tokens[start * SEQ_LEN : (start + n) * SEQ_LEN + 1], dtype=np.int64))
-        x = torch.as_strided(chunk, (n, SEQ_LEN), (SEQ_LEN, 1)).to(device)
-        y = torch.as_strided(chunk[1:], (n, SEQ_LEN), (SEQ_LEN, 1)).to(device)
-        with autocast_for(device):
-            logits = model(x)
-        _check_logits(logits, n, vocab)
-        nll = F.cross_entropy(logits[..., :vocab].float().reshape(-1, vocab), y.reshape(-1), reduction="none")
-        weight = tbytes.to(device)[y.reshape(-1)]
-        mask = weight > 0
-        total_nats += float(nll[mask].sum())
-        total_bytes += int(weight.sum())
-        scored += int(mask.sum())
-    model.train(was_training)
-    if not math.isfinite(total_nats):
-        raise ValueError("the model produced non-finite losses")
-    return total_nats, total_bytes, scored
+    with autocast_for(device):
+        logits = model(idx.to(device))
+    _check_logits(logits, idx.shape[0], vocab)
+    return logits[..., :vocab].float().cpu()
 
 
 def _check_logits(logits: object, batch: int, vocab: int) -> None:
@@ -504,45 +531,118 @@ def _check_logits(logits: object, batch: int, vocab: int) -> None:
         raise ValueError(f"the model has {logits.shape[-1]} outputs for a vocabulary of {vocab}")
 
 
-@torch.no_grad()
-def check_causality(model: torch.nn.Module, vocab: int, trials: int = 2) -> str | None:
-    """Changing tokens after position t must not change the logits up to t; returns a reason if it does."""
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(1234)
+def evaluate_bpb(model: torch.nn.Module, split: str = "val", max_tokens: int = EVAL_TOKENS) -> float:
+    """Validation bits per byte: summed nats over scored targets / (ln 2 * their bytes).
+
+    The model maps token ids (B, T) to logits (B, T, >= vocab); the loss is computed here, in fp32, over
+    consecutive non-overlapping windows of SEQ_LEN from the start of the split: fixed order, no sampling.
+    This runs the model in this process (train.py uses it when run by hand); `python prepare.py evaluate`
+    computes the same number with the model in a separate worker process, and checks it.
+    """
+    data = read_eval_tokens(split, max_tokens)
+    was_training = model.training
     model.eval()
-    for _ in range(trials):
-        a = torch.randint(1, vocab, (2, SEQ_LEN), generator=gen)
-        t = int(torch.randint(0, SEQ_LEN - 1, (1,), generator=gen))
-        b = a.clone()
-        b[:, t + 1 :] = torch.randint(1, vocab, (2, SEQ_LEN - t - 1), generator=gen)
-        la = model(a.to(device))[:, : t + 1, :vocab].float()
-        lb = model(b.to(device))[:, : t + 1, :vocab].float()
-        if not torch.allclose(la, lb, rtol=1e-3, atol=1e-4):
-            return f"changing tokens after position {t} changed the logits at or before it (not causal)"
+    nats, nbytes = 0.0, 0
+    try:
+        for x, y in data.batches():
+            batch_nats, batch_bytes, _ = batch_loss(model_logits(model, x, data.vocab), y, data.token_bytes)
+            nats, nbytes = nats + batch_nats, nbytes + batch_bytes
+    finally:
+        model.train(was_training)
+    return bits_per_byte(nats, nbytes)
+
+
+# Probes: the same model call on a changed batch. Logits that should not move must stay within this tolerance.
+
+
+def _moved(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return not torch.allclose(a, b, rtol=1e-3, atol=1e-4, equal_nan=True)
+
+
+def probe_future(logits: Logits, x: torch.Tensor, base: torch.Tensor, vocab: int, gen: torch.Generator) -> str | None:
+    """New tokens after a random position t of each row must not move that row's logits up to t."""
+    cuts = torch.randint(0, SEQ_LEN - 1, (x.shape[0],), generator=gen).tolist()
+    probe = x.clone()
+    for row, t in enumerate(cuts):
+        probe[row, t + 1 :] = torch.randint(1, vocab, (SEQ_LEN - t - 1,), generator=gen)
+    out = logits(probe)
+    for row, t in enumerate(cuts):
+        if _moved(out[row, : t + 1], base[row, : t + 1]):
+            return f"changing the tokens after position {t} of a row changed its logits at or before it (not causal)"
     return None
 
 
+def probe_rows(logits: Logits, x: torch.Tensor, base: torch.Tensor, vocab: int, gen: torch.Generator) -> str | None:
+    """Replacing one row of a batch must not move the logits of the others."""
+    changed = int(torch.randint(0, x.shape[0], (1,), generator=gen))
+    probe = x.clone()
+    probe[changed] = torch.randint(1, vocab, (SEQ_LEN,), generator=gen)
+    out = logits(probe)
+    for row in range(x.shape[0]):
+        if row != changed and _moved(out[row], base[row]):
+            return (f"changing row {changed} of a batch changed the logits of row {row} "
+                    "(rows must be scored independently)")
+    return None
+
+
+@torch.no_grad()
+def check_causality(model: torch.nn.Module, vocab: int, trials: int = 2) -> str | None:
+    """In-process probes on random tokens; returns the reason when the model fails one."""
+    gen = torch.Generator().manual_seed(1234)
+    model.eval()
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return model_logits(model, x, vocab)
+
+    for _ in range(trials):
+        x = torch.randint(1, vocab, (2, SEQ_LEN), generator=gen)
+        base = logits(x)
+        reason = probe_future(logits, x, base, vocab, gen) or probe_rows(logits, x, base, vocab, gen)
+        if reason:
+            return reason
+    return None
+
+
+def score_with_probes(logits: Logits, data: EvalTokens, rng: random.Random) -> tuple[float, int, int]:
+    """Score every batch in order and, at places drawn from `rng`, probe the model: new future tokens and a
+    replaced row in the batch just scored, and new future tokens in a batch of random tokens. A probe only
+    ever shows the model tokens it has already been asked to predict. Raises ValueError naming a failed probe."""
+    batches = data.batches()
+    gen = torch.Generator().manual_seed(rng.getrandbits(63))
+    probes: dict[int, list[tuple[Callable, bool]]] = {}  # after how many real batches -> (probe, on random tokens)
+    for probe, on_random in ((probe_future, False), (probe_future, False), (probe_rows, False), (probe_future, True)):
+        probes.setdefault(rng.randint(0 if on_random else 1, len(batches)), []).append((probe, on_random))
+    nats, nbytes, scored = 0.0, 0, 0
+    last: tuple[torch.Tensor, torch.Tensor] | None = None
+    for done in range(len(batches) + 1):
+        for probe, on_random in probes.get(done, []):
+            if on_random or last is None or last[0].shape[0] < 2:
+                x = torch.randint(1, data.vocab, (EVAL_BATCH, SEQ_LEN), generator=gen)
+                base = (x, logits(x))
+            else:
+                base = last
+            reason = probe(logits, *base, data.vocab, gen)
+            if reason:
+                raise ValueError(reason)
+        if done < len(batches):
+            x, y = batches[done]
+            last = (x, logits(x))
+            batch_nats, batch_bytes, batch_scored = batch_loss(last[1], y, data.token_bytes)
+            nats, nbytes, scored = nats + batch_nats, nbytes + batch_bytes, scored + batch_scored
+    return nats, nbytes, scored
+
+
 # ---------------------------------------------------------------------------------------------------------
-# The evaluate step: load train.py's model from the checkpoint, check it, score it, sign the result.
+# The evaluate step. Two processes: this harness process never imports train.py. It reads the key, the split,
+# the token byte counts and the checkpoint first, then starts a model worker (`prepare.py model-worker`) with
+# a minimal environment and no key, jailed by bubblewrap where it works (the splits and raw data hidden, the
+# file system read-only). The worker imports train.py, loads the weights sent over its stdin and answers
+# token batches with logits; the harness computes the loss, checks causality, and signs the result.
 
-_GUARDED_FUNCTIONS = ("evaluate_bpb", "_score", "_check_logits", "check_causality", "load_tokens", "token_bytes",
-                      "autocast_for", "fast_bf16", "sign_metric", "_fingerprint", "evaluate_main")
-_GUARDED_LIBRARY = ((F, "cross_entropy"), (torch.Tensor, "sum"), (torch.Tensor, "float"), (torch, "allclose"),
-                    (torch, "from_numpy"), (torch, "as_strided"), (hmac, "new"), (hashlib, "sha256"),
-                    (json, "dumps"), (builtins, "print"), (math, "log"), (np, "asarray"))
-
-
-def _fingerprint() -> dict[str, object]:
-    """Identity and bytecode of the functions the metric depends on, to detect monkeypatching by train.py."""
-    me = globals()
-    prints: dict[str, object] = {}
-    for name in _GUARDED_FUNCTIONS:
-        fn = me[name]
-        code = getattr(fn, "__wrapped__", fn).__code__
-        prints[name] = (id(fn), id(code), hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest())
-    for owner, attr in _GUARDED_LIBRARY:
-        prints[f"{getattr(owner, '__name__', owner)}.{attr}"] = id(getattr(owner, attr))
-    return prints
+WORKER_READY_SECONDS = float(os.environ.get("TINYGPT_WORKER_READY_SECONDS") or 120)  # import train.py, load weights
+WORKER_ANSWER_SECONDS = float(os.environ.get("TINYGPT_WORKER_ANSWER_SECONDS") or 60)  # one batch of logits
+_WORKER_ENV = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "PYTHONUNBUFFERED")
+_WORKER_ENV_PREFIXES = ("TINYGPT_", "CUDA_", "NVIDIA_", "HIP_", "ROCR_", "OMP_", "MKL_", "TORCH_", "PYTORCH_")
 
 
 def sign_metric(metrics: dict[str, float], key: str) -> str:
@@ -555,21 +655,12 @@ def _fail(reason: str) -> None:
     raise SystemExit(1)
 
 
-def _load_model(checkpoint: Path, train_file: Path, device: torch.device) -> torch.nn.Module:
-    import importlib.util
-
-    config_path = checkpoint.with_name("model.json")
-    if not checkpoint.exists() or not config_path.exists():
-        _fail(f"no checkpoint at {checkpoint} (+ model.json); did train.py finish and save?")
-    config = json.loads(config_path.read_text())
-    spec = importlib.util.spec_from_file_location("train", train_file)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = module
-    spec.loader.exec_module(module)  # train.py's top level runs here; its `__main__` block does not
-    model = module.GPT(module.GPTConfig(**config["config"]))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model.to(device)
+def _no_memory_access() -> None:
+    """Linux: make this process non-dumpable, so that a process of the same user cannot read its memory
+    (/proc/PID/mem, environ, fds) without CAP_SYS_PTRACE. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
 
 
 def pick_device() -> torch.device:
@@ -580,39 +671,248 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _read_checkpoint(checkpoint: Path) -> tuple[bytes, dict]:
+    config_path = checkpoint.with_name("model.json")
+    if not checkpoint.exists() or not config_path.exists():
+        _fail(f"no checkpoint at {checkpoint} (+ model.json); did train.py finish and save?")
+    config = json.loads(config_path.read_text()).get("config")
+    if not isinstance(config, dict):
+        _fail(f"{config_path} has no `config` object")
+    return checkpoint.read_bytes(), config
+
+
+def _hidden_from_worker(needed: list[Path]) -> list[Path]:
+    """What the model worker must not see: every validation and test split, and the raw data they came from
+    (unless that folder holds what the worker needs: train.py, this file, Python)."""
+    source = resolve_source()
+    paths = [cache_root() / "tinygpt" / "val", cache_root() / "tinygpt" / "test", cache_root() / "downloads",
+             Path(os.environ.get("PIP_CACHE_DIR") or Path.home() / ".cache" / "pip")]
+    if source.spec.startswith("hf:"):
+        paths.append(Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"))
+    elif source.spec != "shakespeare":
+        paths.append(Path(source.spec))
+    paths = [p.expanduser().resolve() for p in paths]
+    return [p for p in paths if not any(n.resolve().is_relative_to(p) for n in needed)]
+
+
+def worker_jail(scratch: Path, train_file: Path) -> tuple[list[str], str]:
+    """The bwrap prefix that jails the worker, and a note for the summary; no prefix where bwrap cannot run.
+
+    The jail sees the file system read-only except `scratch`, without the paths above; a minimal /dev plus the
+    GPUs; its own user, PID, IPC, UTS and network namespaces; no capabilities. (Nested in nightlab's own jail, bwrap can make no new /proc;
+    the user namespace alone keeps the worker from reading other processes' memory or /proc/PID/root.)"""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return [], "off (bwrap not found)"
+    args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--bind", str(scratch), str(scratch),
+            "--unshare-user", "--unshare-ipc", "--unshare-net", "--unshare-uts", "--unshare-pid",
+            "--die-with-parent", "--cap-drop", "ALL"]
+    for pattern in ("nvidia*", "dri", "kfd"):  # GPUs; the new /dev has only null, zero, random and the like
+        for dev in sorted(Path("/dev").glob(pattern)):
+            args += ["--dev-bind", str(dev), str(dev)]
+    for path in _hidden_from_worker([train_file, Path(__file__), Path(sys.executable), scratch]):
+        if path.is_dir():
+            args += ["--tmpfs", str(path), "--remount-ro", str(path)]
+        elif path.exists():
+            args += ["--ro-bind", "/dev/null", str(path)]
+    error = ""
+    for extra in (["--disable-userns"], []):  # no user namespaces inside, where this bwrap can do that
+        try:
+            probe = subprocess.run([*args, *extra, "--", "true"], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return [], f"off (bwrap could not run: {exc})"
+        if probe.returncode == 0:
+            return [*args, *extra, "--"], "on (bubblewrap)"
+        error = (probe.stderr.strip().splitlines() or [f"exit status {probe.returncode}"])[-1]
+    return [], f"off (bwrap cannot build a jail here: {error})"
+
+
+def _worker_env(scratch: Path, jailed: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in _WORKER_ENV or k.startswith(_WORKER_ENV_PREFIXES)}
+    env.update(NIGHTLAB_CACHE_DIR=str(cache_root()), TMPDIR=str(scratch))
+    env["HOME"] = str(scratch) if jailed else os.environ.get("HOME", str(scratch))
+    return env
+
+
+class WorkerError(RuntimeError):
+    """The model worker failed, hung or broke the protocol; the message says which."""
+
+
+class ModelWorker:
+    """The harness's side of the model worker. Messages both ways are a kind byte, an 8-byte little-endian length
+    and raw bytes (JSON, the checkpoint, int64 token ids, float32 logits); nothing is unpickled here."""
+
+    def __init__(self, train_file: Path, jail: list[str], env: dict[str, str], vocab: int):
+        argv = [sys.executable, str(Path(__file__).resolve()), "model-worker", "--train-file", str(train_file.resolve())]
+        self.vocab = vocab
+        self.max_message = EVAL_BATCH * SEQ_LEN * vocab * 4 + (1 << 20)
+        self.proc = subprocess.Popen([*jail, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                     start_new_session=True)
+        self.to_worker, self.from_worker = self.proc.stdin.fileno(), self.proc.stdout.fileno()
+        os.set_blocking(self.to_worker, False)
+        os.set_blocking(self.from_worker, False)
+
+    def start(self, config: dict, weights: bytes) -> None:
+        """Send the model's config and weights; wait until the worker has imported train.py and loaded them."""
+        self._begin("get ready (import train.py and load the checkpoint)", WORKER_READY_SECONDS)
+        self._send(b"H", json.dumps({"config": config, "vocab": self.vocab}).encode())
+        self._send(b"W", weights)
+        kind, payload = self._receive()
+        if kind != b"R":
+            raise WorkerError(payload.decode(errors="replace") if kind == b"E" else f"unexpected message {kind!r}")
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits for token ids x (B, SEQ_LEN): float32 (B, SEQ_LEN, vocab)."""
+        self._begin("answer a batch", WORKER_ANSWER_SECONDS)
+        self._send(b"X", x.contiguous().numpy().tobytes())
+        kind, payload = self._receive()
+        if kind == b"E":
+            raise WorkerError(payload.decode(errors="replace"))
+        if kind != b"L" or len(payload) != x.numel() * self.vocab * 4:
+            raise WorkerError(f"the model worker sent {len(payload)} bytes of logits for a batch of "
+                              f"{tuple(x.shape)} tokens and a vocabulary of {self.vocab}")
+        return torch.frombuffer(payload, dtype=torch.float32).view(*x.shape, self.vocab)
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.stdin.close()
+        self.proc.stdout.close()
+        self.proc.wait()
+
+    def _begin(self, what: str, limit: float) -> None:
+        self.what, self.limit, self.deadline = what, limit, time.monotonic() + limit
+
+    def _wait(self, fd: int, write: bool) -> None:
+        ready = select.select([] if write else [fd], [fd] if write else [], [], max(0.0, self.deadline - time.monotonic()))
+        if not any(ready):
+            raise WorkerError(f"the model worker did not {self.what} within {self.limit:g} s")
+
+    def _gone(self) -> WorkerError:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        status = "closed its output" if self.proc.returncode is None else f"exited (status {self.proc.returncode})"
+        return WorkerError(f"the model worker {status} before it could {self.what}; its output is above")
+
+    def _send(self, kind: bytes, payload: bytes) -> None:
+        for part in (kind + len(payload).to_bytes(8, "little"), payload):
+            view = memoryview(part)
+            while view:
+                self._wait(self.to_worker, write=True)
+                try:
+                    view = view[os.write(self.to_worker, view) :]
+                except BlockingIOError:
+                    continue
+                except BrokenPipeError:
+                    raise self._gone() from None
+
+    def _receive(self) -> tuple[bytes, bytearray]:
+        head = self._read(9)
+        size = int.from_bytes(head[1:], "little")
+        if size > self.max_message:
+            raise WorkerError(f"the model worker sent a message of {size} bytes")
+        return bytes(head[:1]), self._read(size)
+
+    def _read(self, size: int) -> bytearray:
+        buf = bytearray(size)
+        view, got = memoryview(buf), 0
+        while got < size:
+            self._wait(self.from_worker, write=False)
+            try:
+                n = os.readv(self.from_worker, [view[got:]])
+            except BlockingIOError:
+                continue
+            if n == 0:
+                raise self._gone()
+            got += n
+        return buf
+
+
 def evaluate_main(split: str, checkpoint: Path, train_file: Path, key: str | None) -> None:
-    before = _fingerprint()
+    """Score the checkpoint with train.py's model, run in a worker process; print the result, signed if keyed."""
+    _no_memory_access()
     start = time.time()
-    device = pick_device()
     try:
-        model = _load_model(checkpoint, train_file, device)
-    except SystemExit:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any error in the agent's model code is a failed evaluation
-        _fail(f"could not build the model from train.py and the checkpoint: {type(exc).__name__}: {exc}")
-    if _fingerprint() != before:
-        _fail("train.py changed the evaluation code or the functions it relies on")
-    vocab = token_bytes().numel()
-    try:
-        reason = check_causality(model, vocab)
-        if reason:
-            _fail(reason)
-        nats, nbytes, scored = _score(model, split, EVAL_TOKENS)
-    except SystemExit:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        _fail(f"evaluation failed: {type(exc).__name__}: {exc}")
-    if _fingerprint() != before:
-        _fail("the model changed the evaluation code or the functions it relies on while being scored")
-    bpb = nats / (math.log(2) * nbytes)
+        data = read_eval_tokens(split)
+    except (OSError, ValueError) as exc:
+        _fail(f"could not read the {split} split: {exc}")
+    weights, config = _read_checkpoint(checkpoint)
+    with tempfile.TemporaryDirectory(prefix="tinygpt-worker-") as scratch:
+        jail, sandbox = worker_jail(Path(scratch), train_file)
+        print(f"model worker: sandbox {sandbox}", file=sys.stderr, flush=True)
+        worker = ModelWorker(train_file, jail, _worker_env(Path(scratch), bool(jail)), data.vocab)
+        try:
+            worker.start(config, weights)
+            nats, nbytes, scored = score_with_probes(worker.logits, data, random.Random(os.urandom(32)))
+            bpb, failure = bits_per_byte(nats, nbytes), None
+        except (WorkerError, ValueError) as exc:
+            failure = str(exc)
+        finally:
+            worker.close()  # before anything is signed: the worker prints nothing after this
+    if failure:
+        _fail(failure)
     metrics = {"val_bpb": bpb, "eval_seconds": round(time.time() - start, 3), "eval_tokens": scored}
     if key:
         print(sign_metric(metrics, key), flush=True)
-    print(f"split: {split}\nval_bpb: {bpb:.6f}\neval_seconds: {metrics['eval_seconds']:.1f}", flush=True)
+    print(f"split: {split}\nval_bpb: {bpb:.6f}\neval_seconds: {metrics['eval_seconds']:.1f}\n"
+          f"worker_sandbox: {sandbox}", flush=True)
+
+
+def _read_message(stream, kind: bytes) -> bytes | None:
+    """The worker's blocking side of the framing; None at the end of input."""
+    head = stream.read(9)
+    if len(head) < 9:
+        return None
+    payload = stream.read(int.from_bytes(head[1:], "little"))
+    if head[:1] != kind:
+        raise SystemExit(f"model worker: expected a {kind!r} message, got {head[:1]!r}")
+    return payload
+
+
+def _write_message(stream, kind: bytes, payload: bytes) -> None:
+    stream.write(kind + len(payload).to_bytes(8, "little"))
+    stream.write(payload)
+    stream.flush()
+
+
+def worker_main(train_file: Path) -> None:
+    """The model worker (`prepare.py model-worker`): runs the agent's code, so it holds no key and the harness
+    checks whatever it answers. Protocol on the original stdin/stdout; train.py's prints go to stderr."""
+    requests, answers = os.fdopen(os.dup(0), "rb"), os.fdopen(os.dup(1), "wb")
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.dup2(2, 1)
+    hello, weights = _read_message(requests, b"H"), _read_message(requests, b"W")
+    if hello is None or weights is None:
+        return
+    hello = json.loads(hello)
+    try:
+        import importlib.util
+        import io
+
+        spec = importlib.util.spec_from_file_location("train", train_file)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["train"] = module
+        spec.loader.exec_module(module)  # train.py's top level runs here; its `__main__` block does not
+        model = module.GPT(module.GPTConfig(**hello["config"]))
+        model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True), strict=True)
+        model = model.to(pick_device()).eval()
+    except Exception as exc:  # noqa: BLE001 - any error in the agent's model code is a failed evaluation
+        _write_message(answers, b"E", f"could not build the model from train.py and the checkpoint: "
+                                      f"{type(exc).__name__}: {exc}".encode())
+        return
+    _write_message(answers, b"R", b"")
+    while (request := _read_message(requests, b"X")) is not None:
+        x = torch.frombuffer(bytearray(request), dtype=torch.int64).view(-1, SEQ_LEN)
+        try:
+            out = model_logits(model, x, hello["vocab"])
+        except Exception as exc:  # noqa: BLE001
+            _write_message(answers, b"E", f"evaluation failed: {type(exc).__name__}: {exc}".encode())
+            return
+        _write_message(answers, b"L", out.contiguous().numpy().tobytes())
 
 
 def _read_key(args: argparse.Namespace) -> str | None:
-    """Take the signing key out of the environment before any agent code runs.
+    """Take the signing key out of the environment before anything else runs.
 
     Deleting it from os.environ does not scrub the process's initial environment block
     (/proc/self/environ), so the step re-executes itself without it and passes the key through a pipe.
@@ -637,18 +937,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="tinygpt harness: prepare data, or score a trained model.")
     parser.add_argument("--data", default=None, help="shakespeare (default), a path, or hf:NAME[:CONFIG]")
     parser.add_argument("--vocab-size", type=int, default=None, help=f"tokenizer size (default {VOCAB_SIZE})")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", metavar="{evaluate}")
     ev = sub.add_parser("evaluate", help="score a checkpoint; prints val_bpb (signed when a key is given)")
     ev.add_argument("--split", choices=("val", "test"), default="val")
     ev.add_argument("--checkpoint", type=Path, default=Path("run/checkpoint.pt"))
     ev.add_argument("--train-file", type=Path, default=Path(__file__).with_name("train.py"))
     ev.add_argument("--key-fd", type=int, default=None, help=argparse.SUPPRESS)
+    worker = sub.add_parser("model-worker")  # started by `evaluate`; not for direct use
+    worker.add_argument("--train-file", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.data:
         os.environ["TINYGPT_DATA"] = args.data
     if args.vocab_size:
         os.environ["TINYGPT_VOCAB_SIZE"] = str(args.vocab_size)
+    if args.command == "model-worker":
+        worker_main(args.train_file)
+        return
     if args.command == "evaluate":
+        _no_memory_access()
         key = _read_key(args)
         evaluate_main(args.split, args.checkpoint, args.train_file, key)
         return
