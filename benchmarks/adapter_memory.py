@@ -70,9 +70,16 @@ def main() -> None:
         table.add_row(label, f"{value:.0f}")
     console.print(table)
     one, many = rows[1][1], rows[2][1]
+    lora_params = sum(p.numel() for p in engine._adapters["adapter-0"].params.values())  # noqa: SLF001
+    state_mb = lora_params * 4 * 3 / 2**20  # fp32 weights + Adam's two moments: what an adapter must hold
     console.print(
         f"{args.adapters} adapters / 1 adapter = {many / one:.3f}x (goal < 1.2x); "
-        f"{(many - one) / (args.adapters - 1):.1f} MB per extra adapter"
+        f"{(many - one) / (args.adapters - 1):.1f} MB per extra adapter, of which {state_mb:.1f} MB is its own "
+        f"state ({lora_params / 1e6:.2f}M LoRA parameters x 3 fp32 tensors)"
+    )
+    console.print(
+        f"{args.adapters} separate processes (one base each) would hold about {args.adapters * one:.0f} MB: "
+        f"{args.adapters * one / many:.2f}x what the shared base holds"
     )
 
 

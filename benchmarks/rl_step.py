@@ -4,10 +4,12 @@
     python benchmarks/rl_step.py --tiny                              # the tiny random model, seconds not minutes
 
 Both sides do the same work per step: `prompts` x `group_size` completions of up to `max_tokens` tokens from the
-current LoRA weights, rewards from the arithmetic environment, group-relative advantages, one importance-sampling
-step on a LoRA of the same rank over all linear layers. The service side goes through HTTP and the tinker client
-(snapshot weights, sample, forward_backward, optim_step); the raw side calls `generate` and a training step in
-process. The first step of each side is a warm-up and is not timed.
+current LoRA weights, rewards from the arithmetic environment, group-relative advantages, and one
+importance-sampling step on a LoRA of the same rank over all linear layers, on the completions of the groups the
+recipe trains on (`trains_on`: flat-reward groups are dropped on both sides). The samples differ between the sides,
+so the number of datums trained per step is printed beside the times. The service side goes through HTTP and the
+tinker client (snapshot weights, sample, forward_backward, optim_step); the raw side calls `generate` and a
+training step in process. The first step of each side is a warm-up and is not timed.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from nightlab.recipes.chat_format import chat_prompt
-from nightlab.recipes.rl import RLConfig, RLRun, group_advantages
+from nightlab.recipes.rl import RLConfig, RLRun, group_advantages, trains_on
 from nightlab.recipes.rl_envs import ArithmeticEnv
 from nightlab.train.api.background import BackgroundServer, serve_in_thread
 
@@ -35,13 +37,13 @@ def start_service(data_dir: Path) -> BackgroundServer:
     return serve_in_thread(create_app(settings, Engine(data_dir, device="cpu", show_progress=False)))
 
 
-def bench_service(cfg: RLConfig) -> list[tuple[float, float]]:
-    run = RLRun(cfg)
-    try:
+Timing = tuple[float, float, int]  # sampling seconds, training seconds, datums trained on
+
+
+def bench_service(cfg: RLConfig) -> list[Timing]:
+    with RLRun(cfg) as run:
         rows = [run.step(i) for i in range(cfg.steps + 1)]
-    finally:
-        run.close()
-    return [(r["sample_s"], r["train_s"]) for r in rows[1:]]
+    return [(r["sample_s"], r["train_s"], int(r["datums"])) for r in rows[1:]]
 
 
 class RawRL:
@@ -68,7 +70,7 @@ class RawRL:
         self.autocast = pick_autocast("cpu", "auto")
         self.env = ArithmeticEnv()
 
-    def step(self, index: int) -> tuple[float, float]:
+    def step(self, index: int) -> Timing:
         t0 = time.perf_counter()
         tasks = self.env.tasks(self.cfg.prompts_per_step, seed=self.cfg.seed * 100_003 + index)
         prompts = [chat_prompt(self.tokenizer, t.user, think=False) for t in tasks]
@@ -92,26 +94,30 @@ class RawRL:
                 mask[row, seq.index(self.tokenizer.eos_token_id) + 1 :] = 0
         texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
         rewards = [self.env.reward(tasks[i // self.cfg.group_size], t).value for i, t in enumerate(texts)]
-        advantages = torch.tensor(
-            [a for g in range(len(tasks)) for a in group_advantages(
-                rewards[g * self.cfg.group_size:(g + 1) * self.cfg.group_size])]
-        )
+        advantages, keep = [], []
+        for g in range(len(tasks)):
+            group = group_advantages(rewards[g * self.cfg.group_size:(g + 1) * self.cfg.group_size])
+            advantages += group
+            keep += [trains_on(group, self.cfg.kl_coef)] * len(group)
+        rows = torch.tensor(keep)
         t1 = time.perf_counter()
+        if not rows.any():
+            return t1 - t0, 0.0, 0
         self.model.train()
         attention = torch.cat([batch["attention_mask"].repeat_interleave(self.cfg.group_size, 0), mask.long()], 1)
         ctx = torch.autocast("cpu", dtype=self.autocast) if self.autocast else torch.autocast("cpu", enabled=False)
         with ctx:
-            logits = self.model(input_ids=out.sequences, attention_mask=attention).logits[:, width - 1 : -1]
-        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, completions.unsqueeze(-1)).squeeze(-1)
-        ratio = torch.exp(logprobs - old_logprobs)
-        loss = -(ratio * advantages[:, None] * mask).sum()
+            logits = self.model(input_ids=out.sequences[rows], attention_mask=attention[rows]).logits[:, width - 1 : -1]
+        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, completions[rows].unsqueeze(-1)).squeeze(-1)
+        ratio = torch.exp(logprobs - old_logprobs[rows])
+        loss = -(ratio * torch.tensor(advantages)[rows, None] * mask[rows]).sum()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return t1 - t0, time.perf_counter() - t1
+        return t1 - t0, time.perf_counter() - t1, int(rows.sum())
 
 
-def bench_raw(cfg: RLConfig) -> list[tuple[float, float]]:
+def bench_raw(cfg: RLConfig) -> list[Timing]:
     raw = RawRL(cfg)
     return [raw.step(i) for i in range(cfg.steps + 1)][1:]
 
@@ -138,30 +144,31 @@ def main() -> None:
             model = args.model
         else:
             parser.error("pass --model DIR (see `nightlab models list`) or --tiny")
-        background = start_service(Path(tmp) / "serve")
-        url = background.url
-        cfg = RLConfig(
-            url, model, Path(tmp) / "log", api_key="tml-bench", steps=args.steps, prompts_per_step=args.prompts,
-            group_size=args.group_size, max_tokens=args.max_tokens, lora_rank=args.rank, measure_kl=False,
-        )
-        service = bench_service(cfg)
-        background.stop()
+        with start_service(Path(tmp) / "serve") as background:
+            cfg = RLConfig(
+                background.url, model, Path(tmp) / "log", api_key="tml-bench", steps=args.steps,
+                prompts_per_step=args.prompts, group_size=args.group_size, max_tokens=args.max_tokens,
+                lora_rank=args.rank, measure_kl=False,
+            )
+            service = bench_service(cfg)
         raw = bench_raw(cfg)
     report(model, cfg, {"nightlab service": service, "transformers+PEFT": raw})
 
 
-def report(model: str, cfg: RLConfig, results: dict[str, list[tuple[float, float]]]) -> None:
+def report(model: str, cfg: RLConfig, results: dict[str, list[Timing]]) -> None:
     samples = cfg.prompts_per_step * cfg.group_size
     print(f"model {model}; per step: {samples} completions of <= {cfg.max_tokens} tokens, LoRA rank "
           f"{cfg.lora_rank}; median of {cfg.steps} steps after a warm-up; torch threads {torch.get_num_threads()}")
-    print(f"{'side':<20}{'sample s':>10}{'train s':>10}{'step s':>10}")
+    print(f"{'side':<20}{'sample s':>10}{'train s':>10}{'step s':>10}{'datums':>10}  (datums per timed step)")
     medians = {}
     for side, times in results.items():
-        s, t = statistics.median(x for x, _ in times), statistics.median(y for _, y in times)
+        s, t = statistics.median(x for x, _, _ in times), statistics.median(y for _, y, _ in times)
         medians[side] = (s, t, s + t)
-        print(f"{side:<20}{s:>10.2f}{t:>10.2f}{s + t:>10.2f}")
-    (ns, nt, nstep), (rs, rt, rstep) = medians["nightlab service"], medians["transformers+PEFT"]
-    print(f"{'ratio service/raw':<20}{ns / rs:>10.2f}{nt / rt:>10.2f}{nstep / rstep:>10.2f}")
+        datums = ",".join(str(n) for *_, n in times)
+        print(f"{side:<20}{s:>10.2f}{t:>10.2f}{s + t:>10.2f}{datums:>10}")
+    service, raw = medians["nightlab service"], medians["transformers+PEFT"]
+    ratios = [f"{a / b:.2f}" if b else "n/a" for a, b in zip(service, raw, strict=True)]  # n/a: nothing trained
+    print(f"{'ratio service/raw':<20}" + "".join(f"{r:>10}" for r in ratios))
 
 
 if __name__ == "__main__":

@@ -280,11 +280,26 @@ MODEL_NAME = typer.Option(..., "--model", help="Base model on the service, as `n
 
 
 def _recipe_errors() -> tuple[type[BaseException], ...]:
+    import httpx
+    import openai
     import tinker
 
     from nightlab.recipes.s1 import S1Error
+    from nightlab.recipes.service import ServiceUnreachable
 
-    return S1Error, ValueError, OSError, tinker.TinkerError
+    return S1Error, ServiceUnreachable, ValueError, OSError, tinker.TinkerError, openai.OpenAIError, httpx.TransportError
+
+
+def _recipe_fail(exc: BaseException, base_url: str) -> NoReturn:
+    """A lost connection says how to start the service at `base_url`; other errors are shown as they are."""
+    import httpx
+    import openai
+
+    from nightlab.recipes.service import unreachable_message
+
+    if isinstance(exc, openai.APIConnectionError | httpx.TransportError):
+        _fail(RuntimeError(unreachable_message(base_url, exc)))
+    _fail(exc)
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -304,25 +319,33 @@ def recipe_s1(
     model: str = MODEL_NAME,
     base_url: str = SERVICE_URL,
     api_key: str | None = SERVICE_KEY,
+    teacher: str = typer.Option("api", help="collect: api (a model behind --teacher-base-url) or builtin (the "
+                                "problem generator's worked solutions; offline, built-in questions only)."),
     teacher_base_url: str = typer.Option("", help="collect: the teacher's OpenAI-compatible base URL (.../v1)."),
     teacher_model: str = typer.Option("", help="collect: the teacher model name."),
     teacher_api_key: str | None = typer.Option(None, envvar="OPENAI_API_KEY", help="collect: the teacher's key."),
+    teacher_max_tokens: int = typer.Option(2048, min=1, help="collect: longest teacher reply, in tokens."),
     questions: Annotated[Path | None, typer.Option(help="collect: jsonl with question + integer answer "
                                                    "(default: built-in arithmetic and word problems).")] = None,
     num_questions: int = typer.Option(60, min=1, help="collect: how many built-in questions."),
     size: int = typer.Option(1000, min=1, help="curate: examples to keep."),
     difficulty_samples: int = typer.Option(1, min=0, help="curate: base-model attempts per question (0: no "
                                            "difficulty filter)."),
+    difficulty_max_tokens: int = typer.Option(96, min=1, help="curate: the base model's thinking budget before "
+                                              "its answer is forced."),
     epochs: int = typer.Option(3, min=1, help="train: passes over the curated set."),
     batch_size: int = typer.Option(8, min=1, help="train: examples per optimizer step."),
     learning_rate: float = typer.Option(2e-4, min=0, help="train: Adam learning rate."),
     lora_rank: int = typer.Option(16, min=1, help="train: LoRA rank."),
+    max_length: int = typer.Option(2048, min=2, help="train: longest example in tokens (longer ones are skipped)."),
     eval_questions: Annotated[Path | None, typer.Option(help="evaluate: jsonl of held-out questions "
                                                         "(default: built-in ones not used in training).")] = None,
     num_eval_questions: int = typer.Option(24, min=1, help="evaluate: how many built-in held-out questions."),
     budgets: str = typer.Option("16,32,64", help="evaluate: thinking budgets in tokens, comma-separated."),
+    answer_tokens: int = typer.Option(16, min=1, help="curate, evaluate: tokens for the answer after thinking."),
     checkpoint: str | None = typer.Option(None, help="evaluate: a tinker:// sampler path or base model name "
                                           "(default: the trained weights)."),
+    seed: int = typer.Option(0, help="Seed for the built-in questions, shuffling and the LoRA init."),
 ) -> None:
     """s1: collect teacher traces, curate, LoRA SFT with thinking, evaluate accuracy vs thinking budget."""
     from nightlab.recipes import s1
@@ -331,11 +354,13 @@ def recipe_s1(
     if step not in (*steps, "evaluate"):
         _fail(ValueError(f"unknown step {step!r}: use collect, curate, train, evaluate or all"))
     cfg = s1.S1Config(
-        workdir, base_url=base_url, model=model, api_key=api_key, teacher_base_url=teacher_base_url,
+        workdir, base_url=base_url, model=model, api_key=api_key, teacher=teacher, teacher_base_url=teacher_base_url,
         teacher_model=teacher_model, teacher_api_key=teacher_api_key, questions=questions,
-        num_questions=num_questions, size=size, difficulty_samples=difficulty_samples, epochs=epochs,
-        batch_size=batch_size, learning_rate=learning_rate, lora_rank=lora_rank, eval_questions=eval_questions,
-        num_eval_questions=num_eval_questions, budgets=_csv_ints(budgets),
+        num_questions=num_questions, teacher_max_tokens=teacher_max_tokens, size=size,
+        difficulty_samples=difficulty_samples, difficulty_max_tokens=difficulty_max_tokens, epochs=epochs,
+        batch_size=batch_size, learning_rate=learning_rate, lora_rank=lora_rank, max_length=max_length,
+        eval_questions=eval_questions, num_eval_questions=num_eval_questions, budgets=_csv_ints(budgets),
+        answer_tokens=answer_tokens, seed=seed,
     )
     workdir.mkdir(parents=True, exist_ok=True)
     try:
@@ -344,7 +369,7 @@ def recipe_s1(
         else:
             steps[step](cfg)
     except _recipe_errors() as exc:
-        _fail(exc)
+        _recipe_fail(exc, base_url)
 
 
 @recipe_app.command("rl")
@@ -376,7 +401,7 @@ def recipe_rl(
     try:
         rows = run_rl(cfg)
     except _recipe_errors() as exc:
-        _fail(exc)
+        _recipe_fail(exc, base_url)
     first, last = rows[0]["reward_mean"], rows[-1]["reward_mean"]
     typer.echo(f"reward {first:.3f} -> {last:.3f} over {len(rows)} steps; see {log_dir / PLOT_FILE}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -44,7 +45,11 @@ class ExperimentSection(_Section):
     budget_seconds: float = Field(60.0, gt=0)
     timeout_seconds: float = Field(600.0, gt=0, description="hard kill of the whole process group")
     budget_tolerance: float = Field(0.05, ge=0, description="fraction of the budget a run may overrun")
-    startup_allowance_seconds: float = Field(30.0, ge=0, description="imports/compile/warm-up outside budget")
+    startup_allowance_seconds: float = Field(
+        5.0, ge=0,
+        description="seconds a training phase may take beyond the baseline's slowest one (or the budget, if longer) "
+        "plus budget_tolerance * budget",
+    )
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for every phase")
 
     @model_validator(mode="after")
@@ -70,15 +75,42 @@ class MetricSection(_Section):
     )
     extra: list[str] = Field(default_factory=list, description="other `name: value` lines to record")
 
+    @field_validator("pattern")
+    @classmethod
+    def _one_group(cls, pattern: str | None) -> str | None:
+        if pattern is None:
+            return None
+        try:
+            groups = re.compile(pattern).groups
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from exc
+        if groups > 1:
+            raise ValueError(f"has {groups} groups; use one group around the number (or (?:...) for the others)")
+        return pattern
+
 
 class DecideSection(_Section):
     """The noise-aware keep rule."""
 
-    baseline_runs: int = Field(2, ge=1, description="baseline repeats that estimate the noise floor")
+    baseline_runs: int = Field(2, description="baseline repeats that estimate the noise floor (at least 2)")
     min_delta: float = Field(0.0, ge=0)
     z: float = Field(2.0, ge=0, description="a keep must beat the best by more than z * noise")
-    confirm: bool = Field(True, description="re-run a candidate whose margin is small before keeping it")
-    confirm_k: float = Field(4.0, ge=0, description="margins under confirm_k * noise are confirmed")
+    alpha: float = Field(
+        0.001, gt=0, lt=0.5, description="chance that one change which does nothing passes the re-run test"
+    )
+    confirm: bool = Field(True, description="re-run a candidate with other seeds before keeping it")
+    confirm_k: float = Field(4.0, ge=0, description="first-run margins under confirm_k * noise are always re-run")
+    confirm_runs: int = Field(5, ge=1, description="the most re-runs one candidate gets")
+
+    @field_validator("baseline_runs")
+    @classmethod
+    def _repeated(cls, runs: int) -> int:
+        if runs < 2:
+            raise ValueError(
+                f"must be at least 2, got {runs}: the noise floor is the spread of repeated baseline runs, "
+                "and a single run has none"
+            )
+        return runs
 
 
 class LLMSection(_Section):
@@ -121,6 +153,9 @@ class ReplaySection(_Section):
 
 class ProposerSection(_Section):
     kind: Literal["auto", "llm", "tune", "replay"] = "auto"
+    outage_seconds: float = Field(
+        1800.0, ge=0, description="how long the loop retries a proposer whose service is down before it stops"
+    )
     llm: LLMSection = Field(default_factory=LLMSection)
     tune: TuneSection = Field(default_factory=TuneSection)
     replay: ReplaySection = Field(default_factory=ReplaySection)
@@ -135,9 +170,14 @@ class SandboxSection(_Section):
         default_factory=list,
         description="host data paths visible read-only (writable, and created, in the setup phase that prepares them)",
     )
+    setup_read_only: list[str] = Field(
+        default_factory=list,
+        description="host paths visible read-only to the setup phase only (e.g. a raw corpus holding the val/test text)",
+    )
     writable: list[str] = Field(
         default_factory=list,
-        description="host directories every phase may write (data and compile caches); created when missing",
+        description="host directories the setup and train phases may write (data and compile caches), read-only "
+        "in the others; created when missing",
     )
     train_hidden: list[str] = Field(
         default_factory=list, description="host paths hidden during `command` (e.g. the validation split)"

@@ -2,14 +2,16 @@
 
 Each step: snapshot the current weights into a sampling client, draw a group of completions per prompt, score
 them with the environment, turn rewards into group-relative advantages (reward minus the group's mean, so a
-group's advantages sum to zero and a group where every sample scored the same teaches nothing and is dropped),
-optionally subtract a per-token KL penalty against the base model, and take one policy-gradient step with the
+group's advantages sum to zero and a group where every sample scored the same carries no reward signal: it is
+dropped, unless a KL penalty still has something to teach on it), optionally subtract a per-token KL penalty
+against the base model, and take one policy-gradient step with the
 `importance_sampling` or `ppo` loss on datums that carry the sampler's own logprobs. One JSONL row of metrics
 per step; a plot of them at the end.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -23,6 +25,7 @@ import tinker
 
 from nightlab.recipes.chat_format import chat_prompt
 from nightlab.recipes.rl_envs import Environment, Reward, Task, load_env
+from nightlab.recipes.service import connect
 
 LossName = Literal["importance_sampling", "ppo"]
 METRICS_FILE = "metrics.jsonl"
@@ -86,6 +89,11 @@ def group_advantages(rewards: Sequence[float]) -> list[float]:
     return [float(r) - mean for r in rewards]
 
 
+def trains_on(advantages: Sequence[float], kl_coef: float) -> bool:
+    """Whether a group becomes datums: it has a reward spread, or the KL penalty applies to its tokens anyway."""
+    return kl_coef > 0 or any(abs(a) > 1e-9 for a in advantages)
+
+
 def rl_datum(prompt: list[int], completion: list[int], logprobs: list[float], advantages: list[float]) -> tinker.Datum:
     """A policy-gradient datum: prompt positions carry zero advantage, completion positions the sampler's logprobs."""
     if not completion or not (len(completion) == len(logprobs) == len(advantages)):
@@ -132,7 +140,7 @@ def add_reference_logprobs(reference: tinker.SamplingClient, groups: list[Group]
 
 
 def build_batch(groups: list[Group], kl_coef: float) -> tuple[list[tinker.Datum], dict[str, float]]:
-    """Datums for every group with a reward spread, plus the step's rollout metrics."""
+    """Datums for every group that `trains_on`, plus the step's rollout metrics."""
     data: list[tinker.Datum] = []
     rewards, lengths, sampler_lp, kl = [], [], [], []
     components: dict[str, list[float]] = {}
@@ -141,8 +149,8 @@ def build_batch(groups: list[Group], kl_coef: float) -> tuple[list[tinker.Datum]
         group_rewards = [r.reward.value for r in g.rollouts]
         rewards += group_rewards
         advantages = group_advantages(group_rewards)
-        informative = any(abs(a) > 1e-9 for a in advantages)
-        skipped += not informative
+        kept = trains_on(advantages, kl_coef)
+        skipped += not kept
         for rollout, adv in zip(g.rollouts, advantages, strict=True):
             lengths.append(len(rollout.tokens))
             sampler_lp += rollout.logprobs
@@ -155,7 +163,7 @@ def build_batch(groups: list[Group], kl_coef: float) -> tuple[list[tinker.Datum]
             )
             if token_kl is not None:
                 kl += token_kl.tolist()
-            if not informative or not rollout.tokens:
+            if not kept or not rollout.tokens:
                 continue
             token_adv = np.full(len(rollout.tokens), adv)
             if kl_coef and token_kl is not None:
@@ -177,21 +185,27 @@ def build_batch(groups: list[Group], kl_coef: float) -> tuple[list[tinker.Datum]
 
 
 class RLRun:
-    """One RL run against a service: holds the clients so steps can be driven (and timed) one by one."""
+    """One RL run against a service: holds the clients so steps can be driven (and timed) one by one.
+
+    Use it as a context manager: the session is closed as success, errored or interrupted with the block's outcome.
+    """
 
     def __init__(self, cfg: RLConfig) -> None:
         cfg.check()
         self.cfg = cfg
         self.env = load_env(cfg.env)
-        self.service = tinker.ServiceClient(base_url=cfg.base_url, api_key=cfg.api_key)
-        self.trainer = self.service.create_lora_training_client(
-            base_model=cfg.model, rank=cfg.lora_rank, seed=cfg.seed
-        ).result()
-        self.tokenizer = self.trainer.get_tokenizer()
-        wants_reference = cfg.measure_kl or cfg.kl_coef > 0
-        self.reference = (
-            self.service.create_sampling_client(base_model=cfg.model).result() if wants_reference else None
-        )
+        self.service = connect(cfg.base_url, cfg.api_key)
+        with contextlib.ExitStack() as on_failure:  # a failed setup closes the session as errored
+            on_failure.push(self.service)
+            self.trainer = self.service.create_lora_training_client(
+                base_model=cfg.model, rank=cfg.lora_rank, seed=cfg.seed
+            ).result()
+            self.tokenizer = self.trainer.get_tokenizer()
+            wants_reference = cfg.measure_kl or cfg.kl_coef > 0
+            self.reference = (
+                self.service.create_sampling_client(base_model=cfg.model).result() if wants_reference else None
+            )
+            on_failure.pop_all()
         self.adam = tinker.AdamParams(learning_rate=cfg.learning_rate)
 
     def step(self, index: int) -> dict[str, float]:
@@ -212,8 +226,11 @@ class RLRun:
         t2 = time.perf_counter()
         return {"step": index, **metrics, "sample_s": t1 - t0, "train_s": t2 - t1}
 
-    def close(self) -> None:
-        self.service.close("success").result()
+    def __enter__(self) -> RLRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.service.__exit__(*exc_info)
 
 
 def run_rl(cfg: RLConfig, show_progress: bool = True) -> list[dict[str, float]]:
@@ -228,18 +245,14 @@ def run_rl(cfg: RLConfig, show_progress: bool = True) -> list[dict[str, float]]:
         raise ValueError(f"{log} already holds a run's metrics; pick a new log directory")
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     (cfg.log_dir / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=2))
-    run = RLRun(cfg)
     rows = []
-    try:
-        with Progress(disable=not show_progress) as progress, log.open("a", encoding="utf-8") as fh:
-            bar = progress.add_task("RL steps", total=cfg.steps)
-            for i in range(cfg.steps):
-                row = run.step(i)
-                fh.write(json.dumps(row) + "\n")
-                fh.flush()
-                rows.append(row)
-                progress.update(bar, advance=1, description=f"RL reward {row['reward_mean']:.3f}")
-    finally:
-        run.close()
+    with RLRun(cfg) as run, Progress(disable=not show_progress) as progress, log.open("a", encoding="utf-8") as fh:
+        bar = progress.add_task("RL steps", total=cfg.steps)
+        for i in range(cfg.steps):
+            row = run.step(i)
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+            rows.append(row)
+            progress.update(bar, advance=1, description=f"RL reward {row['reward_mean']:.3f}")
     plot_rl_metrics(rows, cfg.log_dir / PLOT_FILE)
     return rows

@@ -3,9 +3,11 @@
 Four steps, each a function of files in one work directory, each resumable (append-only jsonl; rerunning a step
 skips what its output already holds):
 
-1. `collect`: a teacher behind any OpenAI-compatible API writes a `<think>` trace and an answer per question.
+1. `collect`: a teacher writes a `<think>` trace and an answer per question: a model behind any
+   OpenAI-compatible API, or the offline `builtin` teacher (the problem generator's worked solutions).
 2. `curate`: keep traces whose answer is right and format intact (quality), whose question the base model gets
-   wrong when sampled through the service (difficulty), balanced across problem types (diversity).
+   wrong when sampled through the service with its thinking cut at a budget and its answer forced (difficulty),
+   balanced across problem types (diversity).
 3. `train`: LoRA SFT through the tinker client, loss on the assistant part only; saves sampler weights.
 4. `evaluate`: accuracy against thinking budget, with and without budget forcing (the service's sampler takes
    back an early `</think>` and writes "Wait", and forces `</think>` + the answer prefix at the budget; it is
@@ -15,9 +17,8 @@ skips what its output already holds):
 from __future__ import annotations
 
 import json
-import os
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +30,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from nightlab.recipes.budget_forcing import budget_forcing
 from nightlab.recipes.chat_format import (
-    ANSWER_PREFIX,
     THINK_CLOSE,
     THINK_OPEN,
     chat_prompt,
@@ -40,14 +41,19 @@ from nightlab.recipes.chat_format import (
 )
 from nightlab.recipes.plots import plot_scaling
 from nightlab.recipes.problems import Problem, check_answer, generate_problems, read_problems
+from nightlab.recipes.service import connect
+from nightlab.recipes.teachers import TeacherError, make_teacher
 
-TEACHER_SYSTEM = (
-    "Solve the problem. First think step by step between <think> and </think>. "
-    "After </think>, write exactly one line: The answer is N."
-)
 COLLECTED, BASE_CHECKS, CURATED = "collected.jsonl", "base_checks.jsonl", "curated.jsonl"
 TRAIN_LOG, EVAL_LOG, SCALING_PNG, SCALING_MD = "train.jsonl", "eval.jsonl", "scaling.png", "scaling.md"
 MODES = ("no forcing", "budget forcing")
+BROKEN, WRONG, EASY = "format broken (no <think>...</think>)", "answer wrong or missing", "base model already right"
+FILTER_HINTS = {
+    BROKEN: f"the teacher's replies lack {THINK_OPEN}...{THINK_CLOSE} (see collected.jsonl); ask another teacher or "
+            "use --teacher builtin",
+    WRONG: "the teacher's answers do not match the verified ones; use a stronger teacher or --teacher builtin",
+    EASY: "the base model already solves these questions; use harder ones (--questions) or --difficulty-samples 0",
+}
 
 
 class S1Error(Exception):
@@ -63,7 +69,8 @@ class S1Config:
     base_url: str = "http://127.0.0.1:8000"
     model: str = ""
     api_key: str | None = None
-    # collect: questions from a jsonl file, else `num_questions` built-in ones
+    # collect: questions from a jsonl file, else `num_questions` built-in ones; teacher "api" or "builtin"
+    teacher: str = "api"
     teacher_base_url: str = ""
     teacher_model: str = ""
     teacher_api_key: str | None = None
@@ -73,7 +80,7 @@ class S1Config:
     # curate
     size: int = 1000
     difficulty_samples: int = 1  # 0 skips the difficulty filter
-    difficulty_max_tokens: int = 96
+    difficulty_max_tokens: int = 96  # the base model's thinking budget; then its answer is forced
     # train
     epochs: int = 3
     batch_size: int = 8
@@ -84,7 +91,7 @@ class S1Config:
     eval_questions: Path | None = None
     num_eval_questions: int = 24
     budgets: list[int] = field(default_factory=lambda: [16, 32, 64])
-    answer_tokens: int = 16
+    answer_tokens: int = 16  # room after the thinking for the answer line (difficulty checks and evaluate)
     seed: int = 0
 
     def path(self, name: str) -> Path:
@@ -147,36 +154,30 @@ def collect(cfg: S1Config, console: Console | None = None) -> Path:
     out = cfg.path(COLLECTED)
     done = {row["id"] for row in read_jsonl(out)}
     todo = [p for p in training_problems(cfg) if p.id not in done]
-    console.print(f"collect: {len(done)} traces already in {out}, {len(todo)} to ask {cfg.teacher_model}")
     if not todo:
+        console.print(f"collect: all {len(done)} traces are already in {out}")
         return out
-    if not cfg.teacher_base_url or not cfg.teacher_model:
-        raise S1Error("collect needs a teacher: --teacher-base-url and --teacher-model")
-    client = openai.OpenAI(
-        base_url=cfg.teacher_base_url,
-        api_key=cfg.teacher_api_key or os.environ.get("OPENAI_API_KEY") or "none",
-        max_retries=2,
-    )
+    try:
+        teacher = make_teacher(
+            cfg.teacher, cfg.teacher_base_url, cfg.teacher_model, cfg.teacher_api_key, cfg.teacher_max_tokens
+        )
+    except TeacherError as exc:
+        raise S1Error(str(exc)) from exc
+    console.print(f"collect: {len(done)} traces already in {out}, {len(todo)} to ask the {teacher.name} teacher")
     with Progress(console=console) as progress:
         bar = progress.add_task("collect traces", total=len(todo))
         for p in todo:
             try:
-                reply = client.chat.completions.create(
-                    model=cfg.teacher_model,
-                    messages=[{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": p.question}],
-                    max_tokens=cfg.teacher_max_tokens,
-                )
-            except openai.OpenAIError as exc:
-                saved = len(read_jsonl(out))
+                trace = teacher.solve(p)
+            except TeacherError as exc:
                 raise S1Error(
-                    f"the teacher failed on {p.id}: {exc}. {saved} traces are saved in {out}; "
+                    f"the teacher failed on {p.id}: {exc}. {len(read_jsonl(out))} traces are saved in {out}; "
                     "run collect again to continue"
                 ) from exc
-            message = reply.choices[0].message
             append_jsonl(out, [{
                 "id": p.id, "type": p.type, "question": p.question, "answer": p.answer,
-                "difficulty": p.difficulty, "content": message.content or "",
-                "reasoning": getattr(message, "reasoning_content", None), "teacher": cfg.teacher_model,
+                "difficulty": p.difficulty, "content": trace.content, "reasoning": trace.reasoning,
+                "teacher": teacher.name,
             }])
             progress.advance(bar)
     return out
@@ -207,7 +208,7 @@ class ServiceSampler:
 
 def service_tokenizer(cfg: S1Config):
     """The base model's tokenizer as the tinker client resolves it (what the server reports as tokenizer_id)."""
-    with tinker.ServiceClient(base_url=cfg.base_url, api_key=cfg.api_key) as service:
+    with connect(cfg.base_url, cfg.api_key) as service:
         return service.create_sampling_client(base_model=cfg.model).result().get_tokenizer()
 
 
@@ -241,7 +242,11 @@ class CurateReport:
 
 
 def check_difficulty(cfg: S1Config, rows: list[dict[str, Any]], console: Console) -> dict[str, int]:
-    """How often the base model answers each question right, sampled through the service; cached per id."""
+    """How often the base model answers each question right, sampled through the service; cached per id.
+
+    A base model rarely closes its thinking by itself, so its thinking is cut at `difficulty_max_tokens` and the
+    answer prefix forced (budget forcing), which makes it commit to an answer that can be graded.
+    """
     cache = cfg.path(BASE_CHECKS)
     correct = {r["id"]: r["correct"] for r in read_jsonl(cache)}
     todo = [r for r in rows if r["id"] not in correct]
@@ -252,8 +257,9 @@ def check_difficulty(cfg: S1Config, rows: list[dict[str, Any]], console: Console
             for batch in chunks(todo, 16):
                 prompts = [chat_prompt(sampler.tokenizer, r["question"], think=True) for r in batch]
                 outs = sampler.complete(
-                    cfg.model, prompts, n=cfg.difficulty_samples, max_tokens=cfg.difficulty_max_tokens,
-                    temperature=0.7,
+                    cfg.model, prompts, n=cfg.difficulty_samples,
+                    max_tokens=cfg.difficulty_max_tokens + cfg.answer_tokens, temperature=0.7,
+                    budget_forcing=budget_forcing(cfg.difficulty_max_tokens),
                 )
                 checked = [
                     {"id": r["id"], "correct": sum(graded_answer(t) == r["answer"] for t in texts)}
@@ -301,25 +307,28 @@ def curate(cfg: S1Config, console: Console | None = None) -> CurateReport | None
         trace = split_trace(row["content"], row.get("reasoning"))
         if trace is not None:
             parsed.append({**row, "thinking": trace[0], "final": trace[1]})
-    removed["format broken (no <think>...</think>)"] = len(rows) - len(parsed)
+    removed[BROKEN] = len(rows) - len(parsed)
     verified = [r for r in parsed if check_answer(r["final"], r["answer"])]
-    removed["answer wrong or missing"] = len(parsed) - len(verified)
+    removed[WRONG] = len(parsed) - len(verified)
     hard = verified
     if cfg.difficulty_samples > 0:
         base_correct = check_difficulty(cfg, verified, console)
         hard = [r for r in verified if base_correct[r["id"]] == 0]
-        removed["base model already right"] = len(verified) - len(hard)
+        removed[EASY] = len(verified) - len(hard)
     picked = balance(hard, cfg.size, cfg.seed)
     removed[f"over the size of {cfg.size} (kept types balanced)"] = len(hard) - len(picked)
+    report = CurateReport(len(rows), removed, dict(sorted(Counter(r["type"] for r in picked).items())))
+    console.print(report.table())
+    if not picked:
+        worst = max(removed, key=lambda name: removed[name])
+        raise S1Error(
+            f"curate kept nothing: '{worst}' removed {removed[worst]} of {len(rows)} examples; "
+            f"{FILTER_HINTS[worst]}. Nothing was written; run curate again after the fix"
+        )
     keep = ("id", "type", "question", "answer", "thinking")
     tmp = out.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in picked), encoding="utf-8")
     tmp.replace(out)
-    kept_by_type = defaultdict(int)
-    for r in picked:
-        kept_by_type[r["type"]] += 1
-    report = CurateReport(len(rows), removed, dict(sorted(kept_by_type.items())))
-    console.print(report.table())
     console.print("kept per type: " + ", ".join(f"{t} {n}" for t, n in report.kept_by_type.items()))
     return report
 
@@ -345,8 +354,7 @@ def train(cfg: S1Config, console: Console | None = None) -> str:
         raise S1Error(f"nothing to train on: {cfg.path(CURATED)} is empty or missing; run curate first")
     log = cfg.path(TRAIN_LOG)
     saved = [r for r in read_jsonl(log) if r["event"] == "saved"]
-    service = tinker.ServiceClient(base_url=cfg.base_url, api_key=cfg.api_key)
-    try:
+    with connect(cfg.base_url, cfg.api_key) as service:  # closed as errored, not success, if a step fails
         if saved:
             trainer = service.create_training_client_from_state_with_optimizer(saved[-1]["path"]).result()
             console.print(f"train: resuming after epoch {saved[-1]['epoch']} from {saved[-1]['path']}")
@@ -365,8 +373,6 @@ def train(cfg: S1Config, console: Console | None = None) -> str:
         first_epoch = saved[-1]["epoch"] + 1 if saved else 0
         run_epochs(cfg, trainer, data, first_epoch, log, console)
         path = trainer.save_weights_for_sampler("s1-final").result().path
-    finally:
-        service.close("success").result()
     append_jsonl(log, [{"event": "done", "sampler_path": path}])
     console.print(f"train: sampler weights at {path}")
     return path
@@ -410,14 +416,6 @@ def evaluation_problems(cfg: S1Config) -> list[Problem]:
     return fresh[: cfg.num_eval_questions]
 
 
-def forcing(budget: int) -> dict[str, Any]:
-    """Think exactly `budget` tokens: an earlier `</think>` becomes "Wait"; at the budget, close and answer."""
-    return {
-        "min_thinking_tokens": budget, "max_thinking_tokens": budget, "end_thinking": THINK_CLOSE,
-        "wait_text": "Wait", "answer_prefix": ANSWER_PREFIX,
-    }
-
-
 def evaluate(cfg: S1Config, model: str | None = None, console: Console | None = None) -> list[dict[str, Any]]:
     """Accuracy per (budget, mode) on held-out questions; writes eval.jsonl, scaling.md and scaling.png.
 
@@ -437,7 +435,8 @@ def evaluate(cfg: S1Config, model: str | None = None, console: Console | None = 
             for budget, mode in todo:
                 texts = sampler.complete(
                     model, prompts, n=1, max_tokens=budget + cfg.answer_tokens, temperature=0.0,
-                    budget_forcing=forcing(budget) if mode == "budget forcing" else None,
+                    # think exactly `budget` tokens: an earlier close becomes "Wait"; at the budget, answer
+                    budget_forcing=budget_forcing(budget, budget) if mode == "budget forcing" else None,
                 )
                 append_jsonl(log, [
                     {

@@ -2,15 +2,21 @@
 
 Greedy "lower is better" loops keep lucky seeds. Here the noise floor is the spread of repeated runs of the
 same code (each with another seed offset): the baseline repeats, pooled with every candidate that was re-run,
-so an estimate from a few baseline runs that came out too small grows as the run goes on. A keep must clear
-max(min_delta, z * noise), and a small margin is re-run once with another seed; that re-run must clear the bar
-on its own, since the first run was picked for looking good. Whether a margin is small enough to need the
-re-run is judged against a cautious noise (the upper end of what the few runs behind the estimate allow), so a
-noise floor that came out far too small cannot wave a lucky run through unconfirmed.
+so an estimate from a few baseline runs that came out too small grows as the run goes on.
+
+A candidate's first run must beat the best by more than max(min_delta, z * noise) to be considered at all.
+It is then re-run with other seeds (up to `confirm_runs` times), and kept only when the mean of the re-runs,
+which unlike the first run were not picked for looking good, passes a one-sided Student t test at level
+`alpha` against the best: a margin over t(1 - alpha, dof) standard errors of the difference, where dof are
+the degrees of freedom behind the pooled noise. The t quantile makes the few baseline runs of a fresh run
+count for what they are worth (12.7 noise units at 1 degree of freedom and alpha 0.025, 1.96 at many), and
+each re-run adds a degree of freedom to the pool. A first run far beyond the noise (confirm_k) that already
+passes the test on its own is kept without re-runs.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -27,8 +33,6 @@ Verdict = Literal["keep", "discard", "confirm"]
 # float-level wiggles (or a seed that changes nothing measurable) never count as a gain.
 RELATIVE_NOISE_FLOOR = 1e-4
 ABSOLUTE_NOISE_FLOOR = 1e-12
-# How sure the cautious noise is to lie above the true one (one-sided), from a chi-square bound on the spread.
-CAUTION = 0.95
 
 
 def noise_floor(values: list[float]) -> float:
@@ -46,7 +50,7 @@ def pooled_noise_floor(groups: list[list[float]]) -> float:
     if not values:
         raise ValueError("noise_floor needs at least one value")
     squares = sum(sum((v - statistics.fmean(g)) ** 2 for v in g) for g in groups if len(g) >= 2)
-    dof = sum(len(g) - 1 for g in groups if len(g) >= 2)
+    dof = pooled_dof(groups)
     spread = math.sqrt(squares / dof) if dof else 0.0
     scale = abs(statistics.fmean(values))
     return max(spread, RELATIVE_NOISE_FLOOR * scale, ABSOLUTE_NOISE_FLOOR)
@@ -57,37 +61,35 @@ def pooled_dof(groups: list[list[float]]) -> int:
     return sum(len(g) - 1 for g in groups if len(g) >= 2)
 
 
-def _chi2_cdf(x: float, dof: int) -> float:
-    """P(chi-square with `dof` degrees of freedom <= x), by the series of the lower incomplete gamma function."""
-    a, half = dof / 2.0, x / 2.0
-    if half <= 0:
-        return 0.0
-    term = total = 1.0 / a
-    n = 0
-    while term > total * 1e-15 and n < 10_000:
-        n += 1
-        term *= half / (a + n)
+def t_cdf(t: float, dof: int) -> float:
+    """P(T <= t) for Student's t with a whole number of degrees of freedom (Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(dof))
+    cos2 = math.cos(theta) ** 2
+    term = total = 1.0
+    if dof % 2:
+        for k in range(1, (dof - 1) // 2):
+            term *= 2 * k / (2 * k + 1) * cos2
+            total += term
+        inside = theta + (math.sin(theta) * math.cos(theta) * total if dof > 1 else 0.0)
+        return 0.5 + inside / math.pi
+    for k in range(1, dof // 2):
+        term *= (2 * k - 1) / (2 * k) * cos2
         total += term
-    return min(1.0, total * math.exp(a * math.log(half) - half - math.lgamma(a)))
+    return 0.5 + math.sin(theta) * total / 2
 
 
-def caution_factor(dof: int, confidence: float = CAUTION) -> float:
-    """sqrt(dof / chi2 quantile): how far the true spread may exceed one estimated with `dof` degrees of freedom.
-
-    With two baseline runs (1 dof) the sample spread is below a third of the true one 1 time in 4; this factor
-    (about 16 for 1 dof, 4.4 for 2, 2.4 for 4, 1.6 for 10) covers that at the given confidence.
-    """
-    if dof <= 0:
+@functools.cache
+def t_quantile(p: float, dof: int) -> float:
+    """The t with P(T <= t) = p (0.5 <= p < 1), by bisection on `t_cdf`."""
+    if dof < 1:
         return math.inf
-    low, high = 0.0, float(dof)
-    while _chi2_cdf(high, dof) > 1 - confidence:
-        high /= 2.0
-    while _chi2_cdf(high, dof) < 1 - confidence:
+    low, high = 0.0, 1.0
+    while t_cdf(high, dof) < p:
         low, high = high, high * 2.0
     for _ in range(100):
         mid = (low + high) / 2.0
-        low, high = (mid, high) if _chi2_cdf(mid, dof) < 1 - confidence else (low, mid)
-    return math.sqrt(dof / high)
+        low, high = (mid, high) if t_cdf(mid, dof) < p else (low, mid)
+    return high
 
 
 def repeat_groups(rows: Iterable[Mapping[str, Any]]) -> list[list[float]]:
@@ -106,8 +108,13 @@ def gain(candidate: float, best: float, goal: Goal) -> float:
 
 
 def bar(noise: float, rule: DecideSection) -> float:
-    """The margin a candidate must exceed to be kept."""
+    """The margin a candidate's first run and its mean must exceed to be considered at all."""
     return max(rule.min_delta, rule.z * noise)
+
+
+def critical_margin(noise: float, dof: int, runs: int, best_runs: int, alpha: float) -> float:
+    """The margin a mean of `runs` unselected runs must exceed to beat the best at level alpha (one-sided t)."""
+    return t_quantile(1.0 - alpha, dof) * noise * math.sqrt(1.0 / runs + 1.0 / best_runs)
 
 
 @dataclass(frozen=True)
@@ -128,17 +135,12 @@ def probability_better(margin: float, noise: float, n_candidate: int, n_best: in
 
 
 def judge(
-    runs: list[float], best: float, best_runs: int, noise: float, goal: Goal, rule: DecideSection,
-    noise_dof: int | None = None,
+    runs: list[float], best: float, best_runs: int, noise: float, dof: int, goal: Goal, rule: DecideSection
 ) -> Judgement:
-    """Decide on a candidate from its run(s): keep, discard, or ask for one confirmation run.
+    """Decide on a candidate from its runs so far: keep, discard, or ask for another run (see the module docstring).
 
-    `noise_dof`, the degrees of freedom behind `noise`, makes the no-re-run shortcut cautious (see the module
-    docstring); None trusts `noise` as exact.
-
-    `runs` holds one value (first look) or more (after confirmation). The decision uses their mean, and each
-    re-run must also clear the bar by itself: the first run was re-run because it looked good, so it is
-    biased towards luck, while the re-run is a fresh, unselected measurement.
+    `runs` holds the first run, then the re-runs; `noise` and `dof` are the pooled noise floor they are judged
+    against, with the candidate's own spread in it once it has been re-run.
     """
     value = statistics.fmean(runs)
     margin = gain(value, best, goal)
@@ -148,15 +150,29 @@ def judge(
     shown = f"margin {margin:+.6g} = {sigmas:+.2f} noise; bar {need:.6g}"
     if margin <= need:
         return Judgement("discard", margin, sigmas, prob, f"within the noise or worse ({shown})")
-    rerun = min((gain(v, best, goal) for v in runs[1:]), default=math.inf)
-    if rerun <= need:
-        return Judgement(
-            "discard", margin, sigmas, prob,
-            f"not confirmed: the re-run's margin {rerun:+.6g} = {rerun / noise:+.2f} noise is within the bar ({shown})",
-        )
-    cautious = noise * (caution_factor(noise_dof) if noise_dof is not None else 1.0)
-    if rule.confirm and len(runs) == 1 and margin < rule.confirm_k * cautious:
-        small = "small margin" if margin < rule.confirm_k * noise else "margin not yet clear of a noise floor from few runs"
-        return Judgement("confirm", margin, sigmas, prob, f"{small}, re-running ({shown})")
-    how = "confirmed by a re-run" if len(runs) > 1 else "clear gain"
-    return Judgement("keep", margin, sigmas, prob, f"{how} ({shown})")
+    tested = runs[1:] or runs
+    tested_margin = gain(statistics.fmean(tested), best, goal)
+    critical = critical_margin(noise, dof, len(tested), best_runs, rule.alpha)
+    test = f"t test at alpha {rule.alpha:g} with {dof} degrees of freedom needs {critical:.6g}"
+    if len(runs) == 1:
+        clear = tested_margin > critical and (margin >= rule.confirm_k * noise or not rule.confirm)
+        if clear:
+            return Judgement("keep", margin, sigmas, prob, f"clear gain ({shown}; {test})")
+        if rule.confirm:
+            return Judgement("confirm", margin, sigmas, prob, f"re-running with another seed ({shown})")
+        return Judgement("discard", margin, sigmas, prob, f"not significant without a re-run ({shown}; {test})")
+    said = f"the re-runs' mean margin {tested_margin:+.6g}; {test}"
+    if tested_margin > critical:
+        return Judgement("keep", margin, sigmas, prob, f"confirmed by {len(tested)} re-run(s) ({said})")
+    if len(tested) < rule.confirm_runs and tested_margin > 0:
+        return Judgement("confirm", margin, sigmas, prob, f"re-running again ({said})")
+    return Judgement("discard", margin, sigmas, prob, f"not confirmed after {len(tested)} re-run(s): {said} ({shown})")
+
+
+def judge_runs(
+    runs: list[float], repeats: list[list[float]], best: float, best_runs: int, goal: Goal, rule: DecideSection
+) -> tuple[Judgement, float]:
+    """`judge` with the noise pooled from `repeats` and, once re-run, the candidate's own runs; and that noise."""
+    groups = [*repeats, runs] if len(runs) >= 2 else repeats
+    noise = pooled_noise_floor(groups)
+    return judge(runs, best, best_runs, noise, pooled_dof(groups), goal, rule), noise

@@ -36,18 +36,23 @@ EXPERIMENT_COLUMNS = [
     "params_json", "metric", "metric_runs_json", "extra_json", "decision", "reason", "margin", "sigmas",
     "probability", "noise", "best_before", "timings_json", "exit_code", "peak_rss_mb", "log_path",
     "prompt_tokens", "completion_tokens", "cost_usd", "sandboxed", "sandbox_reason", "started_at", "finished_at",
+    "train_limit",
 ]
 HELDOUT_COLUMNS = [
-    "run_id", "commit_sha", "label", "validation", "test", "extra_json", "log_path", "created_at",
+    "run_id", "commit_sha", "label", "validation", "test", "extra_json", "log_path", "created_at", "sandboxed",
+    "sandbox_reason",
 ]
 CHAINED = {"runs": RUN_COLUMNS, "experiments": EXPERIMENT_COLUMNS, "heldout": HELDOUT_COLUMNS}
+# Columns added after journals were first written: an older database gets them on open, and a row's hash leaves
+# them out while they are NULL, so rows written before them still verify.
+ADDED_COLUMNS = {"experiments": ("train_limit",), "heldout": ("sandboxed", "sandbox_reason")}
 
 _TYPES = {
     "run_id": "INTEGER", "number": "INTEGER", "exit_code": "INTEGER", "prompt_tokens": "INTEGER",
     "completion_tokens": "INTEGER", "sandboxed": "INTEGER", "metric": "REAL", "margin": "REAL",
     "sigmas": "REAL", "probability": "REAL", "noise": "REAL", "best_before": "REAL", "peak_rss_mb": "REAL",
     "cost_usd": "REAL", "created_at": "REAL", "started_at": "REAL", "finished_at": "REAL",
-    "validation": "REAL", "test": "REAL",
+    "validation": "REAL", "test": "REAL", "train_limit": "REAL",
 }
 
 
@@ -68,8 +73,9 @@ def _normalize(column: str, value: Any) -> Any:
     return str(value)
 
 
-def _canonical_hash(columns: list[str], row: dict[str, Any], prev_hash: str) -> str:
-    content = {c: row.get(c) for c in columns}
+def _canonical_hash(table: str, row: dict[str, Any], prev_hash: str) -> str:
+    added = ADDED_COLUMNS.get(table, ())
+    content = {c: row.get(c) for c in CHAINED[table] if c not in added or row.get(c) is not None}
     content["prev_hash"] = prev_hash
     blob = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -127,6 +133,10 @@ class Journal:
         self.db.execute("CREATE UNIQUE INDEX IF NOT EXISTS experiments_once ON experiments(run_id, number)")
         for table, columns in CHAINED.items():
             have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for column in ADDED_COLUMNS.get(table, ()):
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {_TYPES.get(column, 'TEXT')}")
+                    have.add(column)
             missing = [c for c in columns if c not in have]
             if missing:
                 raise ChainError(
@@ -147,7 +157,7 @@ class Journal:
             prev = last[0] if last else GENESIS
             values = {c: _normalize(c, row.get(c)) for c in columns}
             values["prev_hash"] = prev
-            values["row_hash"] = _canonical_hash(columns, values, prev)
+            values["row_hash"] = _canonical_hash(table, values, prev)
             names = ", ".join(values)
             marks = ", ".join("?" for _ in values)
             cur = self.db.execute(f"INSERT INTO {table} ({names}) VALUES ({marks})", list(values.values()))
@@ -223,7 +233,7 @@ class Journal:
         """
         head = self._read_head()
         counts: dict[str, int] = {}
-        for table, columns in CHAINED.items():
+        for table in CHAINED:
             counts[table] = 0
             prev = GENESIS
             for row in self.db.execute(f"SELECT * FROM {table} ORDER BY id"):
@@ -233,7 +243,7 @@ class Journal:
                     where += f" (run {data['run_id']}, experiment {data['number']})"
                 if data["prev_hash"] != prev:
                     raise ChainError(f"journal chain broken at {where}: a row before it was removed or inserted")
-                if _canonical_hash(columns, data, prev) != data["row_hash"]:
+                if _canonical_hash(table, data, prev) != data["row_hash"]:
                     raise ChainError(f"journal chain broken at {where}: its content was modified")
                 prev = data["row_hash"]
                 counts[table] += 1

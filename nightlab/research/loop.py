@@ -9,9 +9,12 @@ last kept commit, so a kill at any moment leaves a state the next `nightlab run`
 - the git state is reset to the last kept commit recorded in the journal (tracked and untracked files);
 - baseline results and the noise floor are read back from the journal, not measured again.
 
-The harness is checked against the hashes taken when the run started before every training phase and again
-after it, so a change that training made to a harness file (possible only without the sandbox) never gets
-to score itself: the experiment is recorded as `invalid`.
+The harness is checked against the hashes taken when the run started before every training phase. After
+training and after each evaluation the harness, the committed code and the workspace outside the scratch
+paths must be as they were, so a phase that changed any of them (a harness file, possible only without the
+sandbox; train.py rewriting itself; a file planted for a later phase) never gets its change scored: the
+experiment is recorded as `invalid`. A candidate's training phase may take as long as the baseline's slowest
+(see `_train_limit`); longer is an `overrun`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,14 @@ from nightlab.research import decide
 from nightlab.research.edits import EditError, apply_patch
 from nightlab.research.journal import STATE_DIR, Journal, Run
 from nightlab.research.metrics import Measurement, MetricError, measure
-from nightlab.research.proposers.base import Outcome, PastExperiment, Proposal, ProposalContext, Proposer
+from nightlab.research.proposers.base import (
+    Outcome,
+    PastExperiment,
+    Proposal,
+    ProposalContext,
+    Proposer,
+    ProposerUnavailable,
+)
 from nightlab.research.runner import PhaseResult, Wrap, clean_env, kill_group, run_phase
 from nightlab.research.workspace import Workspace, WorkspaceError
 
@@ -42,6 +52,8 @@ WrapFactory = Callable[[str, dict[str, str]], Wrap | None]
 
 BRANCH_PREFIX = "nightlab/"
 SETUP_TIMEOUT_SECONDS = 3600.0
+# Waits between tries while the proposer's service is down: doubling from the first, never above the last.
+OUTAGE_BACKOFF_SECONDS = (5.0, 300.0)
 INTERRUPTED = "interrupted: nightlab stopped while this experiment ran; recorded on resume, not re-run"
 
 
@@ -77,6 +89,7 @@ class LoopState:
     best_runs: int = 1
     best_commit: str = ""
     noise: float | None = None
+    train_limit: float | None = None  # seconds a candidate's training phase may take (see `_train_limit`)
     experiments: int = 0
     keeps: int = 0
     cost_usd: float = 0.0
@@ -183,8 +196,12 @@ class ResearchLoop:
 
     # --- opening a run ---------------------------------------------------------------------------------
 
-    def open(self) -> bool:
-        """Create or resume the run and repair the workspace; return True when resuming."""
+    def open(self, *, with_proposer: bool = False) -> bool:
+        """Create or resume the run and repair the workspace; return True when resuming.
+
+        `with_proposer` builds the proposer where the files on disk are those of the run's best commit: before
+        anything is created for a new run (so a proposer that cannot start leaves nothing behind), after the
+        repair for a resumed one (a kill may have left a candidate checked out)."""
         self.ws.exclude_state_dir()
         self.journal.verify_chain()
         tag = self.options.tag or default_tag(self.ws, self.journal)
@@ -199,6 +216,8 @@ class ResearchLoop:
                     f"branch {branch} exists but the journal has no run {tag!r}; pick another --tag"
                 )
             self.ws.editable_files()
+            if with_proposer:
+                self._build_proposer()
             source = self.ws.current_branch()
             preserved = self.ws.untracked_entries()
             base = self.ws.head()
@@ -223,6 +242,8 @@ class ResearchLoop:
             self.ws.check_harness(run.harness)
         except WorkspaceError as exc:
             raise LoopError(f"{exc}; the harness must stay as it was when run {tag!r} started") from exc
+        if with_proposer:
+            self._build_proposer()
         return resumed
 
     def _refuse_dirty(self) -> None:
@@ -251,6 +272,7 @@ class ResearchLoop:
             st.baseline = st.best = statistics.fmean(base)
             st.best_runs = len(base)
             st.noise = decide.pooled_noise_floor(self.repeats)
+            st.train_limit = self._train_limit(rows)
         st.experiments = st.keeps = 0
         st.cost_usd = 0.0
         st.decisions = {}
@@ -311,17 +333,36 @@ class ResearchLoop:
 
     @property
     def proposer(self) -> Proposer:
+        assert self._proposer is not None, "open(with_proposer=True) builds it"
+        return self._proposer
+
+    def _build_proposer(self) -> None:
         if self._proposer is None:
             from nightlab.research.proposers import make_proposer
 
             self._proposer = make_proposer(self.config, self.root, self.options.proposer)
-        return self._proposer
+
+    def _check_options(self) -> None:
+        """Options that cannot work with this config fail here, before anything is created or run."""
+        from nightlab.research.proposers import resolve_kind
+
+        kind = self._proposer.name if self._proposer is not None else resolve_kind(self.config, self.options.proposer)
+        llm = self.config.proposer.llm
+        if self.options.max_cost is not None and kind == "llm" and not (
+            llm.input_price_per_mtok or llm.output_price_per_mtok
+        ):
+            raise ConfigError(
+                "--max-cost needs the model's prices to count what the run spends: set "
+                "proposer.llm.input_price_per_mtok and proposer.llm.output_price_per_mtok (USD per million tokens) "
+                "in nightlab.toml; with both at 0 the cap would never stop the run"
+            )
 
     def run_loop(self) -> LoopState:
         """Open (or resume) the run and experiment until a stop condition; return the final state."""
         try:
+            self._check_options()
+            resumed = self.open(with_proposer=True)
             self.state.proposer = self.proposer.name
-            resumed = self.open()
         except BaseException:
             self.journal.close()
             raise
@@ -331,8 +372,7 @@ class ResearchLoop:
             self._setup()
             self._baseline()
             while not (reason := self._stop_reason(started)):
-                if not self._one_experiment():
-                    reason = "the proposer has nothing more to try"
+                if reason := self._one_experiment():
                     break
             self.state.stop_reason = reason
             if self.config.experiment.heldout:
@@ -387,7 +427,7 @@ class ResearchLoop:
                 {"kind": "baseline", "commit": commit, "description": "baseline", "proposer": "baseline",
                  "log_path": str(self._log_path(number))},
             )
-            trial = self._trial(number, "baseline", commit, seed_offset=len(ok))
+            trial = self._trial(number, "baseline", commit, seed_offset=len(ok), limit=None)
             row = self._row(number, "baseline")
             row.update({"commit_sha": commit, "description": "baseline", "proposer": "baseline"})
             self._fill_trial(row, [trial])
@@ -424,11 +464,31 @@ class ResearchLoop:
             last_invalid_reason=self.last_invalid,
         )
 
-    def _one_experiment(self) -> bool:
-        """Run one proposal end to end; False when the proposer has nothing more to offer."""
-        proposal = self.proposer.propose(self._context())
-        if proposal is None:
-            return False
+    def _propose(self) -> Proposal | str:
+        """The next proposal, or why there is none. A proposer whose service is down (an LLM outage that
+        outlasted the client's own retries) is tried again, waiting longer each time, for up to
+        `proposer.outage_seconds`."""
+        patience = self.config.proposer.outage_seconds
+        deadline = time.monotonic() + patience
+        wait, longest = OUTAGE_BACKOFF_SECONDS
+        while True:
+            try:
+                proposal = self.proposer.propose(self._context())
+            except ProposerUnavailable as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return f"the proposer stayed unavailable for {patience:g}s (proposer.outage_seconds): {exc}"
+                self.view.message(f"the proposer is unavailable ({exc}); trying again in {min(wait, left):.0f}s")
+                time.sleep(min(wait, left))
+                wait = min(wait * 2, longest)
+                continue
+            return "the proposer has nothing more to try" if proposal is None else proposal
+
+    def _one_experiment(self) -> str:
+        """Run one proposal end to end; return why the run must stop, or "" to go on."""
+        proposal = self._propose()
+        if isinstance(proposal, str):
+            return proposal
         number = self.journal.next_number(self.run.id)
         parent = self.state.best_commit
         pending = {
@@ -451,7 +511,7 @@ class ResearchLoop:
         self._restore_state()
         self.view.experiment_finished(row, self.state)
         self.proposer.feedback(proposal, Outcome(row["decision"], row["metric"], row["reason"] or ""))
-        return True
+        return ""
 
     def _evaluate_candidate(
         self, number: int, proposal: Proposal, pending: dict[str, Any], row: dict[str, Any]
@@ -463,19 +523,22 @@ class ResearchLoop:
             files = apply_patch(self.root, proposal.patch, proposal.patch_format, self.config.workspace.editable)
             self.ws.write_files(files)
             self.ws.check_harness(self.run.harness)
+            commit = self.ws.commit(f"nightlab #{number}: {proposal.description}", sorted(files))
         except (EditError, WorkspaceError) as exc:
             row.update({"decision": "invalid", "reason": str(exc)})
             return
-        commit = self.ws.commit(f"nightlab #{number}: {proposal.description}", sorted(files))
-        row.update({"commit_sha": commit, "diff": self.ws.diff(parent, commit)})
+        limit = self.state.train_limit
+        row.update({"commit_sha": commit, "diff": self.ws.diff(parent, commit), "train_limit": limit})
         self._mark_pending(number, {**pending, "commit": commit})
-        trials = [self._trial(number, proposal.description, commit, seed_offset=0)]
-        judgement = None
-        if trials[0].measurement is not None:
+        trials = [self._trial(number, proposal.description, commit, seed_offset=0, limit=limit)]
+        judgement, noise = None, None
+        while trials[-1].measurement is not None:
             judgement, noise = self._judge(trials)
-            if judgement.verdict == "confirm":
-                trials.append(self._trial(number, proposal.description, commit, seed_offset=1, label="confirm"))
-                judgement, noise = self._judge(trials) if trials[1].measurement is not None else (None, noise)
+            if judgement.verdict != "confirm":
+                break
+            n = len(trials)
+            trials.append(self._trial(number, proposal.description, commit, seed_offset=n, label=f"confirm {n}",
+                                      limit=limit))
         self._fill_trial(row, trials)
         failed = next((t for t in trials if t.failure), None)
         if failed is not None:
@@ -498,19 +561,28 @@ class ResearchLoop:
     def _judge(self, trials: list[Trial]) -> tuple[decide.Judgement, float]:
         """The decision and the noise floor it used: a re-run candidate's own spread joins the pool."""
         st = self.state
-        assert st.best is not None and st.noise is not None
+        assert st.best is not None
         values = [t.measurement.value for t in trials if t.measurement is not None]
-        groups = [*self.repeats, values] if len(values) >= 2 else self.repeats
-        noise = decide.pooled_noise_floor(groups)
-        judgement = decide.judge(
-            values, st.best, st.best_runs, noise, self.config.metric.goal, self.config.decide,
-            noise_dof=decide.pooled_dof(groups),
-        )
-        return judgement, noise
+        return decide.judge_runs(values, self.repeats, st.best, st.best_runs, self.config.metric.goal, self.config.decide)
+
+    def _train_limit(self, rows: list[dict[str, Any]]) -> float:
+        """How long a candidate's training phase may take: the baseline's slowest training phase (or the budget,
+        if longer), plus `budget_tolerance` of the budget and `startup_allowance_seconds`."""
+        exp = self.config.experiment
+        walls = [
+            json.loads(r["timings_json"] or "{}").get("train", 0.0)
+            for r in rows if r["kind"] == "baseline" and r["decision"] == "keep"
+        ]
+        reference = max([exp.budget_seconds, *walls])
+        return reference + exp.budget_tolerance * exp.budget_seconds + exp.startup_allowance_seconds
 
     # --- one execution of a commit ---------------------------------------------------------------------
 
-    def _trial(self, number: int | str, description: str, commit: str, *, seed_offset: int, label: str = "") -> Trial:
+    def _trial(
+        self, number: int | str, description: str, commit: str, *, seed_offset: int, limit: float | None,
+        label: str = "",
+    ) -> Trial:
+        """Train and evaluate `commit`; a training phase longer than `limit` seconds is an overrun."""
         self.ws.reset_to(commit, self.preserved)
         try:
             self.ws.check_harness(self.run.harness)
@@ -520,24 +592,45 @@ class ResearchLoop:
         suffix = f" ({label})" if label else ""
         train = self._phase(number, description, "train" + suffix, exp.command, seed_offset)
         phases = [train]
-        limit = exp.budget_seconds * (1 + exp.budget_tolerance) + exp.startup_allowance_seconds
         if train.timed_out:
-            return Trial("timeout", f"killed after {exp.timeout_seconds:g}s (experiment.timeout_seconds)", None, phases)
-        try:
-            self.ws.check_harness(self.run.harness)
-        except WorkspaceError as exc:
-            return Trial("invalid", f"the training phase tampered with the harness: {exc}", None, phases)
+            return _timed_out("training", phases, exp.timeout_seconds)
+        if tampered := self._tampering("training", phases):
+            return tampered
         if train.exit_code != 0:
             return Trial("crash", _with_tail(f"command {_failure_words(train)}", train), None, phases)
-        if train.wall_seconds > limit:
+        if limit is not None and train.wall_seconds > limit:
             return Trial(
                 "overrun",
-                f"training took {train.wall_seconds:.1f}s, over the limit {limit:.1f}s "
-                f"(budget {exp.budget_seconds:g}s x (1 + {exp.budget_tolerance:g}) + "
-                f"{exp.startup_allowance_seconds:g}s startup)",
+                f"training took {train.wall_seconds:.1f}s, over the limit {limit:.1f}s (the baseline's slowest "
+                f"training or the budget {exp.budget_seconds:g}s, whichever is longer, + {exp.budget_tolerance:g} x "
+                f"budget + {exp.startup_allowance_seconds:g}s startup allowance)",
                 None, phases,
             )
         return self._measure(number, description, "evaluate" + suffix, exp.evaluate, seed_offset, phases)
+
+    def _tampering(self, what: str, phases: list[PhaseResult]) -> Trial | None:
+        """A phase that changed what it may not: a harness file, the committed code (what would be scored would
+        differ from the journal's diff), or anything outside the scratch paths (which a later phase could read)."""
+        try:
+            self.ws.check_harness(self.run.harness)
+        except WorkspaceError as exc:
+            return Trial("invalid", f"the {what} phase tampered with the harness: {exc}", None, phases)
+        if changed := self.ws.tracked_changes():
+            return Trial(
+                "invalid",
+                f"the {what} phase changed the committed code ({', '.join(changed)}), so the code scored would not "
+                "be the code the journal records",
+                None, phases,
+            )
+        if strays := self.ws.strays(self.preserved):
+            scratch = ", ".join(self.config.workspace.scratch) or "none"
+            return Trial(
+                "invalid",
+                f"the {what} phase wrote {', '.join(strays)} outside the scratch paths ({scratch}); a harness that "
+                "needs such a place declares it under workspace.scratch",
+                None, phases,
+            )
+        return None
 
     def _measure(
         self, number: int | str, description: str, phase: str, command: str | None, seed_offset: int,
@@ -548,6 +641,10 @@ class ResearchLoop:
         if command:
             ev = self._phase(number, description, phase, command, seed_offset, key=key)
             phases.append(ev)
+            if ev.timed_out:
+                return _timed_out(phase, phases, self.config.experiment.timeout_seconds)
+            if tampered := self._tampering(phase, phases):
+                return tampered
             if not ev.ok:
                 return Trial("crash", _with_tail(f"{phase} {_failure_words(ev)}", ev), None, phases)
             evaluate_log = ev.output
@@ -620,7 +717,8 @@ class ResearchLoop:
             self.open()
             return self.score_heldout()
         finally:
-            self.ws.reset_to(self.state.best_commit, self.preserved)
+            if self.state.best_commit:  # else open() failed before it knew the run: its error is the one to see
+                self.ws.reset_to(self.state.best_commit, self.preserved)
             self.journal.close()
 
     def score_heldout(self) -> list[dict[str, Any]]:
@@ -647,7 +745,7 @@ class ResearchLoop:
 
     def _heldout_one(self, label: str, commit: str) -> dict[str, Any]:
         name, what = f"heldout-{label}", f"held-out scoring of the {label}"
-        trial = self._trial(name, what, commit, seed_offset=0, label="heldout")
+        trial = self._trial(name, what, commit, seed_offset=0, label="heldout", limit=self.state.train_limit)
         test = trial
         if trial.measurement is not None:
             test = self._measure(name, what, "heldout", self.config.experiment.heldout, 0, list(trial.phases))
@@ -656,6 +754,7 @@ class ResearchLoop:
             "validation": trial.measurement.value if trial.measurement else None,
             "test": test.measurement.value if test.measurement else None,
             "extra_json": json.dumps({"reason": test.reason}), "log_path": str(self._log_path(name)),
+            "sandboxed": int(self.state.sandboxed), "sandbox_reason": self.state.sandbox_reason,
         }
 
 
@@ -664,6 +763,10 @@ def _usage_columns(usage: dict[str, Any]) -> dict[str, Any]:
         "prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0),
         "cost_usd": usage.get("cost_usd", 0.0),
     }
+
+
+def _timed_out(phase: str, phases: list[PhaseResult], timeout: float) -> Trial:
+    return Trial("timeout", f"{phase} killed after {timeout:g}s (experiment.timeout_seconds)", None, phases)
 
 
 def _with_tail(words: str, result: PhaseResult) -> str:

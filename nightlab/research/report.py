@@ -55,11 +55,14 @@ def overfit_suspected(val_gain: float, test_gain: float, bar: float) -> bool:
 def heldout_lines(rows: list[dict[str, Any]], goal: decide.Goal, bar: float) -> list[str]:
     """Validation vs test for the baseline and the best; flag a gain that did not carry over to test."""
     by_label = {r["label"]: r for r in rows}
-    lines = ["| | commit | validation | test |", "|---|---|---|---|"]
+    lines = ["| | commit | validation | test | sandbox |", "|---|---|---|---|---|"]
     for label in ("baseline", "best"):
         if label in by_label:
             r = by_label[label]
-            lines.append(f"| {label} | `{r['commit_sha'][:7]}` | {_f(r['validation'])} | {_f(r['test'])} |")
+            lines.append(
+                f"| {label} | `{r['commit_sha'][:7]}` | {_f(r['validation'])} | {_f(r['test'])} | "
+                f"{_sandbox_cell(r['sandboxed'])} |"
+            )
     base, best = by_label.get("baseline"), by_label.get("best")
     if base and best and None not in (base["validation"], base["test"], best["validation"], best["test"]):
         val_gain = decide.gain(best["validation"], base["validation"], goal)
@@ -82,6 +85,11 @@ def heldout_lines(rows: list[dict[str, Any]], goal: decide.Goal, bar: float) -> 
     elif base and not best:
         lines.append("\nNothing was kept, so only the baseline was scored on the test split.")
     return lines
+
+
+def _sandbox_cell(sandboxed: int | None) -> str:
+    """A held-out row's sandbox flag; rows written before nightlab recorded it have none."""
+    return "not recorded" if sandboxed is None else "on" if sandboxed else "**off**"
 
 
 def sandbox_lines(rows: list[dict[str, Any]]) -> list[str]:

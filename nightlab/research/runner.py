@@ -59,13 +59,15 @@ def venv_bin() -> str:
 def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
     """A minimal environment: PATH (venv first), HOME, LANG, nightlab's cache dir, plus what the caller adds.
 
-    The cache dir is passed explicitly because a sandboxed phase gets an empty private HOME."""
+    The cache dir is passed explicitly because a sandboxed phase gets an empty private HOME. Python writes no
+    `__pycache__` into the workspace: a phase may leave nothing outside the scratch paths."""
     path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
     env = {
         "PATH": f"{venv_bin()}{os.pathsep}{path}",
         "HOME": os.environ.get("HOME", str(Path.home())),
         "LANG": os.environ.get("LANG", "C.UTF-8"),
         "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
         CACHE_ENV: str(cache_dir()),
     }
     env.update(extra)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from nightlab.config import NightlabConfig
-from nightlab.paths import expand
+from nightlab.paths import cache_dir, expand
 
 BWRAP_ENV = "NIGHTLAB_BWRAP"
 Phase = Literal["setup", "train", "evaluate", "heldout", "checks"]
@@ -181,12 +181,12 @@ def wrap_argv(argv: list[str], spec: SandboxSpec) -> list[str]:
         # An empty private home: tools that cache under ~ (triton, matplotlib) work, the real one stays unseen.
         args += ["--tmpfs", home]
     args += _system_args(spec.network)
-    # Outside the workspace first, so that a writable cache enclosing it cannot make the harness writable.
-    for p in absolute(spec.read_only):
-        args += _ro(p)
-    for p in writable:
-        if not p.is_relative_to(ws):
-            args += ["--bind", str(p), str(p)]
+    # Outside the workspace first, so that a writable cache enclosing it cannot make the harness writable;
+    # parents before children, so a path inside another mount gets its own mode.
+    outside = [(p, "--ro-bind") for p in absolute(spec.read_only)]
+    outside += [(p, "--bind") for p in writable if not p.is_relative_to(ws)]
+    for p, how in sorted(outside, key=lambda mount: len(mount[0].parts)):
+        args += [how, str(p), str(p)]
     args += _ro(ws)
     for p in writable:
         if p.is_relative_to(ws):
@@ -201,21 +201,27 @@ def wrap_argv(argv: list[str], spec: SandboxSpec) -> list[str]:
 
 @dataclass(frozen=True)
 class _PhaseRule:
+    writes: bool  # scratch paths and `writable` directories writable (read-only otherwise)
     editable_writable: bool
     network: bool | None  # None: as configured
-    data_writable: bool  # `read_only` data paths writable (and created): the harness setup prepares them
+    prepares: bool  # setup: `read_only` data writable (and created), `setup_read_only` visible
     hide: tuple[Literal["train_hidden", "eval_hidden"], ...]
 
 
 # setup is the harness step that downloads and prepares data before the baseline: it gets the network and
 # sees every split. The test split (eval_hidden) is hidden from all the rest but heldout; training and checks
-# run the agent's code alone, so they lose the validation split too.
+# run the agent's code alone, so they lose the validation split too. Only setup and training write: what the
+# scoring phases read cannot have been changed by a phase that ran the agent's code after it was scored.
 _PHASES: dict[str, _PhaseRule] = {
-    "setup": _PhaseRule(editable_writable=False, network=True, data_writable=True, hide=()),
-    "train": _PhaseRule(editable_writable=True, network=None, data_writable=False, hide=("train_hidden", "eval_hidden")),
-    "evaluate": _PhaseRule(editable_writable=False, network=None, data_writable=False, hide=("eval_hidden",)),
-    "heldout": _PhaseRule(editable_writable=False, network=None, data_writable=False, hide=()),
-    "checks": _PhaseRule(editable_writable=False, network=None, data_writable=False, hide=("train_hidden", "eval_hidden")),
+    "setup": _PhaseRule(writes=True, editable_writable=False, network=True, prepares=True, hide=()),
+    "train": _PhaseRule(
+        writes=True, editable_writable=True, network=None, prepares=False, hide=("train_hidden", "eval_hidden")
+    ),
+    "evaluate": _PhaseRule(writes=False, editable_writable=False, network=None, prepares=False, hide=("eval_hidden",)),
+    "heldout": _PhaseRule(writes=False, editable_writable=False, network=None, prepares=False, hide=()),
+    "checks": _PhaseRule(
+        writes=False, editable_writable=False, network=None, prepares=False, hide=("train_hidden", "eval_hidden")
+    ),
 }
 
 
@@ -247,6 +253,16 @@ def _outside(entry: str, workspace: Path) -> Path:
     return path
 
 
+def _prepared(data: list[Path], workspace: Path) -> list[Path]:
+    """What setup may write: the declared data dirs, and nightlab's cache dir when one lies in it, since a
+    template's setup keeps its downloads next to the data it prepares there."""
+    dirs = [_outside(str(d), workspace) for d in data]
+    cache = Path(os.path.normpath(cache_dir()))
+    if any(Path(os.path.normpath(d)).is_relative_to(cache) for d in dirs) and not cache.is_relative_to(workspace):
+        dirs.insert(0, cache)
+    return dirs
+
+
 def spec_for_phase(
     config: NightlabConfig,
     workspace: Path,
@@ -267,9 +283,9 @@ def spec_for_phase(
     scratch = [_inside(Path(s), ws, "scratch path") for s in config.workspace.scratch]
     caches = [_outside(w, ws) for w in box.writable]
     data = [_expand(r, ws) for r in box.read_only]
-    if rule.data_writable:
-        caches += [_outside(str(d), ws) for d in data]
-    for d in scratch + caches:
+    setup_only = [_expand(r, ws) for r in box.setup_read_only]
+    prepared = _prepared(data, ws) if rule.prepares else []
+    for d in scratch + caches + prepared:
         if not d.exists():
             d.mkdir(parents=True)
     editable = (
@@ -278,9 +294,9 @@ def spec_for_phase(
     hidden = [_expand(h, ws) for group in rule.hide for h in getattr(box, group)]
     return SandboxSpec(
         workspace=ws,
-        writable=editable + scratch + caches,
-        read_only=[] if rule.data_writable else data,
-        hidden=hidden,
+        writable=editable + (scratch + caches if rule.writes else []) + prepared,
+        read_only=setup_only if rule.prepares else data + ([] if rule.writes else caches),
+        hidden=hidden + ([] if rule.prepares else setup_only),
         network=box.network if rule.network is None else rule.network,
         env=dict(env or {}),
         bwrap=detect().bwrap or "bwrap",

@@ -7,11 +7,13 @@ The state dir `.nightlab/` (journal, logs) is excluded from git and survives eve
 from __future__ import annotations
 
 import hashlib
+import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
-from nightlab.config import NightlabConfig
+from nightlab.config import CONFIG_NAME, NightlabConfig
 from nightlab.research.edits import is_editable
 from nightlab.research.journal import STATE_DIR
 
@@ -22,6 +24,20 @@ class WorkspaceError(RuntimeError):
 
 def _escape_pattern(name: str) -> str:
     return "/" + "".join("\\" + c if c in "*?[]!#\\ " else c for c in name)
+
+
+# Every git call: a user's `commit.gpgsign = true` must not make the loop's commits wait for a key or fail.
+_GIT = ["git", "-c", "core.quotepath=off", "-c", "commit.gpgsign=false"]
+_HARNESS_STEPS = ("setup", "evaluate", "heldout", "checks")
+
+
+def _named_paths(command: str) -> set[str]:
+    """The workspace-relative paths a command line names (e.g. prepare.py in `python prepare.py evaluate`)."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        words = command.split()
+    return {os.path.normpath(w) for w in words if not w.startswith("-") and not os.path.isabs(w)}
 
 
 class Workspace:
@@ -36,9 +52,7 @@ class Workspace:
     # --- git plumbing ----------------------------------------------------------------------------------
 
     def git(self, *args: str, check: bool = True) -> str:
-        proc = subprocess.run(
-            ["git", "-c", "core.quotepath=off", *args], cwd=self.root, capture_output=True, text=True
-        )
+        proc = subprocess.run([*_GIT, *args], cwd=self.root, capture_output=True, text=True)
         if check and proc.returncode != 0:
             raise WorkspaceError(f"git {' '.join(args)} failed: {proc.stderr.strip() or proc.stdout.strip()}")
         return proc.stdout.rstrip("\n")
@@ -85,24 +99,36 @@ class Workspace:
             self.git("checkout", "--quiet", "-b", branch)
 
     def commit(self, message: str, files: list[str]) -> str:
-        """Commit the given (editable) files; return the new commit."""
-        self.git("add", "--", *files)
-        self.git(
-            "-c", "user.name=nightlab", "-c", "user.email=nightlab@localhost", "commit", "--quiet",
-            "--no-verify", "-m", message,
-        )
+        """Commit the given (editable) files; return the new commit. When git refuses (a path that .gitignore
+        excludes, a change that changes nothing), raise WorkspaceError saying why."""
+        try:
+            self.git("add", "--", *files)
+            self.git(
+                "-c", "user.name=nightlab", "-c", "user.email=nightlab@localhost", "commit", "--quiet",
+                "--no-verify", "-m", message,
+            )
+        except WorkspaceError as exc:
+            raise WorkspaceError(f"the change could not be committed: {exc}") from exc
         return self.head()
+
+    def _scratch_tops(self) -> set[str]:
+        return {s.strip("/").split("/")[0] for s in self.config.workspace.scratch}
+
+    def strays(self, preserved: list[str]) -> list[str]:
+        """Untracked or ignored top-level names that are neither preserved nor scratch: written where no phase may."""
+        allowed = set(preserved) | self._scratch_tops()
+        return [name for name in self.untracked_entries() if name not in allowed]
 
     def reset_to(self, commit: str, preserved: list[str]) -> None:
         """Return exactly to `commit`: tracked files reset, everything a run left behind removed.
 
         Untracked names that existed before the run started (`preserved`, e.g. a venv) survive; scratch
-        paths are always wiped.
+        paths are always wiped. Nested git repositories go too (`-ff`).
         """
         self.git("reset", "--quiet", "--hard", commit)
-        scratch = {s.strip("/").split("/")[0] for s in self.config.workspace.scratch}
+        scratch = self._scratch_tops()
         keep = [STATE_DIR, *(p for p in preserved if p not in scratch)]
-        args = ["clean", "-fdxq"]
+        args = ["clean", "-ffdxq"]
         for name in keep:
             args += ["-e", _escape_pattern(name)]
         self.git(*args)
@@ -122,15 +148,33 @@ class Workspace:
         return [f for f in self.git("ls-files", "-z").split("\0") if f]
 
     def editable_files(self) -> list[str]:
-        """Tracked files the agent may change; each must be a regular file inside the workspace."""
+        """Tracked files the agent may change; each must be a regular file inside the workspace, and none may be
+        the config, the agent's instructions or a file a harness step runs."""
         files = [f for f in self.tracked_files() if is_editable(f, self.config.workspace.editable)]
         for rel in files:
             self.check_regular(rel)
+            self.check_not_harness(rel)
         if not files:
             raise WorkspaceError(
                 f"workspace.editable {self.config.workspace.editable} matches no tracked file in {self.root}"
             )
         return files
+
+    def check_not_harness(self, rel: str) -> None:
+        """Refuse an editable path that would let the agent change the rules it is judged by."""
+        ws, exp = self.config.workspace, self.config.experiment
+        what = {CONFIG_NAME: "the workspace config", os.path.normpath(ws.program): "the agent's instructions"}
+        for step in _HARNESS_STEPS:
+            command = getattr(exp, step)
+            for path in _named_paths(command or ""):
+                what.setdefault(path, f"named by the harness step experiment.{step} ({command!r})")
+        rel = os.path.normpath(rel)
+        for path, why in what.items():
+            if rel == path or rel.startswith(path + "/"):
+                raise WorkspaceError(
+                    f"workspace.editable {self.config.workspace.editable} matches {rel}, {why}; the agent must not "
+                    "be able to change it: narrow the globs"
+                )
 
     def check_regular(self, rel: str) -> Path:
         path = self.root / rel
@@ -149,6 +193,7 @@ class Workspace:
         for rel, text in files.items():
             if not is_editable(rel, self.config.workspace.editable):
                 raise WorkspaceError(f"refusing to write {rel}: it is not an editable file of this workspace")
+            self.check_not_harness(rel)
             path = self.check_regular(rel)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
@@ -213,7 +258,8 @@ def init_workspace(template: str, dest: Path) -> Path:
 
     git("init", "--quiet", "--initial-branch=main")
     git("add", "--all")
-    git("-c", "user.name=nightlab", "-c", "user.email=nightlab@localhost", "commit", "--quiet", "-m",
+    git("-c", "user.name=nightlab", "-c", "user.email=nightlab@localhost", "-c", "commit.gpgsign=false", "commit",
+        "--quiet", "-m",
         f"nightlab workspace from template {template}")
     exclude = dest / ".git" / "info" / "exclude"
     exclude.parent.mkdir(parents=True, exist_ok=True)

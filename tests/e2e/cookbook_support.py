@@ -24,7 +24,13 @@ OFFLINE_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "WANDB_MODE": "disabled",
 }
-COOKBOOK_DATA = Path(__import__("tinker_cookbook").__file__).parent / "example_data"
+
+
+def cookbook_data() -> Path:
+    """The cookbook's own example_data folder (imported here, not at module level, so a missing cookbook skips)."""
+    import tinker_cookbook
+
+    return Path(tinker_cookbook.__file__).parent / "example_data"
 
 
 def free_port() -> int:

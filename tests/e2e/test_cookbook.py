@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.cookbook_support import (
-    COOKBOOK_DATA,
     cookbook_command,
+    cookbook_data,
     nightlab_serve,
     read_jsonl,
     run_cookbook,
@@ -27,6 +27,18 @@ from tests.e2e.cookbook_support import (
 )
 
 pytest.importorskip("tinker_cookbook")
+
+
+def test_without_the_cookbook_this_module_is_skipped_not_broken() -> None:
+    """Collect this file in a Python where `import tinker_cookbook` fails: the result is a skip, not an error."""
+    blocked = (
+        "import sys; sys.modules['tinker_cookbook'] = None; import pytest; "
+        f"sys.exit(pytest.main([{__file__!r}, '--collect-only', '-q', '-p', 'no:cacheprovider']))"
+    )
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[2])
+    assert done.returncode == pytest.ExitCode.NO_TESTS_COLLECTED, done.stdout + done.stderr
+    assert "could not import 'tinker_cookbook'" in done.stdout and "error" not in done.stdout.lower(), done.stdout
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +58,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def chat_sl(model: Path | str, url: str, log_path: Path, behavior: str, max_steps: int) -> list[str]:
     return cookbook_command(
         "chat_sl.train", model_name=model, renderer_name="role_colon", base_url=url, log_path=log_path,
-        dataset=COOKBOOK_DATA / "conversations.jsonl", batch_size=8, max_length=128, lora_rank=4,
+        dataset=cookbook_data() / "conversations.jsonl", batch_size=8, max_length=128, lora_rank=4,
         learning_rate=1e-3, max_steps=max_steps, save_every=2, eval_every=0, infrequent_eval_every=0,
         behavior_if_log_dir_exists=behavior,
     )

@@ -20,6 +20,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from nightlab.cli import app
+from nightlab.config import ExperimentSection
 from nightlab.research.journal import EXPERIMENT_COLUMNS, ChainError, Journal, _canonical_hash
 from nightlab.research.live import LiveView
 from nightlab.research.loop import ResearchLoop, RunOptions
@@ -331,6 +332,31 @@ def test_training_past_the_budget_is_an_overrun_whatever_it_prints(channel_run):
     assert state.keeps == 0
 
 
+# tinygpt on a CPU: 60 s of training plus a few seconds of imports and setup. The same proportions at 1/30
+# of the time: a 2 s budget, 0.2 s of startup, and the default allowance scaled likewise.
+SCALE = 2.0 / 60.0
+SLOW_DOWN = replace_block("def main() -> None:", "def main() -> None:\n    time.sleep(0.8)",
+                          description="train 40% past the budget")
+
+
+def test_training_40_percent_past_the_budget_is_an_overrun_on_tinygpt_timings(tmp_path):
+    allowance = ExperimentSection.model_fields["startup_allowance_seconds"].default * SCALE
+    root = make_workspace(
+        tmp_path,
+        config={"experiment": {"heldout": None, "budget_seconds": 60 * SCALE, "timeout_seconds": 30.0,
+                               "startup_allowance_seconds": allowance, "env": {"QUADRATIC_WORK_SECONDS": "2.2"}},
+                "decide": {"baseline_runs": 2}},
+        patches={"1.md": SLOW_DOWN},
+    )
+    ResearchLoop(root, RunOptions(tag="slow", proposer="replay")).run_loop()
+    rows = _rows(root, "slow")
+    slowest = max(json.loads(r["timings_json"])["train"] for r in rows if r["kind"] == "baseline")
+    row = _by_description(rows)["train 40% past the budget"]
+    assert row["decision"] == "overrun" and row["metric"] is None
+    assert row["train_limit"] == pytest.approx(max(slowest, 2.0) + 0.05 * 2.0 + allowance)
+    assert row["reason"].startswith("training took ") and f"over the limit {row['train_limit']:.1f}s" in row["reason"]
+
+
 # --- 4. the journal ----------------------------------------------------------------------------------------
 
 
@@ -394,7 +420,7 @@ def test_a_replaced_last_row_is_detected(journal_run, tmp_path):
     db.execute("DELETE FROM experiments WHERE id = ?", (last["id"],))
     values = {c: last[c] for c in EXPERIMENT_COLUMNS} | {"metric": 0.0}
     values["prev_hash"] = last["prev_hash"]
-    values["row_hash"] = _canonical_hash(EXPERIMENT_COLUMNS, values, last["prev_hash"])
+    values["row_hash"] = _canonical_hash("experiments", values, last["prev_hash"])
     db.execute(f"INSERT INTO experiments ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
                list(values.values()))
     db.commit()
@@ -443,12 +469,49 @@ def test_nothing_an_experiment_writes_reaches_the_next_one(tmp_path):
         patches={"1.md": attack("leave a shortcut behind", CACHE), "2.md": attack("use a shortcut left behind", USE_CACHE)},
     )
     ResearchLoop(root, RunOptions(tag="clean", proposer="replay")).run_loop()
-    rows = _by_description(_rows(root, "clean"))
+    all_rows = _rows(root, "clean")
+    rows = _by_description(all_rows)
     leave, use = rows["leave a shortcut behind"], rows["use a shortcut left behind"]
-    assert leave["decision"] == "discard" and use["decision"] == "discard"
-    assert "within the noise" in use["reason"] and use["metric"] == leave["metric"]
+    assert leave["decision"] == "invalid" and leave["reason"] == (
+        "the training phase wrote shortcut.json outside the scratch paths (run/); a harness that needs such a "
+        "place declares it under workspace.scratch"
+    )
+    assert use["decision"] == "discard" and "within the noise" in use["reason"]
+    assert use["metric"] == all_rows[0]["metric"]  # the honest first baseline run: no shortcut was found
     assert "CACHE: []" in _log(use)
     assert not (root / "shortcut.json").exists() and not (root / "run").exists()
+
+
+# Trains with the optimum, then puts the honest knobs back into train.py: the journal's diff would show
+# nothing but an extra line, while the score comes from code the diff does not hold.
+REWRITE_ITSELF = attack("train with other knobs than committed", f'''    knobs = {OPTIMUM!r}
+    Path(__file__).write_text(Path(__file__).read_text() + "\\n# trained with other knobs\\n")''')
+
+
+@pytest.mark.parametrize("mode", ["off", pytest.param("required", marks=needs_bwrap)])
+def test_training_that_rewrites_the_committed_code_is_invalid(tmp_path, mode):
+    root = make_workspace(
+        tmp_path, config={"decide": {"baseline_runs": 2}, "experiment": {"heldout": None}, "sandbox": {"mode": mode}},
+        patches={"1.md": REWRITE_ITSELF},
+    )
+    state = ResearchLoop(root, RunOptions(tag="self", proposer="replay")).run_loop()
+    row = _by_description(_rows(root, "self"))["train with other knobs than committed"]
+    assert row["decision"] == "invalid" and row["metric"] is None and state.keeps == 0
+    assert row["reason"] == (
+        "the training phase changed the committed code (train.py), so the code scored would not be the code "
+        "the journal records"
+    )
+    assert "evaluate" not in json.loads(row["timings_json"])
+
+
+def test_editable_globs_that_reach_the_harness_are_refused_at_start(tmp_path):
+    root = make_workspace(tmp_path, config={"workspace": {"editable": ["*.py"]}},
+                          patches={"1.md": replace_block("WIDTH = 4", "WIDTH = 8")})
+    result = runner.invoke(app, ["run", "-C", str(root), "--proposer", "replay"])
+    assert result.exit_code == 1
+    assert ("workspace.editable ['*.py'] matches evaluate.py, named by the harness step experiment.evaluate "
+            "('python evaluate.py --split val'); the agent must not be able to change it") in " ".join(result.output.split())
+    assert git(root, "rev-parse", "--abbrev-ref", "HEAD") == "main"
 
 
 def test_an_editable_path_through_a_symlink_out_of_the_workspace_is_refused(tmp_path):

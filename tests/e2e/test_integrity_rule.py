@@ -1,7 +1,7 @@
 """The keep rule under simulated Gaussian noise: how often a run of changes that do nothing keeps one.
 
-The loop's decision code (pooled noise, cautious shortcut, independent re-run) is driven here exactly as the
-loop drives it, over thousands of simulated runs; docs/integrity.md quotes these rates.
+The loop's decision code (pooled noise, re-runs until the t test decides) is driven here exactly as the loop
+drives it, over thousands of simulated runs; docs/integrity.md quotes these rates (measured with 20000 runs).
 """
 
 from __future__ import annotations
@@ -26,15 +26,13 @@ def simulate(rule: DecideSection, gains: list[float], runs: int, seed: int = 5) 
         kept = False
         for g in gains:
             values = [rng.gauss(-g, 1.0)]
-            groups = repeats
-            j = decide.judge(values, best, best_runs, decide.pooled_noise_floor(groups), "minimize", rule,
-                             noise_dof=decide.pooled_dof(groups))
-            if j.verdict == "confirm":
+            judgement, _ = decide.judge_runs(values, repeats, best, best_runs, "minimize", rule)
+            while judgement.verdict == "confirm":
                 values.append(rng.gauss(-g, 1.0))
-                repeats = groups = [*repeats, values]
-                j = decide.judge(values, best, best_runs, decide.pooled_noise_floor(groups), "minimize", rule,
-                                 noise_dof=decide.pooled_dof(groups))
-            if j.verdict == "keep":
+                judgement, _ = decide.judge_runs(values, repeats, best, best_runs, "minimize", rule)
+            if len(values) >= 2:
+                repeats = [*repeats, values]
+            if judgement.verdict == "keep":
                 kept = True
                 best, best_runs = statistics.fmean(values), len(values)
         kept_any += kept
@@ -42,33 +40,31 @@ def simulate(rule: DecideSection, gains: list[float], runs: int, seed: int = 5) 
 
 
 @pytest.mark.parametrize(
-    ("baseline_runs", "z", "most"),
-    [(2, 2.0, 0.20), (3, 2.0, 0.17), (5, 2.0, 0.10), (5, 3.0, 0.045), (8, 3.0, 0.015)],
+    ("settings", "most"),
+    [({}, 0.02), ({"baseline_runs": 3}, 0.02), ({"baseline_runs": 5}, 0.02), ({"alpha": 0.002}, 0.035)],
 )
-def test_ten_null_changes_are_rarely_kept(baseline_runs, z, most):
-    rule = DecideSection(baseline_runs=baseline_runs, z=z)
-    assert simulate(rule, [0.0] * 10, 1000) <= most
+def test_twenty_null_changes_are_rarely_kept(settings, most):
+    assert simulate(DecideSection(**settings), [0.0] * 20, 2000) <= most
 
 
-def test_the_guards_lower_the_false_keep_rate():
-    """Without pooling, caution and the independent re-run (the bare rule) three baseline runs keep far more."""
-    rule = DecideSection(baseline_runs=3)
+def test_the_t_test_lowers_the_false_keep_rate():
+    """The bare rule (a first run and one re-run each beyond z * noise, the noise taken at face value) keeps a
+    null change in about a third of runs of twenty with two baseline runs."""
     rng = random.Random(5)
     bare = 0
-    for _ in range(1000):
-        base = [rng.gauss(0.0, 1.0) for _ in range(3)]
+    for _ in range(2000):
+        base = [rng.gauss(0.0, 1.0) for _ in range(2)]
         noise, best = statistics.stdev(base), statistics.fmean(base)
-        for _ in range(10):
-            first = best - rng.gauss(0.0, 1.0)
-            if first > 2 * noise and (first >= 4 * noise or (first + best - rng.gauss(0.0, 1.0)) / 2 > 2 * noise):
-                bare += 1
-                break
-    assert bare / 1000 > 0.18 > simulate(rule, [0.0] * 10, 1000)
+        bare += any(
+            best - rng.gauss(0.0, 1.0) > 2 * noise and best - rng.gauss(0.0, 1.0) > 2 * noise for _ in range(20)
+        )
+    assert bare / 2000 > 0.15 > 0.02 > simulate(DecideSection(), [0.0] * 20, 2000)
 
 
 def test_real_gains_are_still_kept():
-    assert simulate(DecideSection(baseline_runs=5, z=2.0), [6.0], 1000) > 0.95
-    assert simulate(DecideSection(baseline_runs=5, z=3.0), [6.0], 1000) > 0.9
+    assert simulate(DecideSection(), [6.0], 2000) > 0.85
+    assert simulate(DecideSection(baseline_runs=5), [6.0], 2000) > 0.99
+    assert simulate(DecideSection(baseline_runs=5), [4.0], 2000) > 0.85
 
 
 def test_pooled_noise_and_its_degrees_of_freedom():
@@ -79,25 +75,8 @@ def test_pooled_noise_and_its_degrees_of_freedom():
     assert decide.pooled_noise_floor([[1.0, 1.2, 1.4]]) == pytest.approx(decide.noise_floor([1.0, 1.2, 1.4]))
 
 
-def test_caution_factor_matches_chi_square_quantiles():
-    # sqrt(dof / chi2_0.05(dof)) from tables: chi2_0.05(1) = 0.00393, (2) = 0.1026, (10) = 3.940
-    assert decide.caution_factor(1) == pytest.approx(math.sqrt(1 / 0.003932), rel=1e-3)
-    assert decide.caution_factor(2) == pytest.approx(math.sqrt(2 / 0.102587), rel=1e-3)
-    assert decide.caution_factor(10) == pytest.approx(math.sqrt(10 / 3.94030), rel=1e-3)
-    assert decide.caution_factor(0) == math.inf
-
-
 def test_a_lucky_first_run_is_not_carried_by_the_mean():
-    rule = DecideSection(z=2.0)
-    # first run 6 noise better, re-run only 1 noise better: the mean (3.5) clears the bar, the re-run does not
-    j = decide.judge([0.94, 0.99], best=1.0, best_runs=3, noise=0.01, goal="minimize", rule=rule)
-    assert j.verdict == "discard" and j.reason.startswith("not confirmed: the re-run's margin +0.01")
-
-
-def test_a_noise_floor_from_few_runs_cannot_skip_the_re_run():
-    rule = DecideSection(z=2.0, confirm_k=4.0)
-    # 6 noise: beyond confirm_k * noise, but not beyond confirm_k * the cautious noise of 2 dof (4.4x)
-    assert decide.judge([0.94], 1.0, 3, 0.01, "minimize", rule).verdict == "keep"
-    j = decide.judge([0.94], 1.0, 3, 0.01, "minimize", rule, noise_dof=2)
-    assert j.verdict == "confirm" and "noise floor from few runs" in j.reason
-    assert decide.judge([0.5], 1.0, 3, 0.01, "minimize", rule, noise_dof=2).verdict == "keep"
+    # first run 6 noise better, re-run only 1 noise better: the mean (3.5) clears the bar, the re-runs do not
+    j = decide.judge([0.94, 0.99], best=1.0, best_runs=3, noise=0.01, dof=30, goal="minimize",
+                     rule=DecideSection(confirm_runs=1))
+    assert j.verdict == "discard" and j.reason.startswith("not confirmed after 1 re-run(s): the re-runs' mean margin +0.01")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import psutil
 import pytest
 
-from nightlab.research.journal import Journal
+from nightlab.research.journal import ChainError, Journal
 from nightlab.research.loop import ResearchLoop, RunOptions
 from tests.research.loop_workspace import git, make_workspace, replace_block
 
@@ -98,3 +100,58 @@ def test_workspace_is_back_at_the_baseline(failures):
     assert git(root, "rev-parse", "HEAD") == git(root, "rev-parse", "main")
     assert git(root, "status", "--porcelain", "--untracked-files=all") == ""
     assert failures["state"].keeps == 0 and failures["state"].experiments == 5
+
+
+def test_commits_ignore_the_users_gpgsign_and_a_refused_commit_is_invalid(tmp_path):
+    root = make_workspace(
+        tmp_path,
+        config={"workspace": {"editable": ["train.py", "extra_*.py"]}, "experiment": {"heldout": None}},
+        files={".gitignore": "run/\n__pycache__/\nextra_*.py\n"},
+        patches={
+            "1.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05", description="lower the LR"),
+            "2.md": "# description: an ignored helper\nextra_helper.py\n<<<<<<< SEARCH\n=======\nX = 1\n>>>>>>> REPLACE\n",
+        },
+    )
+    git(root, "config", "commit.gpgsign", "true")
+    git(root, "config", "gpg.program", "false")  # signing would fail: nightlab's commits must not sign
+    state = ResearchLoop(root, RunOptions(tag="git", proposer="replay")).run_loop()
+    journal = Journal.for_workspace(root)
+    rows = {r["description"]: r for r in journal.experiments(1) if r["kind"] == "candidate"}
+    journal.close()
+    assert rows["lower the LR"]["decision"] == "keep" and state.best_commit == rows["lower the LR"]["commit_sha"]
+    ignored = rows["an ignored helper"]
+    assert ignored["decision"] == "invalid" and ignored["commit_sha"] is None
+    assert ignored["reason"].startswith("the change could not be committed: git add -- extra_helper.py failed")
+    assert "ignored by one of your .gitignore files" in ignored["reason"]
+    assert not (root / "extra_helper.py").exists() and git(root, "status", "--porcelain") == ""
+    assert state.stop_reason == "the proposer has nothing more to try"
+
+
+SCORE = "import sys\n\nimport evaluate\nimport train  # noqa: F401  (the model code, as a real evaluator imports it)\n\nsys.exit(evaluate.main())\n"
+STALL = 'SEED = 42\nif os.environ.get("NIGHTLAB_PHASE") == "evaluate":\n    time.sleep(60)'
+
+
+def test_an_evaluation_past_the_timeout_is_a_timeout(tmp_path):
+    root = make_workspace(
+        tmp_path,
+        config={"experiment": {"evaluate": "python score.py --split val", "heldout": None, "budget_seconds": 1.0,
+                               "timeout_seconds": 3.0}},
+        files={"score.py": SCORE},
+        patches={"1.md": replace_block("SEED = 42", STALL, description="stall the evaluation")},
+    )
+    ResearchLoop(root, RunOptions(tag="slow", proposer="replay")).run_loop()
+    journal = Journal.for_workspace(root)
+    row = journal.experiments(1)[-1]
+    journal.close()
+    assert row["decision"] == "timeout" and row["reason"] == "evaluate killed after 3s (experiment.timeout_seconds)"
+
+
+def test_report_final_shows_why_a_run_cannot_be_opened(tmp_path):
+    root = make_workspace(tmp_path, patches={"1.md": replace_block("WIDTH = 4", "WIDTH = 8")})
+    ResearchLoop(root, RunOptions(tag="t", proposer="replay", max_experiments=0)).run_loop()
+    db = sqlite3.connect(root / ".nightlab" / "journal.sqlite")
+    db.execute("UPDATE experiments SET metric = 0.0 WHERE number = 1")
+    db.commit()
+    db.close()
+    with pytest.raises(ChainError, match=r"experiments row id=1 \(run 1, experiment 1\): its content was modified"):
+        ResearchLoop(root, RunOptions(tag="t")).final_heldout()

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from typer.testing import CliRunner
 
+from nightlab.cli import app
 from nightlab.config import load_config
+from nightlab.research import loop
 from nightlab.research.journal import Journal
 from nightlab.research.loop import ResearchLoop, RunOptions
-from nightlab.research.proposers import resolve_kind
+from nightlab.research.proposers import llm, resolve_kind
 from tests.fakes import Reply, ScriptedOpenAI
 from tests.research.loop_workspace import git, make_workspace
 
@@ -68,3 +71,45 @@ def test_tune_loop(tmp_path, monkeypatch):
         assert r["description"].startswith("tune: ")
     kept = [r for r in rows if r["decision"] == "keep"]
     assert git(root, "rev-parse", "HEAD") == (kept[-1]["commit_sha"] if kept else git(root, "rev-parse", "main"))
+
+
+DOWN = Reply("the model is overloaded", status=503)
+
+
+@pytest.fixture
+def impatient(monkeypatch):
+    """No client-side retries, and short waits between the loop's own tries."""
+    monkeypatch.delenv("NIGHTLAB_LLM_MODEL", raising=False)
+    monkeypatch.setattr(llm, "_TRANSPORT_RETRIES", 0)
+    monkeypatch.setattr(loop, "OUTAGE_BACKOFF_SECONDS", (0.05, 0.2))
+
+
+def _llm_workspace(tmp_path, server, outage_seconds):
+    return make_workspace(tmp_path, config={
+        "proposer": {"kind": "llm", "outage_seconds": outage_seconds},
+        "proposer.llm": {"base_url": server.base_url, "model": "scripted", "max_retries": 0},
+        "experiment": {"heldout": None},
+    })
+
+
+def test_an_llm_outage_is_waited_out(tmp_path, impatient):
+    answer = _answer("lower the LR", "train.py", "LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05")
+    with ScriptedOpenAI(replies=[DOWN, DOWN, DOWN, answer]) as server:
+        root = _llm_workspace(tmp_path, server, outage_seconds=60)
+        state = ResearchLoop(root, RunOptions(tag="outage", max_experiments=1)).run_loop()
+        asked = len(server.requests)
+    assert asked == 4 and state.stop_reason == "reached --max-experiments 1"
+    assert [(r["description"], r["decision"]) for r in _rows(root)] == [("lower the LR", "keep")]
+
+
+def test_an_llm_outage_that_lasts_stops_the_run_cleanly(tmp_path, impatient):
+    with ScriptedOpenAI(default=DOWN) as server:
+        root = _llm_workspace(tmp_path, server, outage_seconds=0.5)
+        result = CliRunner().invoke(app, ["run", "-C", str(root), "--tag", "outage"])
+        asked = len(server.requests)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "the proposer is unavailable (LLM request to" in said and asked >= 2
+    assert "stopped: the proposer stayed unavailable for 0.5s (proposer.outage_seconds): LLM request to" in said
+    assert "Error code: 503" in said and _rows(root) == []
+    assert git(root, "status", "--porcelain", "--untracked-files=all") == ""

@@ -9,9 +9,19 @@ import sys
 import time
 
 import psutil
+from optuna.distributions import IntDistribution
 
 from nightlab.research.journal import Journal
-from tests.research.loop_workspace import git, make_workspace, replace_block
+from nightlab.research.loop import ResearchLoop, RunOptions
+from tests.research.loop_workspace import commit_all, git, make_workspace, replace_block
+
+
+def _rows(root):
+    journal = Journal.for_workspace(root)
+    try:
+        return journal.experiments(1)
+    finally:
+        journal.close()
 
 SLOW = '''def main() -> None:
     from pathlib import Path
@@ -80,3 +90,27 @@ def test_kill_then_resume(tmp_path):
     ]
     assert git(root, "status", "--porcelain", "--untracked-files=all") == ""
     assert "time.sleep(120)" not in (root / "train.py").read_text()
+
+
+def test_the_proposer_is_built_on_the_repaired_workspace(tmp_path):
+    """After a kill, train.py may still hold the interrupted candidate; tune's ranges must centre on the best."""
+    root = make_workspace(
+        tmp_path, config={"experiment": {"heldout": None}, "proposer.tune": {"knobs": None}},
+        patches={"1.md": replace_block("WIDTH = 4", "WIDTH = 5")},
+    )
+    ResearchLoop(root, RunOptions(tag="night", proposer="replay", max_experiments=0)).run_loop()
+    # What kill -9 in the middle of experiment 4 leaves: its commit checked out, its marker pending.
+    best = git(root, "rev-parse", "HEAD")
+    (root / "train.py").write_text((root / "train.py").read_text().replace("WIDTH = 4", "WIDTH = 64"))
+    commit_all(root, "nightlab #4: much wider")
+    journal = Journal.for_workspace(root)
+    journal.mark_pending(1, 4, {"kind": "candidate", "parent": best, "commit": git(root, "rev-parse", "HEAD"),
+                                "description": "much wider", "proposer": "tune"})
+    journal.close()
+    loop = ResearchLoop(root, RunOptions(tag="night", proposer="tune", max_experiments=2))
+    loop.run_loop()
+    assert loop.proposer.space["WIDTH"] == IntDistribution(2, 8)  # around WIDTH = 4, not 64
+    rows = _rows(root)
+    assert [r["number"] for r in rows[3:]] == [4, 5] and rows[3]["reason"].startswith("interrupted")
+    assert rows[4]["proposer"] == "tune" and rows[4]["parent_commit"] == best
+    assert "WIDTH = 64" not in (root / "train.py").read_text()

@@ -35,6 +35,8 @@ def finished_run(tmp_path_factory):
     settings = {**TINY_ENV, "TINYGPT_DATA": str(corpus), "TINYGPT_VOCAB_SIZE": str(VOCAB)}
     env_table = ", ".join(f'{k} = "{v}"' for k, v in settings.items())
     toml = toml.replace("[metric]", f"env = {{ {env_table} }}\n\n[metric]", 1)
+    # The raw corpus stays readable to every phase: prepare.py names its cache from the corpus's file listing, so
+    # training and evaluation need it too (with `setup_read_only` they would not find the prepared splits).
     toml = toml.replace('read_only = ["${NIGHTLAB_CACHE_DIR}/tinygpt"', f'read_only = ["{corpus}", "${{NIGHTLAB_CACHE_DIR}}/tinygpt"', 1)
     (ws / "nightlab.toml").write_text(toml)
     subprocess.run(["git", "commit", "-qam", "tiny settings for the test"], cwd=ws, check=True)
@@ -59,6 +61,10 @@ def test_the_loop_runs_tinygpt_end_to_end(finished_run):
     assert len(candidates) == 2
     assert all(r["decision"] in {"keep", "discard", "crash", "overrun"} for r in candidates)
     assert all(r["reason"] or r["decision"] == "keep" for r in candidates)
+    measured = [r for r in candidates if r["decision"] in {"keep", "discard"}]
+    assert measured and all(r["metric"] and 0 < r["metric"] < 20 for r in measured), [
+        (r["decision"], r["reason"]) for r in candidates
+    ]
     assert {h["validation"] is not None and h["test"] is not None for h in heldout} == {True}
 
 

@@ -18,6 +18,16 @@ API_KEY = "tml-recipes-key"
 class Service:
     url: str
     api_key: str
+    data_dir: Path
+
+    def session_outcomes(self) -> list[str]:
+        """How each finished session ended (success, errored, interrupted), oldest first, from the service's db."""
+        import json
+        import sqlite3
+
+        with sqlite3.connect(self.data_dir / "service.db") as db:
+            statuses = [json.loads(row[0]) for row in db.execute("SELECT status FROM sessions ORDER BY rowid")]
+        return [s["reason"]["type"] for s in statuses if s["type"] == "client_finished"]
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +52,7 @@ def running_service(data_dir: Path) -> Iterator[Service]:
 
     settings = ServeSettings(data_dir=data_dir, device="cpu", api_keys=[API_KEY])
     with serve_in_thread(create_app(settings, Engine(data_dir, device="cpu", show_progress=False))) as server:
-        yield Service(server.url, API_KEY)
+        yield Service(server.url, API_KEY, data_dir)
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+
+import pytest
 from typer.testing import CliRunner
 
 from nightlab.cli import app
+from nightlab.recipes import s1
 from nightlab.recipes.rl import METRICS_FILE
 
 runner = CliRunner()
@@ -28,3 +32,53 @@ def test_rl_command_runs_and_reports(service, tiny_model, tmp_path) -> None:
     assert "reward" in result.output and (tmp_path / "run" / METRICS_FILE).is_file()
     result = runner.invoke(app, [*args[:-2], "--loss", "sft"])
     assert result.exit_code == 1 and "importance_sampling or ppo" in result.output
+
+
+def test_s1_settings_reach_the_recipe(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    monkeypatch.setattr(s1, "collect", seen.append)
+    args = ["recipe", "s1", "collect", "-w", str(tmp_path), "--model", "m", "--teacher", "builtin",
+            "--teacher-max-tokens", "77", "--max-length", "99", "--answer-tokens", "5", "--difficulty-max-tokens", "33",
+            "--seed", "4"]
+    assert runner.invoke(app, args).exit_code == 0
+    cfg = seen[0]
+    assert (cfg.teacher, cfg.teacher_max_tokens, cfg.max_length, cfg.answer_tokens, cfg.difficulty_max_tokens,
+            cfg.seed) == ("builtin", 77, 99, 5, 33, 4)
+
+
+def test_s1_collect_with_the_builtin_teacher_needs_no_network(tmp_path) -> None:
+    args = ["recipe", "s1", "collect", "-w", str(tmp_path), "--model", "m", "--teacher", "builtin",
+            "--num-questions", "6"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(s1.read_jsonl(tmp_path / s1.COLLECTED)) == 6
+
+
+def dead_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"  # closed again: nothing listens there
+
+
+def test_an_unreachable_service_says_to_start_it(tmp_path) -> None:
+    url = dead_url()
+    runner.invoke(app, ["recipe", "s1", "collect", "-w", str(tmp_path), "--model", "m", "--teacher", "builtin"])
+    for args in (["recipe", "s1", "curate", "-w", str(tmp_path), "--model", "m"],
+                 ["recipe", "rl", "--log-dir", str(tmp_path / "rl"), "--model", "m"]):
+        result = runner.invoke(app, [*args, "--base-url", url])
+        assert result.exit_code == 1, result.output
+        assert f"cannot reach the training service at {url}" in result.output
+        assert "start it with `nightlab serve`" in result.output
+
+
+def test_a_connection_lost_mid_run_says_to_start_the_service(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx
+    import openai
+
+    def lost(cfg):
+        raise openai.APIConnectionError(request=httpx.Request("POST", cfg.base_url + "/v1/completions"))
+
+    monkeypatch.setattr(s1, "curate", lost)
+    result = runner.invoke(app, ["recipe", "s1", "curate", "-w", str(tmp_path), "--model", "m", "--base-url",
+                                 "http://127.0.0.1:1"])
+    assert result.exit_code == 1 and "start it with `nightlab serve`" in result.output, result.output

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nightlab.recipes.rl import Group, RLConfig, Rollout, build_batch, group_advantages, rl_datum
+from nightlab.recipes.rl import Group, RLConfig, Rollout, build_batch, group_advantages, rl_datum, trains_on
 from nightlab.recipes.rl_envs import ArithmeticEnv, Environment, Reward, Task, load_env
 
 
@@ -55,21 +55,33 @@ def rollout(reward: float, n: int = 2, ref: list[float] | None = None) -> Rollou
     return Rollout(list(range(30, 30 + n)), [-1.0] * n, "x", Reward(reward, {"correct": float(reward > 0)}), ref)
 
 
-def test_build_batch_drops_flat_groups_and_applies_the_kl_penalty() -> None:
+def test_build_batch_applies_the_kl_penalty_and_keeps_flat_groups_for_it() -> None:
     task = Task("t", "u")
     informative = Group(task, [1, 2], [rollout(1.0, ref=[-2.0, -2.0]), rollout(0.0, ref=[-1.0, -1.0])])
-    flat = Group(task, [1, 2], [rollout(0.0, ref=[-1.0, -1.0]), rollout(0.0, ref=[-1.0, -1.0])])
+    flat = Group(task, [1, 2], [rollout(0.0, ref=[-1.5, -1.5]), rollout(0.0, ref=[-1.0, -1.0])])
     data, metrics = build_batch([informative, flat], kl_coef=0.5)
-    assert len(data) == 2 and metrics["groups_skipped"] == 1.0 and metrics["datums"] == 2.0
+    assert len(data) == 4 and metrics["groups_skipped"] == 0.0 and metrics["datums"] == 4.0
     assert metrics["reward_mean"] == pytest.approx(0.25) and metrics["correct"] == pytest.approx(0.25)
     assert metrics["entropy"] == pytest.approx(1.0) and metrics["tokens"] == 8.0
-    assert metrics["kl"] == pytest.approx(np.mean([1.0, 1.0] + [0.0] * 6))
-    # advantage 0.5 minus 0.5 * (sampler - reference) = 0.5 - 0.5 * 1.0 on the first rollout's tokens
-    assert data[0].loss_fn_inputs["advantages"].tolist()[-2:] == pytest.approx([0.0, 0.0])
-    assert data[1].loss_fn_inputs["advantages"].tolist()[-2:] == pytest.approx([-0.5, -0.5])
-    plain, _ = build_batch([informative], kl_coef=0.0)
-    per_datum = [sum(d.loss_fn_inputs["advantages"].tolist()) / 2 for d in plain]
+    assert metrics["kl"] == pytest.approx(np.mean([1.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0]))
+    # advantage minus 0.5 * (sampler - reference) per token
+    advantages = [d.loss_fn_inputs["advantages"].tolist()[-2:] for d in data]
+    assert advantages == [pytest.approx(v) for v in ([0.0, 0.0], [-0.5, -0.5], [-0.25, -0.25], [0.0, 0.0])]
+    # the flat group has no reward signal (advantage 0) but the KL term still pulls it toward the base model
+
+
+def test_build_batch_without_kl_drops_flat_groups() -> None:
+    task = Task("t", "u")
+    informative = Group(task, [1, 2], [rollout(1.0), rollout(0.0)])
+    flat = Group(task, [1, 2], [rollout(0.0), rollout(0.0)])
+    data, metrics = build_batch([informative, flat], kl_coef=0.0)
+    assert len(data) == 2 and metrics["groups_skipped"] == 1.0 and "kl" not in metrics
+    per_datum = [sum(d.loss_fn_inputs["advantages"].tolist()) / 2 for d in data]
     assert per_datum == pytest.approx([0.5, -0.5]) and sum(per_datum) == pytest.approx(0.0)
+
+
+def test_trains_on_groups_with_a_spread_or_under_a_kl_penalty() -> None:
+    assert trains_on([0.5, -0.5], 0.0) and trains_on([0.0, 0.0], 0.1) and not trains_on([0.0, 0.0], 0.0)
 
 
 def test_config_refuses_bad_settings(tmp_path) -> None:

@@ -18,8 +18,7 @@ def cfg(service, tiny_model: Path, log_dir: Path, **kw) -> RLConfig:
 
 @pytest.mark.parametrize("loss", ["importance_sampling", "ppo"])
 def test_a_policy_step_lowers_the_loss_on_its_own_batch(service, tiny_model, tmp_path, loss) -> None:
-    run = RLRun(cfg(service, tiny_model, tmp_path, loss=loss, learning_rate=1e-2))
-    try:
+    with RLRun(cfg(service, tiny_model, tmp_path, loss=loss, learning_rate=1e-2)) as run:
         sampler = run.trainer.save_weights_and_get_sampling_client().result()
         groups = sample_groups(sampler, run.tokenizer, run.env, run.env.tasks(2, seed=0), run.cfg)
         assert [len(g.rollouts) for g in groups] == [4, 4]
@@ -31,8 +30,6 @@ def test_a_policy_step_lowers_the_loss_on_its_own_batch(service, tiny_model, tmp
         run.trainer.optim_step(run.adam).result()
         after = run.trainer.forward(data, loss).result().metrics["loss:sum"]
         assert after < before, (before, after)
-    finally:
-        run.close()
 
 
 def test_run_logs_metrics_per_step_with_kl_and_plots(service, tiny_model, tmp_path) -> None:
@@ -47,3 +44,14 @@ def test_run_logs_metrics_per_step_with_kl_and_plots(service, tiny_model, tmp_pa
     assert (tmp_path / PLOT_FILE).stat().st_size > 0
     with pytest.raises(ValueError, match="already holds"):
         run_rl(cfg(service, tiny_model, tmp_path), show_progress=False)
+
+
+def test_a_failed_run_closes_its_session_as_errored(service, tiny_model, tmp_path, monkeypatch) -> None:
+    def broken_reward(self, task, completion):
+        raise RuntimeError("reward service down")
+
+    monkeypatch.setattr("tests.recipes.plugin_env.LengthEnv.reward", broken_reward)
+    before = len(service.session_outcomes())
+    with pytest.raises(RuntimeError, match="reward service down"):
+        run_rl(cfg(service, tiny_model, tmp_path, steps=1), show_progress=False)
+    assert service.session_outcomes()[before:] == ["errored"]

@@ -1,14 +1,16 @@
-"""s1 collect and curate against a scripted teacher over real HTTP (no training service needed)."""
+"""s1 collect and curate: a scripted teacher over real HTTP and the offline builtin teacher (no service needed)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-from nightlab.recipes.problems import generate_problems
+from nightlab.recipes.problems import PROBLEM_TYPES, check_answer, generate_problems
 from nightlab.recipes.s1 import (
+    BROKEN,
     COLLECTED,
     CURATED,
     S1Config,
@@ -104,3 +106,49 @@ def test_balance_prefers_long_thinking_within_a_type() -> None:
     picked = balance(rows, 4, seed=0)
     assert [r["id"] for r in picked] == ["a5", "b5", "c1", "a3"]
     assert json.dumps(balance(rows, 100, 0)).count('"id"') == 7
+
+
+def test_curate_that_would_keep_nothing_names_the_filter_and_writes_nothing(tmp_path: Path) -> None:
+    with ScriptedOpenAI(default="The answer is 3.") as server:  # never thinks between the delimiters
+        collect(config(tmp_path, server.base_url))
+    with pytest.raises(S1Error, match=re.escape(f"'{BROKEN}' removed 24 of 24") + ".*--teacher builtin"):
+        curate(config(tmp_path, difficulty_samples=0))
+    assert not (tmp_path / CURATED).exists()
+
+
+STEP = re.compile(r"(-?\d+) ([-+*]) (-?\d+) = (-?\d+)")
+
+
+def test_builtin_worked_solutions_are_correct_step_by_step() -> None:
+    problems = generate_problems(600, seed=5)
+    assert {p.type for p in problems} == set(PROBLEM_TYPES)
+    for p in problems:
+        lines = p.solution.splitlines()
+        steps = [STEP.search(line) for line in lines]
+        assert sum(m is not None for m in steps) >= 1, p
+        for m in filter(None, steps):
+            a, op, b, result = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert {"+": a + b, "-": a - b, "*": a * b}[op] == result, (p.question, m[0])
+        assert lines[-1] == f"So the answer is {p.answer}."
+
+
+def test_collect_with_the_builtin_teacher_runs_offline(tmp_path: Path) -> None:
+    cfg = S1Config(tmp_path, teacher="builtin", num_questions=12, seed=3, difficulty_samples=0)
+    collect(cfg)
+    rows = read_jsonl(tmp_path / COLLECTED)
+    assert [r["id"] for r in rows] == [p.id for p in generate_problems(12, seed=3)]
+    assert {r["teacher"] for r in rows} == {"builtin"}
+    for row in rows:
+        thinking, final = split_trace(row["content"])
+        assert check_answer(final, row["answer"]) and "=" in thinking
+    report = curate(cfg)
+    assert report is not None and sum(report.removed.values()) == 0
+
+
+def test_the_builtin_teacher_needs_worked_solutions(tmp_path: Path) -> None:
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "What is 2 + 2?", "answer": 4}) + "\n")
+    with pytest.raises(S1Error, match="no worked solution.*--teacher api"):
+        collect(S1Config(tmp_path, teacher="builtin", questions=questions))
+    with pytest.raises(S1Error, match="needs --teacher-base-url"):
+        collect(S1Config(tmp_path, questions=questions))

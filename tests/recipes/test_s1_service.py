@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from nightlab.recipes.chat_format import ANSWER_PREFIX, THINK_CLOSE
 from nightlab.recipes.problems import generate_problems
 from nightlab.recipes.s1 import (
@@ -13,6 +15,7 @@ from nightlab.recipes.s1 import (
     SCALING_PNG,
     TRAIN_LOG,
     S1Config,
+    S1Error,
     collect,
     curate,
     evaluate,
@@ -66,12 +69,11 @@ def test_pipeline_runs_end_to_end_and_every_step_resumes(service, tiny_model, tm
 
 
 def test_training_resumes_from_the_last_saved_epoch(service, tiny_model, tmp_path) -> None:
-    with ScriptedOpenAI(default=teacher) as server:
-        cfg = config(tmp_path, service, tiny_model, server.base_url)
-        cfg.difficulty_samples, cfg.epochs = 0, 1
-        collect(cfg)
-        curate(cfg)
-        train(cfg)
+    cfg = config(tmp_path, service, tiny_model, "")
+    cfg.teacher, cfg.difficulty_samples, cfg.epochs = "builtin", 0, 1  # offline: worked solutions as traces
+    collect(cfg)
+    curate(cfg)
+    train(cfg)
     first = read_jsonl(tmp_path / TRAIN_LOG)
     (tmp_path / TRAIN_LOG).write_text("".join(line + "\n" for line in
                                               (tmp_path / TRAIN_LOG).read_text().splitlines()[:-1]))
@@ -82,3 +84,13 @@ def test_training_resumes_from_the_last_saved_epoch(service, tiny_model, tmp_pat
     assert log[-1] == {"event": "done", "sampler_path": path} and path != first[-1]["sampler_path"]
     assert evaluate(cfg, model=str(tiny_model))[0]["n"] == 6  # the base model, by name, evaluates too
 
+
+def test_a_failed_training_closes_its_session_as_errored(service, tiny_model, tmp_path) -> None:
+    cfg = config(tmp_path, service, tiny_model, "")
+    cfg.teacher, cfg.difficulty_samples, cfg.max_length = "builtin", 0, 2
+    collect(cfg)
+    curate(cfg)
+    before = len(service.session_outcomes())
+    with pytest.raises(S1Error, match="longer than max_length=2"):
+        train(cfg)
+    assert service.session_outcomes()[before:] == ["errored"]

@@ -8,11 +8,9 @@ from pathlib import Path
 import pytest
 
 from nightlab.recipes.chat_format import ANSWER_PREFIX, THINK_CLOSE
-from nightlab.recipes.problems import generate_problems
 from nightlab.recipes.rl import RLConfig, run_rl
 from nightlab.recipes.s1 import EVAL_LOG, S1Config, read_jsonl, run_all
 from nightlab.train import models
-from tests.fakes import ScriptedOpenAI
 from tests.recipes.conftest import Service, running_service
 
 pytestmark = pytest.mark.slow
@@ -38,20 +36,12 @@ def test_rl_on_the_arithmetic_env_raises_reward(smollm2, tmp_path: Path) -> None
     assert last > first, [round(r["reward_mean"], 3) for r in rows]
 
 
-def test_s1_pipeline_runs_and_forcing_holds(smollm2, tmp_path: Path) -> None:
+def test_s1_pipeline_runs_offline_and_forcing_holds(smollm2, tmp_path: Path) -> None:
     service, model = smollm2
-    answers = {p.question: p.answer for p in generate_problems(16, seed=0)}
-
-    def teacher(body: dict) -> str:
-        answer = answers[body["messages"][-1]["content"]]
-        return f"<think>\nI compute it carefully and get {answer}.\n</think>\nThe answer is {answer}."
-
-    with ScriptedOpenAI(default=teacher) as server:
-        cfg = S1Config(tmp_path, base_url=service.url, model=model, api_key=service.api_key,
-                       teacher_base_url=server.base_url, teacher_model="teacher", num_questions=16, size=12,
-                       difficulty_max_tokens=32, epochs=2, batch_size=4, learning_rate=3e-4, lora_rank=8,
-                       num_eval_questions=8, budgets=[8, 32])
-        summary = run_all(cfg)
+    cfg = S1Config(tmp_path, base_url=service.url, model=model, api_key=service.api_key, teacher="builtin",
+                   num_questions=16, size=12, difficulty_max_tokens=32, epochs=2, batch_size=4, learning_rate=3e-4,
+                   lora_rank=8, max_length=512, num_eval_questions=8, budgets=[8, 32])
+    summary = run_all(cfg)
     assert len(summary) == 4
     forced = [r for r in read_jsonl(tmp_path / EVAL_LOG) if r["mode"] == "budget forcing"]
     assert all(THINK_CLOSE + ANSWER_PREFIX.rstrip() in r["text"] for r in forced)

@@ -6,7 +6,7 @@ import sqlite3
 
 import pytest
 
-from nightlab.research.journal import ChainError, Journal
+from nightlab.research.journal import ADDED_COLUMNS, ChainError, Journal
 
 
 def _journal(tmp_path):
@@ -68,3 +68,25 @@ def test_results_tsv_has_autoresearch_columns(tmp_path):
     assert lines[1].split("\t") == ["0000000", "1.000000", "2.0", "keep", "change 1 second line"]
     assert lines[3].split("\t")[1:4] == ["0.000000", "2.0", "crash"]
     assert all(len(line.split("\t")) == 5 for line in lines)
+
+
+def test_a_journal_from_before_the_added_columns_still_verifies_and_gains_them(tmp_path):
+    j, run = _journal(tmp_path)
+    j.record_heldout({"run_id": run.id, "commit_sha": "a" * 40, "label": "baseline", "validation": 1.0, "test": 1.1})
+    j.close()
+    raw = sqlite3.connect(tmp_path / "journal.sqlite")  # back to the schema of an older nightlab
+    for table, columns in ADDED_COLUMNS.items():
+        for column in columns:
+            raw.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    raw.commit()
+    raw.close()
+    j = Journal(tmp_path / "journal.sqlite")
+    assert j.verify_chain() == 5
+    j.record_heldout({"run_id": run.id, "commit_sha": "b" * 40, "label": "best", "validation": 0.9, "test": 1.0,
+                      "sandboxed": 1, "sandbox_reason": "sandboxed by bubblewrap"})
+    assert [h["sandboxed"] for h in j.heldout(run.id)] == [None, 1] and j.verify_chain() == 6
+    raw = sqlite3.connect(tmp_path / "journal.sqlite")
+    raw.execute("UPDATE heldout SET sandboxed = 1 WHERE label = 'baseline'")  # claiming the old row ran jailed
+    raw.commit()
+    with pytest.raises(ChainError, match="heldout row id=1: its content was modified"):
+        j.verify_chain()

@@ -8,8 +8,9 @@ import pytest
 
 from nightlab.config import LLMSection
 from nightlab.research.edits import EditError, apply_patch
-from nightlab.research.proposers.base import PastExperiment, ProposalContext, Proposer
-from nightlab.research.proposers.llm import LLMError, LLMProposer, select_history
+from nightlab.research.proposers import llm
+from nightlab.research.proposers.base import PastExperiment, ProposalContext, Proposer, ProposerUnavailable
+from nightlab.research.proposers.llm import LLMError, LLMProposer, LLMUnavailable, select_history
 from tests.fakes import Reply, ScriptedOpenAI
 
 TRAIN = "LR = 0.01\nDEPTH = 4\n\n\ndef lr(step):\n    return LR\n"
@@ -180,8 +181,19 @@ def test_configuration_and_endpoint_errors_are_clear() -> None:
         LLMProposer(LLMSection(model="gpt-x"))
     failing = ScriptedOpenAI([Reply("model 'test-model' does not exist", status=404)])
     expected = r"LLM request to http://127\.0\.0\.1:\d+/v1 \(model test-model\) failed.*does not exist"
-    with failing as server, pytest.raises(LLMError, match=expected):
+    with failing as server, pytest.raises(LLMError, match=expected) as refused:
         proposer(server).propose(context())
+    assert not isinstance(refused.value, ProposerUnavailable)  # a wrong model name does not heal by waiting
+
+
+def test_an_endpoint_that_is_down_is_an_outage_the_loop_can_wait_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(llm, "_TRANSPORT_RETRIES", 0)
+    down = ScriptedOpenAI(default=Reply("overloaded", status=503))
+    with down as server, pytest.raises(LLMUnavailable, match="failed: Error code: 503"):
+        proposer(server).propose(context())
+    closed = LLMProposer(LLMSection(base_url="http://127.0.0.1:9/v1", model="m"))
+    with pytest.raises(ProposerUnavailable, match="Connection error"):
+        closed.propose(context())
 
 
 def test_history_for_a_maximized_metric_puts_the_highest_first_and_keeps_room_for_failures() -> None:

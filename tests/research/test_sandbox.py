@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nightlab.config import parse_config
+from nightlab.config import NightlabConfig, parse_config
 from nightlab.research.sandbox import (
     BWRAP_ENV,
     Phase,
@@ -72,8 +72,10 @@ def ws(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def jail(ws: Path, phase: Phase, script: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    config = parse_config((ws / "nightlab.toml").read_text())
+def jail(
+    ws: Path, phase: Phase, script: str, config: NightlabConfig | None = None, **kw: object
+) -> subprocess.CompletedProcess[str]:
+    config = config or parse_config((ws / "nightlab.toml").read_text())
     env = {**ENV, "HOME": os.environ["HOME"]}  # a private home, with the writable cache under it bound in
     spec = spec_for_phase(config, ws, phase, [ws / "train.py"], env=env)
     return subprocess.run(spec.wrap(["bash", "-c", script]), capture_output=True, text=True, timeout=60, **kw)
@@ -113,6 +115,50 @@ def test_scratch_and_writable_caches_are_writable_and_created(ws: Path, tmp_path
     out = jail(ws, "train", f"cat {train_split}; {try_write(str(train_split))}")
     assert out.stdout == "train-tokens\n", out.stderr
     assert "Read-only file system" in out.stderr
+
+
+@needs_bwrap
+def test_only_setup_and_training_write_scratch_and_caches(ws: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "home" / ".cache" / "nl-test"
+    for phase in ("setup", "train", "evaluate", "heldout", "checks"):
+        out = jail(ws, phase, f"{try_write(f'ckpt/{phase}')}; {try_write(f'{cache}/{phase}')}")
+        expected = [f"wrote ckpt/{phase}", f"wrote {cache}/{phase}"] if phase in ("setup", "train") else []
+        assert out.stdout.split("\n")[:-1] == expected, (phase, out.stderr)
+    assert sorted(p.name for p in (ws / "ckpt").iterdir()) == ["setup", "train"]
+    assert sorted(p.name for p in cache.iterdir()) == ["setup", "train"]
+
+
+@needs_bwrap
+def test_setup_read_only_paths_are_seen_by_setup_alone(ws: Path, tmp_path: Path) -> None:
+    outside, inside = tmp_path / "raw", ws / "raw"
+    for raw in (outside, inside):
+        raw.mkdir()
+        (raw / "corpus.txt").write_text("every document, val and test included\n")
+    config = parse_config((ws / "nightlab.toml").read_text())
+    config.sandbox.setup_read_only = [str(outside), "raw"]
+    script = f"cat {outside}/corpus.txt raw/corpus.txt 2>/dev/null; {try_write(f'{outside}/corpus.txt')}; true"
+    for phase in ("setup", "train", "evaluate", "heldout", "checks"):
+        out = jail(ws, phase, script, config=config)
+        seen = ["every document, val and test included"] * 2 if phase == "setup" else []
+        assert out.stdout.split("\n")[:-1] == seen, (phase, out.stderr)
+    assert (outside / "corpus.txt").read_text() == "every document, val and test included\n"
+
+
+@needs_bwrap
+def test_setup_writes_next_to_its_data_in_a_cache_outside_home(
+    ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A template's setup keeps downloads beside the data it prepares in nightlab's cache, wherever that is."""
+    cache = tmp_path / "elsewhere" / "cache"
+    monkeypatch.setenv("NIGHTLAB_CACHE_DIR", str(cache))
+    config = parse_config((ws / "nightlab.toml").read_text())
+    config.sandbox.read_only = ["${NIGHTLAB_CACHE_DIR}/tinygpt"]
+    script = f"mkdir -p {cache}/downloads && echo archive > {cache}/downloads/a.tar.gz && echo ok"
+    out = jail(ws, "setup", script, config=config)
+    assert out.stdout == "ok\n", out.stderr
+    assert (cache / "downloads" / "a.tar.gz").read_text() == "archive\n" and (cache / "tinygpt").is_dir()
+    out = jail(ws, "train", try_write(f"{cache}/downloads/b") + f"; {try_write(f'{cache}/tinygpt/b')}", config=config)
+    assert "wrote" not in out.stdout and not (cache / "downloads" / "b").exists()
 
 
 @needs_bwrap

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 
 import pytest
 
@@ -77,3 +79,38 @@ def test_editable_symlink_is_refused(tmp_path):
     with pytest.raises(WorkspaceError, match="symlink"):
         ws.write_files({"train.py": "X = 2\n"})
     assert outside.read_text() == "X = 1\n"
+
+
+def test_reset_removes_a_nested_repository(tmp_path):
+    root = init_workspace("quadratic", tmp_path / "ws")
+    ws = Workspace(root, load_config(root))
+    nested = root / "vendor"
+    nested.mkdir()
+    subprocess.run(["git", "init", "-q", str(nested)], check=True)
+    (nested / "shortcut.json").write_text("{}")
+    assert ws.strays([]) == ["vendor"]
+    ws.reset_to(ws.head(), [])
+    assert not nested.exists() and ws.strays([]) == []
+
+
+def test_commits_are_never_signed(tmp_path):
+    root = init_workspace("quadratic", tmp_path / "ws")
+    ws = Workspace(root, load_config(root))
+    ws.git("config", "commit.gpgsign", "true")
+    ws.git("config", "gpg.program", "false")
+    (root / "train.py").write_text((root / "train.py").read_text().replace("WIDTH = 4", "WIDTH = 8"))
+    commit = ws.commit("wider", ["train.py"])
+    assert ws.git("log", "-1", "--format=%H %G?", commit) == f"{commit} N"
+
+
+@pytest.mark.parametrize(
+    ("editable", "words"),
+    [(["*.toml", "train.py"], "matches nightlab.toml, the workspace config"), (["*.md", "train.py"], "program.md, the agent's instructions"),
+     (["*.py"], "evaluate.py, named by the harness step experiment.evaluate ('python evaluate.py --split val')")],
+)
+def test_editable_globs_may_not_reach_the_rules(tmp_path, editable, words):
+    root = init_workspace("quadratic", tmp_path / "ws")
+    config = load_config(root)
+    config.workspace.editable = editable
+    with pytest.raises(WorkspaceError, match=re.escape(words)):
+        Workspace(root, config).editable_files()

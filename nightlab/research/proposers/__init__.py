@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nightlab.config import NightlabConfig
+from nightlab.config import ConfigError, NightlabConfig
 from nightlab.research.proposers.base import Proposer
 
 KINDS = ("auto", "llm", "tune", "replay")
@@ -19,7 +19,9 @@ def resolve_kind(config: NightlabConfig, kind_override: str | None = None) -> st
     """`auto` means llm when a model is configured (nightlab.toml or NIGHTLAB_LLM_MODEL), else tune."""
     kind = kind_override or config.proposer.kind
     if kind not in KINDS:
-        raise ValueError(f"unknown proposer {kind!r}; choose one of {', '.join(KINDS)}")
+        raise ConfigError(
+            f"unknown proposer {kind!r} (--proposer or proposer.kind in nightlab.toml); choose one of {', '.join(KINDS)}"
+        )
     if kind == "auto":
         return "llm" if (config.proposer.llm.model or os.environ.get("NIGHTLAB_LLM_MODEL")) else "tune"
     return kind

@@ -66,12 +66,18 @@ class Outcome:
     reason: str = ""
 
 
+class ProposerUnavailable(RuntimeError):
+    """The service behind a proposer is down even after its own retries; the loop waits and asks again."""
+
+
 @runtime_checkable
 class Proposer(Protocol):
     """Suggests changes one at a time; returns None when it has nothing more to offer."""
 
     name: str
 
-    def propose(self, context: ProposalContext) -> Proposal | None: ...
+    def propose(self, context: ProposalContext) -> Proposal | None:
+        """The next change, or None when there is nothing more to try; raises ProposerUnavailable in an outage."""
+        ...
 
     def feedback(self, proposal: Proposal, outcome: Outcome) -> None: ...

@@ -28,6 +28,7 @@ from nightlab.research.proposers.base import (
     PastExperiment,
     Proposal,
     ProposalContext,
+    ProposerUnavailable,
     Usage,
 )
 
@@ -57,6 +58,13 @@ the editable files shown; to create a new file, leave SEARCH empty."""
 
 class LLMError(RuntimeError):
     """The LLM endpoint could not be used (not configured, unreachable, or refusing the request)."""
+
+
+class LLMUnavailable(LLMError, ProposerUnavailable):
+    """The endpoint is down for now: unreachable, timing out, rate limiting or failing (5xx) after the retries."""
+
+
+_OUTAGES = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
 
 
 @dataclass
@@ -192,7 +200,8 @@ class LLMProposer:
             )
         except openai.OpenAIError as exc:
             where = self.base_url or "the OpenAI API"
-            raise LLMError(f"LLM request to {where} (model {self.model}) failed: {exc}") from exc
+            error = LLMUnavailable if isinstance(exc, _OUTAGES) else LLMError
+            raise error(f"LLM request to {where} (model {self.model}) failed: {exc}") from exc
         usage = response.usage
         text = response.choices[0].message.content if response.choices else None
         return text or "", usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0

@@ -15,7 +15,7 @@ import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
 from optuna.trial import Trial, TrialState, create_trial
 
-from nightlab.config import KnobRange, TuneSection, load_config
+from nightlab.config import ConfigError, KnobRange, TuneSection, load_config
 from nightlab.research.edits import SearchReplace, format_search_replace, is_editable
 from nightlab.research.proposers.base import Outcome, PastExperiment, Proposal, ProposalContext
 from nightlab.research.proposers.knobs import Knob, find_knobs, format_number, source_lines
@@ -45,7 +45,7 @@ def search_space(config: TuneSection, knobs: Mapping[str, Knob]) -> dict[str, Ba
     if config.knobs:
         missing = sorted(set(config.knobs) - set(knobs))
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"[proposer.tune.knobs] names {missing}, but the editable Python files define no top-level "
                 f"`NAME = number` line for them (found: {sorted(knobs) or 'none'}); fix the names or add the "
                 "constants"
@@ -58,7 +58,7 @@ def search_space(config: TuneSection, knobs: Mapping[str, Knob]) -> dict[str, Ba
         if "SEED" not in name and (r := default_range(k.value)) is not None
     }
     if not space:
-        raise ValueError(
+        raise ConfigError(
             "the tune proposer found nothing to tune: the editable Python files have no top-level "
             "`UPPER_CASE = <positive number>` constant; add some, or list knobs in [proposer.tune.knobs]"
         )
