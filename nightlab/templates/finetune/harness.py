@@ -19,7 +19,9 @@ import math
 import os
 import random
 import secrets
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,8 +82,11 @@ def setup() -> None:
 
 
 @contextmanager
-def service() -> Iterator[str]:
-    """The training service's base URL: NIGHTLAB_SERVICE_URL, or one served from this process until exit."""
+def service(read_only: bool = False) -> Iterator[str]:
+    """The training service's base URL: NIGHTLAB_SERVICE_URL, or one served from this process until exit.
+
+    Training writes its checkpoints under run/service. Evaluation may not write there (the sandbox makes the
+    scratch dir read-only outside training), so it serves a temporary copy of what training saved."""
     if os.environ.get("NIGHTLAB_SERVICE_URL"):
         yield os.environ["NIGHTLAB_SERVICE_URL"]
         return
@@ -89,9 +94,13 @@ def service() -> Iterator[str]:
     from nightlab.train.api.background import serve_in_thread
     from nightlab.train.settings import ServeSettings
 
-    settings = ServeSettings(data_dir=RUN / "service", device=os.environ.get("FINETUNE_DEVICE", "auto"))
-    with serve_in_thread(create_app(settings)) as background:
-        yield background.url
+    with tempfile.TemporaryDirectory(prefix="finetune-service-") as tmp:
+        data_dir = RUN / "service"
+        if read_only:
+            data_dir = shutil.copytree(data_dir, Path(tmp) / "service")
+        settings = ServeSettings(data_dir=data_dir, device=os.environ.get("FINETUNE_DEVICE", "auto"))
+        with serve_in_thread(create_app(settings)) as background:
+            yield background.url
 
 
 def client(url: str):  # noqa: ANN201 - a tinker.ServiceClient, imported late to keep `--help` fast
@@ -187,7 +196,7 @@ def evaluate(split: str) -> int:
         print(f"FAIL: no usable {RESULT} from the train step: {exc}")
         return 1
     problems = load_split(split)
-    with service() as url:
+    with service(read_only=True) as url:
         metrics = score(url, result, problems)
     metrics.update(train_steps=float(result.get("steps", 0)), train_seconds=float(result.get("train_seconds", 0)))
     if not math.isfinite(metrics["nll"]):
