@@ -35,9 +35,10 @@ def finished_run(tmp_path_factory):
     settings = {**TINY_ENV, "TINYGPT_DATA": str(corpus), "TINYGPT_VOCAB_SIZE": str(VOCAB)}
     env_table = ", ".join(f'{k} = "{v}"' for k, v in settings.items())
     toml = toml.replace("[metric]", f"env = {{ {env_table} }}\n\n[metric]", 1)
-    # The raw corpus stays readable to every phase: prepare.py names its cache from the corpus's file listing, so
-    # training and evaluation need it too (with `setup_read_only` they would not find the prepared splits).
-    toml = toml.replace('read_only = ["${NIGHTLAB_CACHE_DIR}/tinygpt"', f'read_only = ["{corpus}", "${{NIGHTLAB_CACHE_DIR}}/tinygpt"', 1)
+    # The raw corpus holds every split, so only setup may read it; the rest find the prepared data through the
+    # pointer setup leaves in the cache.
+    toml = toml.replace('read_only = ["${NIGHTLAB_CACHE_DIR}/tinygpt"',
+                        f'setup_read_only = ["{corpus}"]\nread_only = ["${{NIGHTLAB_CACHE_DIR}}/tinygpt"', 1)
     (ws / "nightlab.toml").write_text(toml)
     subprocess.run(["git", "commit", "-qam", "tiny settings for the test"], cwd=ws, check=True)
     result = _nightlab(ws, "run", "--max-experiments", "2", "--budget", "2", cache=root / "cache")

@@ -164,3 +164,21 @@ def test_causality_check_catches_a_model_that_looks_ahead(harness):
             return self.table[idx] + idx.float().mean(dim=1, keepdim=True)[..., None]
 
     assert "causal" in prep.check_causality(Peeking(VOCAB), VOCAB)
+
+
+def test_phases_that_cannot_see_the_raw_corpus_find_its_prepared_splits(monkeypatch, tmp_path):
+    """The sandbox hides a user's raw texts outside setup (an empty dir in their place); training and evaluation
+    still find what setup prepared, and a changed corpus that is visible is prepared anew."""
+    write_corpus(tmp_path / "corpus", files=6)
+    prep = load_prepare(monkeypatch, tmp_path / "cache", tmp_path / "corpus")
+    prep.prepare()
+    prepared = prep.resolve_source().name
+    (tmp_path / "corpus").rename(tmp_path / "elsewhere")
+    (tmp_path / "corpus").mkdir()  # what the jail shows: an empty directory
+    assert prep.resolve_source().name == prepared
+    assert prep.dataset_info()["vocab_size"] == VOCAB and len(prep.load_tokens("train")) > 0
+    (tmp_path / "corpus").rmdir()
+    write_corpus(tmp_path / "corpus", files=7, seed=1)  # visible and different: not the prepared one
+    assert prep.resolve_source().name != prepared
+    with pytest.raises(SystemExit, match="not prepared"):
+        prep.dataset_info()

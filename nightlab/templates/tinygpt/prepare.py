@@ -106,6 +106,13 @@ class Source:
         return _local_documents(Path(self.spec))
 
 
+def _source_pointer(path: Path, vocab: int) -> Path:
+    """Where setup records which prepared dataset a local data path names: training and evaluation run in a
+    sandbox that hides the raw texts (they hold the validation and test text too), so they look it up here."""
+    key = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    return cache_root() / "tinygpt" / "sources" / f"{key}-bpe{vocab}.json"
+
+
 def resolve_source(spec: str | None = None, vocab_size: int | None = None) -> Source:
     """Name the cache folder for a source; local data is keyed by its files' paths, sizes and times."""
     spec = spec or default_source()
@@ -115,7 +122,11 @@ def resolve_source(spec: str | None = None, vocab_size: int | None = None) -> So
     elif spec.startswith("hf:"):
         stem = "hf-" + re.sub(r"[^A-Za-z0-9._-]+", "_", spec[3:]).strip("_")[-60:]
     else:
-        path = Path(spec).expanduser().resolve()
+        given = Path(spec).expanduser().absolute()
+        pointer = _source_pointer(given, vocab)
+        if pointer.exists() and not _visible_data_files(given):
+            return Source(**json.loads(pointer.read_text()))
+        path = given.resolve()
         if not path.exists():
             raise SystemExit(f"FAIL: data path {path} does not exist")
         listing = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in _data_files(path)]
@@ -155,9 +166,14 @@ def _shakespeare_documents() -> list[tuple[str, str]]:
 DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
+def _visible_data_files(path: Path) -> list[Path]:
+    """The data files at path; none where a sandbox hides it (absent, an empty dir, or /dev/null over a file)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    return [p for p in files if p.suffix in DATA_SUFFIXES]
+
+
 def _data_files(path: Path) -> list[Path]:
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    found = [p for p in files if p.suffix in DATA_SUFFIXES]
+    found = _visible_data_files(path)
     if not found:
         raise SystemExit(f"FAIL: no {', '.join(DATA_SUFFIXES)} files under {path}")
     return found
@@ -304,6 +320,11 @@ def prepare(spec: str | None = None, vocab_size: int | None = None) -> Path:
     """Download, split, train the tokenizer and tokenize; return the tokenizer folder. Cached."""
     vocab = vocab_size or default_vocab_size()
     source = resolve_source(spec, vocab)
+    given = spec or default_source()
+    if given != "shakespeare" and not given.startswith("hf:"):
+        pointer = _source_pointer(Path(given).expanduser().absolute(), vocab)
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        pointer.write_text(json.dumps({"spec": source.spec, "name": source.name}))
     marker = tokenizer_dir(source) / "prepared.json"
     if marker.exists():
         print(f"data ready: {source.name} (cached under {cache_root() / 'tinygpt'})", file=sys.stderr)
