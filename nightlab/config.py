@@ -43,6 +43,9 @@ class ExperimentSection(_Section):
     heldout: str | None = Field(None, description="harness step scoring the final best on the test split")
     checks: str | None = Field(None, description="must exit 0 before a candidate may be kept")
     budget_seconds: float = Field(60.0, gt=0)
+    gpu_budget_seconds: float | None = Field(
+        None, gt=0, description="the budget instead of budget_seconds when a CUDA or MPS accelerator is present"
+    )
     timeout_seconds: float = Field(600.0, gt=0, description="hard kill of the whole process group")
     budget_tolerance: float = Field(0.05, ge=0, description="fraction of the budget a run may overrun")
     startup_allowance_seconds: float = Field(
@@ -54,10 +57,10 @@ class ExperimentSection(_Section):
 
     @model_validator(mode="after")
     def _timeout_covers_budget(self) -> ExperimentSection:
-        if self.timeout_seconds < self.budget_seconds:
-            raise ValueError(
-                f"timeout_seconds ({self.timeout_seconds}) must be >= budget_seconds ({self.budget_seconds})"
-            )
+        for key in ("budget_seconds", "gpu_budget_seconds"):
+            budget = getattr(self, key)
+            if budget is not None and self.timeout_seconds < budget:
+                raise ValueError(f"timeout_seconds ({self.timeout_seconds}) must be >= {key} ({budget})")
         return self
 
 

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import psutil
 
 from nightlab.config import ConfigError, NightlabConfig, load_config
+from nightlab.hardware import accelerator
 from nightlab.research import decide
 from nightlab.research.edits import EditError, apply_patch
 from nightlab.research.journal import STATE_DIR, Journal, Run
@@ -157,8 +158,11 @@ class ResearchLoop:
         self._proposer = proposer
         self.wrap_for: WrapFactory = wrap_for or (lambda phase, env: None)
         self.config: NightlabConfig = load_config(self.root)
+        gpu_budget = self.config.experiment.gpu_budget_seconds
         if self.options.budget is not None:
             self._override_budget(self.options.budget)
+        elif gpu_budget is not None and accelerator():
+            self.config.experiment.budget_seconds = gpu_budget
         self.ws = Workspace(self.root, self.config)
         self.state = LoopState(metric_name=self.config.metric.name, goal=self.config.metric.goal)
         if wrap_for is None:
