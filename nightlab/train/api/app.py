@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -113,6 +112,6 @@ def serve(settings: ServeSettings) -> None:
         create_app(settings, engine), host=settings.host, port=settings.port, timeout_graceful_shutdown=5,
         timeout_keep_alive=KEEP_ALIVE_S, log_level="info",
     )
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once its graceful shutdown is done
+    with suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once its graceful shutdown is done
         uvicorn.Server(config).run()
     console.print(f"stopped; everything saved is in {settings.data_dir}")
