@@ -39,7 +39,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     config = tomllib.loads((ws / "nightlab.toml").read_text())
     config["experiment"].update(budget_seconds=3, startup_allowance_seconds=300, timeout_seconds=600)
     config["experiment"]["env"]["FINETUNE_MODEL"] = str(model)
-    config["decide"] = {"baseline_runs": 2, "confirm": False}
+    config["decide"] = {"baseline_runs": 2}
     config["proposer"]["replay"] = {"patches": str(tmp / "patches")}
     (ws / "nightlab.toml").write_text(dump_toml(config))
     commit_all(ws, "test settings: the tiny model, a short budget")
