@@ -107,7 +107,12 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         qk = apply_rotary(rms_norm(qkv[:2]), cos, sin)  # QK-norm bounds attention logits; q and k in one go
-        y = F.scaled_dot_product_attention(qk[0], qk[1], qkv[2], is_causal=True)
+        q, k, v = qk[0], qk[1], qkv[2]
+        if x.device.type == "cpu":  # the CPU attention kernels are faster in fp32 than in bf16 at these sizes
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
