@@ -184,33 +184,25 @@ def test_the_worker_sees_no_validation_data(trained):
     assert seen.groups() == ("0", "0", "0", "0")
 
 
-def test_evaluate_rejects_a_model_that_looks_ahead(trained):
+@pytest.mark.parametrize(("leak", "refusal"), [
+    # every logit sees the mean of the whole row, future tokens included
+    ("out + idx.float().mean(dim=1, keepdim=True)[..., None]", r"not causal"),
+    # causal within a row, but each row sees the next row's first token
+    ("out + 0.01 * idx.roll(-1, dims=0)[:, :1, None].float()",
+     r"changing row \d+ of a batch changed the logits of row \d+"),
+], ids=["looks-ahead", "reads-other-rows"])
+def test_evaluate_rejects_a_model_that_sees_what_it_predicts(trained, leak, refusal):
     ws, env, _ = trained
     leaky = _variant(ws, "train_leaky.py", (
         "_forward = GPT.forward\n"
         "def _peek(self, idx, targets=None):\n"
         "    out = _forward(self, idx, targets)\n"
-        "    return out + idx.float().mean(dim=1, keepdim=True)[..., None] if targets is None else out\n"
+        f"    return {leak} if targets is None else out\n"
         "GPT.forward = _peek\n"
     ))
     done = _evaluate(ws, env, "--train-file", str(leaky), key=KEY)
     assert done.returncode == 1
-    assert re.search(r"^FAIL: .*not causal", done.stdout, re.MULTILINE)
-    assert "NIGHTLAB_METRIC" not in done.stdout
-
-
-def test_evaluate_rejects_a_model_that_reads_other_rows_of_the_batch(trained):
-    ws, env, _ = trained
-    leaky = _variant(ws, "train_rows.py", (  # causal within a row, but each row sees the next row's first token
-        "_forward = GPT.forward\n"
-        "def _peek(self, idx, targets=None):\n"
-        "    out = _forward(self, idx, targets)\n"
-        "    return out + 0.01 * idx.roll(-1, dims=0)[:, :1, None].float() if targets is None else out\n"
-        "GPT.forward = _peek\n"
-    ))
-    done = _evaluate(ws, env, "--train-file", str(leaky), key=KEY)
-    assert done.returncode == 1
-    assert re.search(r"^FAIL: changing row \d+ of a batch changed the logits of row \d+", done.stdout, re.MULTILINE)
+    assert re.search(rf"^FAIL: .*{refusal}", done.stdout, re.MULTILINE), done.stdout
     assert "NIGHTLAB_METRIC" not in done.stdout
 
 
