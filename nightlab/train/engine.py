@@ -401,6 +401,9 @@ class Engine:
         with warnings.catch_warnings():  # PEFT warns when the active adapter goes; the next request sets its own
             warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
             base.peft.delete_adapter(slot)
+        if not base.peft.peft_config:  # the last one: PEFT would keep its name as active, so unwrap the base
+            base.model = base.peft.unload()
+            base.peft = None
 
     def create_adapter(self, model_id: str, base_model: str, lora: LoraSpec) -> None:
         base = self._base(base_model)

@@ -179,6 +179,23 @@ def test_drop_adapter(engine, base, batch):
     assert probe_loss(engine, other, batch) > 0
 
 
+def test_dropping_the_last_adapter_leaves_the_base_servable(tiny_model_dir, tmp_path, batch):
+    """A server whose only training client finished must still sample the base model and take new clients."""
+    from nightlab.train.sampling import SampleRequest, SamplingParams
+
+    fresh = Engine(tmp_path / "data", device="cpu", precision="fp32", show_progress=False)
+    base = str(tiny_model_dir)
+    request = SampleRequest(list(batch[0].tokens[:4]), SamplingParams(max_tokens=4, temperature=0.0))
+    before = fresh.sample(base, None, [request])[0].sequences[0]
+    model_id = new_adapter(fresh, base)
+    train(fresh, model_id, batch, 2)
+    fresh.drop_adapter(model_id)
+    after = fresh.sample(base, None, [request])[0].sequences[0]
+    assert after.tokens == before.tokens
+    np.testing.assert_allclose(after.logprobs, before.logprobs, atol=1e-5)
+    assert probe_loss(fresh, new_adapter(fresh, base), batch) > 0
+
+
 def test_bf16_autocast_keeps_logprobs_close(tiny_model_dir, tmp_path, batch):
     bf16 = Engine(tmp_path, device="cpu", precision="bf16", show_progress=False)
     fp32 = Engine(tmp_path, device="cpu", precision="fp32", show_progress=False)
