@@ -56,7 +56,7 @@ def _sampling_params(p: SamplingParamsBody) -> SamplingParams:
 def _adam(p: AdamBody) -> AdamParams:
     if p.type != "adamw":
         raise UserError(f"optimizer {p.type!r} is not supported here; use AdamParams")
-    return AdamParams(**p.model_dump(exclude={"type"}))
+    return AdamParams(**p.model_dump(exclude={"type"}, exclude_none=True))
 
 
 def _check_optimizer(config: OptimizerConfigBody | None) -> None:
