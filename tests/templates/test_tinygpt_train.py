@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.templates.tinygpt_support import (
     TEMPLATE,
@@ -52,3 +53,40 @@ def test_a_nan_loss_ends_the_run_with_fail_at_the_first_step(tmp_path):
     assert done.returncode == 1
     assert re.search(r"^FAIL: loss is nan at step 0 \(diverged\)", done.stdout, re.MULTILINE)
     assert not (ws / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_hand_written_loss_equals_cross_entropy_of_the_capped_logits(train_module, dtype):
+    """Loss and gradient, over 300 rows (two full chunks and a partial one), with a backward scale that is not 1."""
+    torch.manual_seed(0)
+    logits = (torch.randn(300, 50) * 20).to(dtype).requires_grad_()  # many logits far past the cap
+    targets = torch.randint(0, 50, (300,))
+    expected = F.cross_entropy(15 * torch.tanh(logits.float() / 15), targets)
+    (3 * expected).backward()
+    expected_grad, logits.grad = logits.grad.float(), None
+    loss = train_module.SoftcappedCrossEntropy.apply(logits, targets, 15.0)
+    (3 * loss).backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert logits.grad.dtype == dtype
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # bf16 keeps 8 bits of mantissa
+    assert torch.allclose(logits.grad.float(), expected_grad, rtol=tolerance, atol=tolerance * expected_grad.abs().max())
+
+
+def test_the_hand_written_qk_norm_and_rotation_match_their_plain_form(train_module):
+    torch.manual_seed(0)
+    T, D = 16, 8
+    model = train_module.GPT(train_module.GPTConfig(vocab_size=32, seq_len=T, n_layer=1, n_embd=16, head_dim=D))
+    x = torch.randn(2, 3, T, D, dtype=torch.float64, requires_grad=True)
+    cos, sin = model.cos.double(), model.sin.double()
+    angles = torch.outer(torch.arange(T, dtype=torch.float64), 10000.0 ** (-torch.arange(0, D, 2) / D))
+    normed = F.rms_norm(x, (D,))
+    x1, x2 = normed[..., : D // 2], normed[..., D // 2 :]
+    plain = torch.cat((x1 * angles.cos() - x2 * angles.sin(), x1 * angles.sin() + x2 * angles.cos()), dim=-1)
+    assert torch.allclose(train_module.NormRotary.apply(x, cos, sin), plain, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda t: train_module.NormRotary.apply(t, cos, sin), (x,))
+
+
+def test_the_hand_written_relu_squared_matches_its_plain_form(train_module):
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(train_module.ReluSquared.apply(x), F.relu(x).square())
+    assert torch.autograd.gradcheck(train_module.ReluSquared.apply, (x,))
