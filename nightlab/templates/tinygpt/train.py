@@ -124,7 +124,9 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss, None, None
+        if torch.compiler.is_compiling() or grad_loss.item() != 1.0:  # loss.backward() passes 1
+            grad = grad * grad_loss
+        return grad, None, None
 
 
 class NormRotary(torch.autograd.Function):
@@ -252,14 +254,14 @@ class GPT(nn.Module):
 
 
 def orthogonalize(g: torch.Tensor, steps: int, dtype: torch.dtype) -> torch.Tensor:
-    """Approximately replace each matrix in g (..., rows, cols) by the nearest semi-orthogonal one
+    """Approximately replace each matrix in g (n, rows, cols) by the nearest semi-orthogonal one
     (quintic Newton-Schulz iteration); rows <= cols."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.to(dtype)
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
         s = x @ x.mT
-        x = a * x + (b * s + c * s @ s) @ x
+        x = torch.baddbmm(x, torch.baddbmm(s, s, s, beta=b, alpha=c), x, beta=a)  # a x + (b s + c s s) x
     return x
 
 
@@ -302,7 +304,7 @@ def build_optimizers(model: GPT, fast_bf16: bool) -> list[torch.optim.Optimizer]
     ]
     ns_dtype = torch.bfloat16 if fast_bf16 else torch.float32
     optimizers = [
-        torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10, weight_decay=WEIGHT_DECAY),
+        torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10, weight_decay=WEIGHT_DECAY, fused=True),
         Muon(matrices, lr=MATRIX_LR, momentum=MUON_MOMENTUM, ns_steps=NS_STEPS, ns_dtype=ns_dtype),
     ]
     for opt in optimizers:
