@@ -57,10 +57,11 @@ def test_a_nan_loss_ends_the_run_with_fail_at_the_first_step(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_hand_written_loss_equals_cross_entropy_of_the_capped_logits(train_module, dtype):
-    """Loss and gradient, over 300 rows (two full chunks and a partial one), with a backward scale that is not 1."""
+    """Loss and gradient with a backward scale that is not 1, over 300 rows of a 2048-token vocabulary: chunks
+    of 128 rows, so two full chunks and a partial one."""
     torch.manual_seed(0)
-    logits = (torch.randn(300, 50) * 20).to(dtype).requires_grad_()  # many logits far past the cap
-    targets = torch.randint(0, 50, (300,))
+    logits = (torch.randn(300, 2048) * 20).to(dtype).requires_grad_()  # many logits far past the cap
+    targets = torch.randint(0, 2048, (300,))
     expected = F.cross_entropy(15 * torch.tanh(logits.float() / 15), targets)
     (3 * expected).backward()
     expected_grad, logits.grad = logits.grad.float(), None

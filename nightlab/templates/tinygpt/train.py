@@ -106,7 +106,7 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
-        n, chunk = logits.size(0), 128  # 128 rows x 2048 logits in fp32 is 1 MB: a chunk stays in the core's cache
+        n, chunk = logits.size(0), max(1, 2**18 // logits.size(1))  # 1 MB of fp32 a chunk: it stays in cache
         grad = torch.empty_like(logits)
         total = logits.new_zeros((), dtype=torch.float32)
         for start in range(0, n, chunk):
