@@ -25,9 +25,13 @@ from nightlab.train.engine import AdamParams, Datum, Engine, LoraSpec
 
 
 def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2", help="smollm2, tiny, or any name the engine resolves")
-    parser.add_argument("--data-dir", type=Path, default=None, help="default: $NIGHTLAB_DATA_DIR or ~/.nightlab")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="default: $NIGHTLAB_DATA_DIR or ~/.nightlab"
+    )
     parser.add_argument("--adapters", type=int, default=4)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
@@ -69,7 +73,9 @@ def main() -> None:
             add_and_train(f"adapter-{i}")
         rows.append((f"{args.adapters} adapters", rss_mb()))
 
-    table = Table(title=f"resident memory: {engine.model_info(name).name}, LoRA rank {args.rank} on all linear layers")
+    table = Table(
+        title=f"resident memory: {engine.model_info(name).name}, LoRA rank {args.rank} on all linear layers"
+    )
     table.add_column("state")
     table.add_column("RSS MB", justify="right")
     for label, value in rows:

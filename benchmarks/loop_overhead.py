@@ -58,12 +58,18 @@ def _workspace(tmp: Path, mode: str, seconds: float, experiments: int) -> Path:
     root = init_workspace("quadratic", tmp / mode)
     text = (root / "nightlab.toml").read_text()
     assert tomllib.loads(text)["experiment"]["heldout"], "the template changed; update this benchmark"
-    text = text.replace('heldout = "python evaluate.py --split test"\n', "").replace("baseline_runs = 3", "baseline_runs = 2")
+    text = text.replace('heldout = "python evaluate.py --split test"\n', "").replace(
+        "baseline_runs = 3", "baseline_runs = 2"
+    )
     patches = tmp / f"patches-{mode}"
-    text = text.replace('[proposer]\nkind = "auto"', f'[proposer]\nkind = "replay"\nreplay = {{ patches = "{patches}" }}')
+    text = text.replace(
+        '[proposer]\nkind = "auto"', f'[proposer]\nkind = "replay"\nreplay = {{ patches = "{patches}" }}'
+    )
     text += f'\n[experiment.env]\nQUADRATIC_WORK_SECONDS = "{seconds}"\n\n[sandbox]\nmode = "{mode}"\n'
     (root / "nightlab.toml").write_text(text)
-    subprocess.run(["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qam", "bench"], cwd=root, check=True)
+    subprocess.run(
+        ["git", "-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qam", "bench"], cwd=root, check=True
+    )
     patches.mkdir()
     for i in range(experiments):
         # Each patch adds a constant next to MOMENTUM, so it applies whichever commit is the best.
@@ -80,7 +86,9 @@ def measure(root: Path, mode: str, seconds: float, turn: int) -> Timing:
     rows = journal.experiments(journal.find_run("bench").id)
     journal.close()
     cycles, phases, works = [], [], []
-    candidates = [(before, row) for before, row in zip(rows, rows[1:], strict=False) if row["kind"] == "candidate"]
+    candidates = [
+        (before, row) for before, row in zip(rows, rows[1:], strict=False) if row["kind"] == "candidate"
+    ]
     for i, (before, row) in enumerate(candidates):
         if i % turn == 0:
             continue  # the first of a turn: its time includes resuming the run
@@ -88,7 +96,10 @@ def measure(root: Path, mode: str, seconds: float, turn: int) -> Timing:
         phases.append(sum(json.loads(row["timings_json"] or "{}").values()))
         works.append(seconds * len(json.loads(row["metric_runs_json"] or "[0]")))  # re-runs train again
     return Timing(
-        mode, len(cycles), statistics.fmean(cycles), statistics.fmean(phases),
+        mode,
+        len(cycles),
+        statistics.fmean(cycles),
+        statistics.fmean(phases),
         statistics.fmean(c - p for c, p in zip(cycles, phases, strict=True)),
         statistics.fmean(c - w for c, w in zip(cycles, works, strict=True)),
     )
@@ -105,7 +116,9 @@ def run_in_turns(roots: dict[str, Path], experiments: int, turn: int, console: C
                 state = ResearchLoop(root, RunOptions(tag="bench", max_experiments=target)).run_loop()
                 totals[mode] += time.monotonic() - start
             if state.experiments != target:
-                raise SystemExit(f"{mode}: {state.experiments} of {target} experiments ran ({state.stop_reason})")
+                raise SystemExit(
+                    f"{mode}: {state.experiments} of {target} experiments ran ({state.stop_reason})"
+                )
     return totals
 
 
@@ -123,14 +136,30 @@ def main() -> None:
         roots = {mode: _workspace(Path(tmp), mode, args.seconds, args.experiments) for mode in modes}
         totals = run_in_turns(roots, args.experiments, args.turn, console)
         timings = [measure(roots[mode], mode, args.seconds, args.turn) for mode in modes]
-    table = Table(title=f"seconds per experiment ({args.experiments} experiments of {args.seconds:g}s work each, "
-                        f"in turns of {args.turn})")
-    for col in ("sandbox", "measured", "cycle", "phases", "loop (cycle - phases)", "overhead (cycle - work)",
-                f"overhead % of {args.budget:g}s"):
+    table = Table(
+        title=f"seconds per experiment ({args.experiments} experiments of {args.seconds:g}s work each, "
+        f"in turns of {args.turn})"
+    )
+    for col in (
+        "sandbox",
+        "measured",
+        "cycle",
+        "phases",
+        "loop (cycle - phases)",
+        "overhead (cycle - work)",
+        f"overhead % of {args.budget:g}s",
+    ):
         table.add_column(col, justify="left" if col == "sandbox" else "right")
     for t in timings:
-        table.add_row(t.mode, str(t.experiments), f"{t.cycle:.3f}", f"{t.phases:.3f}", f"{t.loop:.3f}",
-                      f"{t.overhead:.3f}", f"{100 * t.overhead / args.budget:.2f}%")
+        table.add_row(
+            t.mode,
+            str(t.experiments),
+            f"{t.cycle:.3f}",
+            f"{t.phases:.3f}",
+            f"{t.loop:.3f}",
+            f"{t.overhead:.3f}",
+            f"{100 * t.overhead / args.budget:.2f}%",
+        )
     console.print(table)
     if len(timings) < 2:
         console.print(f"[yellow]no sandboxed run: {status.reason}[/]")

@@ -115,10 +115,15 @@ def main() -> None:
     while training_time < args.budget:
         t0 = time.perf_counter()
         starts = rng.integers(0, len(tokens) - seq - 1, size=batch)
-        rows = torch.from_numpy(np.stack([tokens[s : s + seq + 1] for s in starts]).astype(np.int64)).to(device)
+        rows = torch.from_numpy(np.stack([tokens[s : s + seq + 1] for s in starts]).astype(np.int64)).to(
+            device
+        )
         progress = training_time / args.budget
-        lr = LR * (progress / WARMUP_FRAC if progress < WARMUP_FRAC else
-                   MIN_LR_FRAC + (1 - MIN_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * progress)))
+        lr = LR * (
+            progress / WARMUP_FRAC
+            if progress < WARMUP_FRAC
+            else MIN_LR_FRAC + (1 - MIN_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * progress))
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         with autocast:

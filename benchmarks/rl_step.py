@@ -78,15 +78,23 @@ class RawRL:
         self.model.eval()
         with torch.no_grad():
             out = self.model.generate(
-                **batch, do_sample=True, temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_tokens,
-                num_return_sequences=self.cfg.group_size, output_scores=True, return_dict_in_generate=True,
+                **batch,
+                do_sample=True,
+                temperature=self.cfg.temperature,
+                max_new_tokens=self.cfg.max_tokens,
+                num_return_sequences=self.cfg.group_size,
+                output_scores=True,
+                return_dict_in_generate=True,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
         width = batch["input_ids"].shape[1]
         completions = out.sequences[:, width:]
         old_logprobs = torch.stack(
-            [torch.log_softmax(s.float(), -1).gather(-1, completions[:, i : i + 1]).squeeze(-1)
-             for i, s in enumerate(out.scores)], dim=1,
+            [
+                torch.log_softmax(s.float(), -1).gather(-1, completions[:, i : i + 1]).squeeze(-1)
+                for i, s in enumerate(out.scores)
+            ],
+            dim=1,
         )
         mask = torch.ones_like(completions, dtype=torch.float32)
         for row, seq in enumerate(completions.tolist()):  # everything after the first EOS is padding
@@ -96,7 +104,7 @@ class RawRL:
         rewards = [self.env.reward(tasks[i // self.cfg.group_size], t).value for i, t in enumerate(texts)]
         advantages, keep = [], []
         for g in range(len(tasks)):
-            group = group_advantages(rewards[g * self.cfg.group_size:(g + 1) * self.cfg.group_size])
+            group = group_advantages(rewards[g * self.cfg.group_size : (g + 1) * self.cfg.group_size])
             advantages += group
             keep += [trains_on(group, self.cfg.kl_coef)] * len(group)
         rows = torch.tensor(keep)
@@ -104,11 +112,21 @@ class RawRL:
         if not rows.any():
             return t1 - t0, 0.0, 0
         self.model.train()
-        attention = torch.cat([batch["attention_mask"].repeat_interleave(self.cfg.group_size, 0), mask.long()], 1)
-        ctx = torch.autocast("cpu", dtype=self.autocast) if self.autocast else torch.autocast("cpu", enabled=False)
+        attention = torch.cat(
+            [batch["attention_mask"].repeat_interleave(self.cfg.group_size, 0), mask.long()], 1
+        )
+        ctx = (
+            torch.autocast("cpu", dtype=self.autocast)
+            if self.autocast
+            else torch.autocast("cpu", enabled=False)
+        )
         with ctx:
-            logits = self.model(input_ids=out.sequences[rows], attention_mask=attention[rows]).logits[:, width - 1 : -1]
-        logprobs = torch.log_softmax(logits.float(), -1).gather(-1, completions[rows].unsqueeze(-1)).squeeze(-1)
+            logits = self.model(input_ids=out.sequences[rows], attention_mask=attention[rows]).logits[
+                :, width - 1 : -1
+            ]
+        logprobs = (
+            torch.log_softmax(logits.float(), -1).gather(-1, completions[rows].unsqueeze(-1)).squeeze(-1)
+        )
         # padding after EOS may have -inf sampler scores (top-k masks them): leave it out before exp, not after
         live = mask[rows] > 0
         ratio = torch.exp(torch.where(live, logprobs - old_logprobs[rows], 0.0))
@@ -125,8 +143,12 @@ def bench_raw(cfg: RLConfig) -> list[Timing]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="A prepared model directory (e.g. SmolLM2 from `nightlab models prepare`).")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", help="A prepared model directory (e.g. SmolLM2 from `nightlab models prepare`)."
+    )
     parser.add_argument("--tiny", action="store_true", help="Use the tiny random model instead.")
     parser.add_argument("--steps", type=int, default=3, help="Timed steps per side (after one warm-up).")
     parser.add_argument("--prompts", type=int, default=4)
@@ -148,9 +170,16 @@ def main() -> None:
             parser.error("pass --model DIR (see `nightlab models list`) or --tiny")
         with start_service(Path(tmp) / "serve") as background:
             cfg = RLConfig(
-                background.url, model, Path(tmp) / "log", api_key="tml-bench", steps=args.steps,
-                prompts_per_step=args.prompts, group_size=args.group_size, max_tokens=args.max_tokens,
-                lora_rank=args.rank, measure_kl=False,
+                background.url,
+                model,
+                Path(tmp) / "log",
+                api_key="tml-bench",
+                steps=args.steps,
+                prompts_per_step=args.prompts,
+                group_size=args.group_size,
+                max_tokens=args.max_tokens,
+                lora_rank=args.rank,
+                measure_kl=False,
             )
             service = bench_service(cfg)
         raw = bench_raw(cfg)
@@ -159,8 +188,10 @@ def main() -> None:
 
 def report(model: str, cfg: RLConfig, results: dict[str, list[Timing]]) -> None:
     samples = cfg.prompts_per_step * cfg.group_size
-    print(f"model {model}; per step: {samples} completions of <= {cfg.max_tokens} tokens, LoRA rank "
-          f"{cfg.lora_rank}; median of {cfg.steps} steps after a warm-up; torch threads {torch.get_num_threads()}")
+    print(
+        f"model {model}; per step: {samples} completions of <= {cfg.max_tokens} tokens, LoRA rank "
+        f"{cfg.lora_rank}; median of {cfg.steps} steps after a warm-up; torch threads {torch.get_num_threads()}"
+    )
     print(f"{'side':<20}{'sample s':>10}{'train s':>10}{'step s':>10}{'datums':>10}  (datums per timed step)")
     medians = {}
     for side, times in results.items():
@@ -169,7 +200,9 @@ def report(model: str, cfg: RLConfig, results: dict[str, list[Timing]]) -> None:
         datums = ",".join(str(n) for *_, n in times)
         print(f"{side:<20}{s:>10.2f}{t:>10.2f}{s + t:>10.2f}{datums:>10}")
     service, raw = medians["nightlab service"], medians["transformers+PEFT"]
-    ratios = [f"{a / b:.2f}" if b else "n/a" for a, b in zip(service, raw, strict=True)]  # n/a: nothing trained
+    ratios = [
+        f"{a / b:.2f}" if b else "n/a" for a, b in zip(service, raw, strict=True)
+    ]  # n/a: nothing trained
     print(f"{'ratio service/raw':<20}" + "".join(f"{r:>10}" for r in ratios))
 
 

@@ -36,9 +36,13 @@ LEARNING_RATE = 1e-5
 
 
 def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2", help="smollm2, tiny, or any name the engine resolves")
-    parser.add_argument("--data-dir", type=Path, default=None, help="default: $NIGHTLAB_DATA_DIR or ~/.nightlab")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None, help="default: $NIGHTLAB_DATA_DIR or ~/.nightlab"
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
@@ -50,7 +54,11 @@ def parse() -> argparse.Namespace:
 
 def hand_written_step(model, optimizer, input_ids, autocast) -> float:
     """The loop a user would write: HF's own loss on labels, backward, AdamW."""
-    context = torch.autocast(input_ids.device.type, dtype=autocast) if autocast else torch.autocast("cpu", enabled=False)
+    context = (
+        torch.autocast(input_ids.device.type, dtype=autocast)
+        if autocast
+        else torch.autocast("cpu", enabled=False)
+    )
     with context:
         loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
@@ -72,7 +80,10 @@ def service_step(
     service = tinker.ServiceClient(base_url=server.url, api_key=KEY)
     client = service.create_lora_training_client(base_model=name, rank=rank, seed=0).result()
     data = [
-        types.Datum(model_input=types.ModelInput.from_ints(row[:-1].tolist()), loss_fn_inputs={"target_tokens": row[1:]})
+        types.Datum(
+            model_input=types.ModelInput.from_ints(row[:-1].tolist()),
+            loss_fn_inputs={"target_tokens": row[1:]},
+        )
         for row in tokens
     ]
     adam = types.AdamParams(learning_rate=LEARNING_RATE)
@@ -140,8 +151,10 @@ def main() -> None:
         server.stop()
         service_dir.cleanup()
 
-    table = Table(title=f"LoRA SFT step: {resolved.name}, batch {args.batch}x{args.seq}, rank {args.rank}, "
-                        f"autocast {autocast or 'off'}, {torch.get_num_threads()} threads")
+    table = Table(
+        title=f"LoRA SFT step: {resolved.name}, batch {args.batch}x{args.seq}, rank {args.rank}, "
+        f"autocast {autocast or 'off'}, {torch.get_num_threads()} threads"
+    )
     for column in ("path", "median s/step", "min s/step", "tokens/s"):
         table.add_column(column, justify="right")
     for label, values in times.items():

@@ -48,7 +48,9 @@ def _step(label: str, argv: list[str], cwd: Path, env: dict[str, str]) -> tuple[
     start = time.time()
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"{label} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise SystemExit(
+            f"{label} failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return _summary(done.stdout), time.time() - start
 
 
@@ -57,29 +59,46 @@ def _ours(ws: Path, env: dict[str, str], repeat: int, console: Console) -> dict[
     env = {**env, "NIGHTLAB_SEED_OFFSET": str(repeat), "NIGHTLAB_PHASE": "train"}
     _, prepare_s = _step("prepare.py", [sys.executable, "prepare.py"], ws, env)
     result, train_s = _step("train.py", [sys.executable, "train.py"], ws, env)
-    scored, eval_s = _step("prepare.py evaluate", [sys.executable, "prepare.py", "evaluate", "--split", "val"], ws,
-                           {**env, "NIGHTLAB_PHASE": "evaluate"})
-    result.update(val_bpb=scored["val_bpb"], prepare_s=prepare_s, train_s=train_s, eval_s=eval_s,
-                  total_seconds=prepare_s + train_s + eval_s)
-    console.print(f"[bold]tinygpt #{repeat + 1}[/]: val_bpb {result['val_bpb']:.4f}, "
-                  f"{result['tokens_per_second']:,.0f} tok/s, {result['num_steps']:.0f} steps; prepare {prepare_s:.1f}s, "
-                  f"train {train_s:.1f}s, evaluate {eval_s:.1f}s")
+    scored, eval_s = _step(
+        "prepare.py evaluate",
+        [sys.executable, "prepare.py", "evaluate", "--split", "val"],
+        ws,
+        {**env, "NIGHTLAB_PHASE": "evaluate"},
+    )
+    result.update(
+        val_bpb=scored["val_bpb"],
+        prepare_s=prepare_s,
+        train_s=train_s,
+        eval_s=eval_s,
+        total_seconds=prepare_s + train_s + eval_s,
+    )
+    console.print(
+        f"[bold]tinygpt #{repeat + 1}[/]: val_bpb {result['val_bpb']:.4f}, "
+        f"{result['tokens_per_second']:,.0f} tok/s, {result['num_steps']:.0f} steps; prepare {prepare_s:.1f}s, "
+        f"train {train_s:.1f}s, evaluate {eval_s:.1f}s"
+    )
     return result
 
 
-def _reference(ws: Path, env: dict[str, str], budget: float, repeat: int, console: Console) -> dict[str, float]:
+def _reference(
+    ws: Path, env: dict[str, str], budget: float, repeat: int, console: Console
+) -> dict[str, float]:
     argv = [sys.executable, str(REFERENCE), "--workspace", str(ws), "--budget", f"{budget:g}"]
     result, seconds = _step("nanoGPT reference", argv, ws, {**env, "NIGHTLAB_PHASE": ""})
     result["total_seconds"] = seconds
-    console.print(f"[bold]reference #{repeat + 1}[/]: val_bpb {result['val_bpb']:.4f}, "
-                  f"{result['tokens_per_second']:,.0f} tok/s, {result['num_steps']:.0f} steps")
+    console.print(
+        f"[bold]reference #{repeat + 1}[/]: val_bpb {result['val_bpb']:.4f}, "
+        f"{result['tokens_per_second']:,.0f} tok/s, {result['num_steps']:.0f} steps"
+    )
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=60.0, help="training seconds for each run")
-    parser.add_argument("--repeats", type=int, default=1, help="runs of each, alternating (our spread = the noise floor)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each, alternating (our spread = the noise floor)"
+    )
     args = parser.parse_args()
     console = Console(width=120)
     env = {**os.environ, "NIGHTLAB_BUDGET_SECONDS": f"{args.budget:g}"}
@@ -92,32 +111,68 @@ def main() -> None:
         for repeat in range(args.repeats):
             ours.append(_ours(ws, env, repeat, console))
             refs.append(_reference(ws, env, args.budget, repeat, console))
-    keys = ("val_bpb", "tokens_per_second", "mfu_percent", "num_steps", "num_params_M", "prepare_s", "train_s",
-            "eval_s", "total_seconds")
+    keys = (
+        "val_bpb",
+        "tokens_per_second",
+        "mfu_percent",
+        "num_steps",
+        "num_params_M",
+        "prepare_s",
+        "train_s",
+        "eval_s",
+        "total_seconds",
+    )
     mine = {k: statistics.fmean(r[k] for r in ours) for k in keys}
-    ref = {k: statistics.fmean(r[k] for r in refs) for k in ("val_bpb", "tokens_per_second", "num_steps",
-                                                               "num_params_M", "total_seconds")}
-    table = Table(title=f"tinygpt vs nanoGPT-style reference, {args.budget:g}s budget, {os.cpu_count()} CPU cores")
+    ref = {
+        k: statistics.fmean(r[k] for r in refs)
+        for k in ("val_bpb", "tokens_per_second", "num_steps", "num_params_M", "total_seconds")
+    }
+    table = Table(
+        title=f"tinygpt vs nanoGPT-style reference, {args.budget:g}s budget, {os.cpu_count()} CPU cores"
+    )
     for column in ("model", "tokens/s", "val_bpb", "MFU %", "steps", "params (M)", "evaluate s", "total s"):
         table.add_column(column, justify="right")
-    table.add_row("tinygpt (ours)", f"{mine['tokens_per_second']:,.0f}", f"{mine['val_bpb']:.4f}",
-                  f"{mine['mfu_percent']:.1f}", f"{mine['num_steps']:.0f}", f"{mine['num_params_M']:.2f}",
-                  f"{mine['eval_s']:.1f}", f"{mine['total_seconds']:.0f}")
-    table.add_row("nanoGPT reference", f"{ref['tokens_per_second']:,.0f}", f"{ref['val_bpb']:.4f}", "-",
-                  f"{ref['num_steps']:.0f}", f"{ref['num_params_M']:.2f}", "(in process)", f"{ref['total_seconds']:.0f}")
+    table.add_row(
+        "tinygpt (ours)",
+        f"{mine['tokens_per_second']:,.0f}",
+        f"{mine['val_bpb']:.4f}",
+        f"{mine['mfu_percent']:.1f}",
+        f"{mine['num_steps']:.0f}",
+        f"{mine['num_params_M']:.2f}",
+        f"{mine['eval_s']:.1f}",
+        f"{mine['total_seconds']:.0f}",
+    )
+    table.add_row(
+        "nanoGPT reference",
+        f"{ref['tokens_per_second']:,.0f}",
+        f"{ref['val_bpb']:.4f}",
+        "-",
+        f"{ref['num_steps']:.0f}",
+        f"{ref['num_params_M']:.2f}",
+        "(in process)",
+        f"{ref['total_seconds']:.0f}",
+    )
     console.print(table)
     pairs = [o["tokens_per_second"] / r["tokens_per_second"] for o, r in zip(ours, refs, strict=True)]
-    console.print(f"tokens/s ratio (ours / reference): {mine['tokens_per_second'] / ref['tokens_per_second']:.2f}x"
-                  f" (each pair: {', '.join(f'{p:.2f}x' for p in pairs)})")
-    console.print(f"val_bpb: ours {mine['val_bpb']:.4f} vs reference {ref['val_bpb']:.4f} "
-                  f"({ref['val_bpb'] - mine['val_bpb']:+.4f} better)")
-    console.print(f"one experiment after the first prepare: {mine['total_seconds']:.0f}s (prepare {mine['prepare_s']:.1f}s, "
-                  f"train {mine['train_s']:.1f}s, evaluate {mine['eval_s']:.1f}s = "
-                  f"{100 * mine['eval_s'] / args.budget:.1f}% of the budget)")
+    console.print(
+        f"tokens/s ratio (ours / reference): {mine['tokens_per_second'] / ref['tokens_per_second']:.2f}x"
+        f" (each pair: {', '.join(f'{p:.2f}x' for p in pairs)})"
+    )
+    console.print(
+        f"val_bpb: ours {mine['val_bpb']:.4f} vs reference {ref['val_bpb']:.4f} "
+        f"({ref['val_bpb'] - mine['val_bpb']:+.4f} better)"
+    )
+    console.print(
+        f"one experiment after the first prepare: {mine['total_seconds']:.0f}s (prepare {mine['prepare_s']:.1f}s, "
+        f"train {mine['train_s']:.1f}s, evaluate {mine['eval_s']:.1f}s = "
+        f"{100 * mine['eval_s'] / args.budget:.1f}% of the budget)"
+    )
     if len(ours) > 1:
         values = [r["val_bpb"] for r in ours]
-        console.print(f"run-to-run val_bpb over {len(values)} runs: {', '.join(f'{v:.4f}' for v in values)}; "
-                      f"spread {max(values) - min(values):.4f}, stdev {statistics.stdev(values):.4f}")
+        console.print(
+            f"run-to-run val_bpb over {len(values)} runs: {', '.join(f'{v:.4f}' for v in values)}; "
+            f"spread {max(values) - min(values):.4f}, stdev {statistics.stdev(values):.4f}"
+        )
 
 
 if __name__ == "__main__":

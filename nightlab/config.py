@@ -44,12 +44,15 @@ class ExperimentSection(_Section):
     checks: str | None = Field(None, description="must exit 0 before a candidate may be kept")
     budget_seconds: float = Field(60.0, gt=0)
     gpu_budget_seconds: float | None = Field(
-        None, gt=0, description="the budget instead of budget_seconds when a CUDA or MPS accelerator is present"
+        None,
+        gt=0,
+        description="the budget instead of budget_seconds when a CUDA or MPS accelerator is present",
     )
     timeout_seconds: float = Field(600.0, gt=0, description="hard kill of the whole process group")
     budget_tolerance: float = Field(0.05, ge=0, description="fraction of the budget a run may overrun")
     startup_allowance_seconds: float = Field(
-        5.0, ge=0,
+        5.0,
+        ge=0,
         description="seconds a training phase may take beyond the baseline's slowest one (or the budget, if longer) "
         "plus budget_tolerance * budget",
     )
@@ -88,7 +91,9 @@ class MetricSection(_Section):
         except re.error as exc:
             raise ValueError(f"not a valid regular expression ({exc})") from exc
         if groups > 1:
-            raise ValueError(f"has {groups} groups; use one group around the number (or (?:...) for the others)")
+            raise ValueError(
+                f"has {groups} groups; use one group around the number (or (?:...) for the others)"
+            )
         return pattern
 
 
@@ -102,7 +107,9 @@ class DecideSection(_Section):
         0.001, gt=0, lt=0.5, description="chance that one change which does nothing passes the re-run test"
     )
     confirm: bool = Field(True, description="re-run a candidate with other seeds before keeping it")
-    confirm_k: float = Field(4.0, ge=0, description="first-run margins under confirm_k * noise are always re-run")
+    confirm_k: float = Field(
+        4.0, ge=0, description="first-run margins under confirm_k * noise are always re-run"
+    )
     confirm_runs: int = Field(5, ge=1, description="the most re-runs one candidate gets")
 
     @field_validator("baseline_runs")

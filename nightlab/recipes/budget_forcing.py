@@ -28,24 +28,40 @@ RETRY_STATUS = 408  # retrieve_future's "not done yet, ask again"
 
 
 def budget_forcing(
-    max_thinking_tokens: int | None, min_thinking_tokens: int = 0, *, end_thinking: str = THINK_CLOSE,
-    wait_text: str = "Wait", answer_prefix: str = ANSWER_PREFIX,
+    max_thinking_tokens: int | None,
+    min_thinking_tokens: int = 0,
+    *,
+    end_thinking: str = THINK_CLOSE,
+    wait_text: str = "Wait",
+    answer_prefix: str = ANSWER_PREFIX,
 ) -> dict[str, Any]:
     """The extension field's value; the defaults match the recipes' chat format."""
     return {
-        "min_thinking_tokens": min_thinking_tokens, "max_thinking_tokens": max_thinking_tokens,
-        "end_thinking": end_thinking, "wait_text": wait_text, "answer_prefix": answer_prefix,
+        "min_thinking_tokens": min_thinking_tokens,
+        "max_thinking_tokens": max_thinking_tokens,
+        "end_thinking": end_thinking,
+        "wait_text": wait_text,
+        "answer_prefix": answer_prefix,
     }
 
 
 def sample_with_budget_forcing(
-    base_url: str, api_key: str | None, model: str, prompt: list[int], params: tinker.SamplingParams,
-    forcing: dict[str, Any], *, num_samples: int = 1, timeout_s: float = 600.0,
+    base_url: str,
+    api_key: str | None,
+    model: str,
+    prompt: list[int],
+    params: tinker.SamplingParams,
+    forcing: dict[str, Any],
+    *,
+    num_samples: int = 1,
+    timeout_s: float = 600.0,
 ) -> tinker.SampleResponse:
     """`SamplingClient.sample` plus budget forcing. `model` is a base model name or a tinker:// sampler path."""
     target = {"model_path": model} if model.startswith("tinker://") else {"base_model": model}
     body = {
-        **target, "num_samples": num_samples, "budget_forcing": forcing,
+        **target,
+        "num_samples": num_samples,
+        "budget_forcing": forcing,
         "prompt": {"chunks": [{"type": "encoded_text", "tokens": list(prompt)}]},
         "sampling_params": params.model_dump(exclude_none=True),
     }
@@ -53,7 +69,9 @@ def sample_with_budget_forcing(
     deadline = time.monotonic() + timeout_s
     with httpx.Client(base_url=f"{base_url.rstrip('/')}/api/v1", headers=headers, timeout=60) as http:
         request_id = _checked(http.post("/asample", json=body)).json()["request_id"]
-        while (done := http.post("/retrieve_future", json={"request_id": request_id})).status_code == RETRY_STATUS:
+        while (
+            done := http.post("/retrieve_future", json={"request_id": request_id})
+        ).status_code == RETRY_STATUS:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no sample after {timeout_s:.0f} s (request {request_id})")
         if "json" in _checked(done).headers.get("content-type", ""):  # a failed future: {"error": ...}

@@ -29,7 +29,9 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path) -> Path:
         acc_ax.plot(budgets, [100 * r["accuracy"] for r in mine], marker="o", label=mode)
         len_ax.plot(budgets, [r["thinking_tokens"] for r in mine], marker="o", label=mode)
     acc_ax.set(xlabel="thinking budget (tokens)", ylabel="accuracy (%)", title="test-time scaling")
-    len_ax.set(xlabel="thinking budget (tokens)", ylabel="mean thinking tokens", title="thinking actually used")
+    len_ax.set(
+        xlabel="thinking budget (tokens)", ylabel="mean thinking tokens", title="thinking actually used"
+    )
     for ax in (acc_ax, len_ax):
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
@@ -37,8 +39,12 @@ def plot_scaling(rows: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-RL_PANELS = (("reward_mean", "reward"), ("kl", "KL to base"), ("entropy", "entropy (nats/token)"),
-             ("completion_len", "completion tokens"))
+RL_PANELS = (
+    ("reward_mean", "reward"),
+    ("kl", "KL to base"),
+    ("entropy", "entropy (nats/token)"),
+    ("completion_len", "completion tokens"),
+)
 
 
 def plot_rl_metrics(rows: list[dict[str, Any]], path: Path) -> Path:

@@ -94,8 +94,10 @@ def _make(rng: random.Random, kind: str, index: int) -> Problem:
             "How many dollars of change does Sam get?"
         )
         ans, diff = paid - n * price, 4
-        steps = [f"The notebooks cost {n} * {price} = {n * price} dollars.",
-                 f"The change is {paid} - {n * price} = {ans} dollars."]
+        steps = [
+            f"The notebooks cost {n} * {price} = {n * price} dollars.",
+            f"The change is {paid} - {n * price} = {ans} dollars.",
+        ]
     elif kind == "word_age":
         age, years, factor = rng.randint(3, 30), rng.randint(2, 15), rng.randint(2, 4)
         q = (
@@ -103,12 +105,16 @@ def _make(rng: random.Random, kind: str, index: int) -> Problem:
             f"How old will her aunt be in {years} years?"
         )
         ans, diff = age * factor + years, 4
-        steps = [f"The aunt is {factor} * {age} = {age * factor} years old now.",
-                 f"In {years} years she will be {age * factor} + {years} = {ans}."]
+        steps = [
+            f"The aunt is {factor} * {age} = {age * factor} years old now.",
+            f"In {years} years she will be {age * factor} + {years} = {ans}.",
+        ]
     else:
         raise ValueError(f"unknown problem type {kind!r}; choose from {', '.join(PROBLEM_TYPES)}")
     solution = "\n".join([*steps, f"So the answer is {ans}."])
-    return Problem(id=f"{kind}-{index}", type=kind, question=q, answer=ans, difficulty=diff, solution=solution)
+    return Problem(
+        id=f"{kind}-{index}", type=kind, question=q, answer=ans, difficulty=diff, solution=solution
+    )
 
 
 def generate_problems(n: int, seed: int = 0, types: tuple[str, ...] = PROBLEM_TYPES) -> list[Problem]:

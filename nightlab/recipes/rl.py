@@ -94,7 +94,9 @@ def trains_on(advantages: Sequence[float], kl_coef: float) -> bool:
     return kl_coef > 0 or any(abs(a) > 1e-9 for a in advantages)
 
 
-def rl_datum(prompt: list[int], completion: list[int], logprobs: list[float], advantages: list[float]) -> tinker.Datum:
+def rl_datum(
+    prompt: list[int], completion: list[int], logprobs: list[float], advantages: list[float]
+) -> tinker.Datum:
     """A policy-gradient datum: prompt positions carry zero advantage, completion positions the sampler's logprobs."""
     if not completion or not (len(completion) == len(logprobs) == len(advantages)):
         raise ValueError("a completion needs at least one token and one logprob and advantage per token")
@@ -117,13 +119,17 @@ def sample_groups(
     params = tinker.SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
     groups = [Group(task, chat_prompt(tokenizer, task.user, think=False)) for task in tasks]
     futures = [
-        sampler.sample(tinker.ModelInput.from_ints(g.prompt), num_samples=cfg.group_size, sampling_params=params)
+        sampler.sample(
+            tinker.ModelInput.from_ints(g.prompt), num_samples=cfg.group_size, sampling_params=params
+        )
         for g in groups
     ]
     for group, future in zip(groups, futures, strict=True):
         for seq in future.result().sequences:
             text = tokenizer.decode(seq.tokens, skip_special_tokens=True)
-            group.rollouts.append(Rollout(list(seq.tokens), list(seq.logprobs or []), text, env.reward(group.task, text)))
+            group.rollouts.append(
+                Rollout(list(seq.tokens), list(seq.logprobs or []), text, env.reward(group.task, text))
+            )
     return groups
 
 
@@ -203,7 +209,9 @@ class RLRun:
             self.tokenizer = self.trainer.get_tokenizer()
             wants_reference = cfg.measure_kl or cfg.kl_coef > 0
             self.reference = (
-                self.service.create_sampling_client(base_model=cfg.model).result() if wants_reference else None
+                self.service.create_sampling_client(base_model=cfg.model).result()
+                if wants_reference
+                else None
             )
             on_failure.pop_all()
         self.adam = tinker.AdamParams(learning_rate=cfg.learning_rate)
@@ -246,7 +254,11 @@ def run_rl(cfg: RLConfig, show_progress: bool = True) -> list[dict[str, float]]:
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     (cfg.log_dir / "config.json").write_text(json.dumps(asdict(cfg), default=str, indent=2))
     rows = []
-    with RLRun(cfg) as run, Progress(disable=not show_progress) as progress, log.open("a", encoding="utf-8") as fh:
+    with (
+        RLRun(cfg) as run,
+        Progress(disable=not show_progress) as progress,
+        log.open("a", encoding="utf-8") as fh,
+    ):
         bar = progress.add_task("RL steps", total=cfg.steps)
         for i in range(cfg.steps):
             row = run.step(i)

@@ -47,10 +47,14 @@ from nightlab.recipes.teachers import TeacherError, make_teacher
 COLLECTED, BASE_CHECKS, CURATED = "collected.jsonl", "base_checks.jsonl", "curated.jsonl"
 TRAIN_LOG, EVAL_LOG, SCALING_PNG, SCALING_MD = "train.jsonl", "eval.jsonl", "scaling.png", "scaling.md"
 MODES = ("no forcing", "budget forcing")
-BROKEN, WRONG, EASY = "format broken (no <think>...</think>)", "answer wrong or missing", "base model already right"
+BROKEN, WRONG, EASY = (
+    "format broken (no <think>...</think>)",
+    "answer wrong or missing",
+    "base model already right",
+)
 FILTER_HINTS = {
     BROKEN: f"the teacher's replies lack {THINK_OPEN}...{THINK_CLOSE} (see collected.jsonl); ask another teacher or "
-            "use --teacher builtin",
+    "use --teacher builtin",
     WRONG: "the teacher's answers do not match the verified ones; use a stronger teacher or --teacher builtin",
     EASY: "the base model already solves these questions; use harder ones (--questions) or --difficulty-samples 0",
 }
@@ -131,7 +135,11 @@ def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def training_problems(cfg: S1Config) -> list[Problem]:
-    return list(read_problems(cfg.questions)) if cfg.questions else generate_problems(cfg.num_questions, cfg.seed)
+    return (
+        list(read_problems(cfg.questions))
+        if cfg.questions
+        else generate_problems(cfg.num_questions, cfg.seed)
+    )
 
 
 def split_trace(content: str, reasoning: str | None = None) -> tuple[str, str] | None:
@@ -163,7 +171,9 @@ def collect(cfg: S1Config, console: Console | None = None) -> Path:
         )
     except TeacherError as exc:
         raise S1Error(str(exc)) from exc
-    console.print(f"collect: {len(done)} traces already in {out}, {len(todo)} to ask the {teacher.name} teacher")
+    console.print(
+        f"collect: {len(done)} traces already in {out}, {len(todo)} to ask the {teacher.name} teacher"
+    )
     with Progress(console=console) as progress:
         bar = progress.add_task("collect traces", total=len(todo))
         for p in todo:
@@ -174,11 +184,21 @@ def collect(cfg: S1Config, console: Console | None = None) -> Path:
                     f"the teacher failed on {p.id}: {exc}. {len(read_jsonl(out))} traces are saved in {out}; "
                     "run collect again to continue"
                 ) from exc
-            append_jsonl(out, [{
-                "id": p.id, "type": p.type, "question": p.question, "answer": p.answer,
-                "difficulty": p.difficulty, "content": trace.content, "reasoning": trace.reasoning,
-                "teacher": teacher.name,
-            }])
+            append_jsonl(
+                out,
+                [
+                    {
+                        "id": p.id,
+                        "type": p.type,
+                        "question": p.question,
+                        "answer": p.answer,
+                        "difficulty": p.difficulty,
+                        "content": trace.content,
+                        "reasoning": trace.reasoning,
+                        "teacher": teacher.name,
+                    }
+                ],
+            )
             progress.advance(bar)
     return out
 
@@ -194,7 +214,13 @@ class ServiceSampler:
         self.tokenizer = service_tokenizer(cfg)
 
     def complete(
-        self, model: str, prompts: list[list[int]], *, n: int, max_tokens: int, temperature: float,
+        self,
+        model: str,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        max_tokens: int,
+        temperature: float,
         budget_forcing: dict[str, Any] | None = None,
     ) -> list[list[str]]:
         """`n` completions per prompt, in prompt order."""
@@ -203,7 +229,7 @@ class ServiceSampler:
             model=model, prompt=prompts, n=n, max_tokens=max_tokens, temperature=temperature, extra_body=extra
         )
         texts = [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
-        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 def service_tokenizer(cfg: S1Config):
@@ -214,7 +240,7 @@ def service_tokenizer(cfg: S1Config):
 
 def chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 # --- 2. curate ---------------------------------------------------------------------------------------------------
@@ -257,8 +283,11 @@ def check_difficulty(cfg: S1Config, rows: list[dict[str, Any]], console: Console
             for batch in chunks(todo, 16):
                 prompts = [chat_prompt(sampler.tokenizer, r["question"], think=True) for r in batch]
                 outs = sampler.complete(
-                    cfg.model, prompts, n=cfg.difficulty_samples,
-                    max_tokens=cfg.difficulty_max_tokens + cfg.answer_tokens, temperature=0.7,
+                    cfg.model,
+                    prompts,
+                    n=cfg.difficulty_samples,
+                    max_tokens=cfg.difficulty_max_tokens + cfg.answer_tokens,
+                    temperature=0.7,
                     budget_forcing=budget_forcing(cfg.difficulty_max_tokens),
                 )
                 checked = [
@@ -293,7 +322,9 @@ def curate(cfg: S1Config, console: Console | None = None) -> CurateReport | None
     console = console or Console(stderr=True)
     out = cfg.path(CURATED)
     if out.is_file():
-        console.print(f"curate: {out} already holds {len(read_jsonl(out))} examples; delete it to curate again")
+        console.print(
+            f"curate: {out} already holds {len(read_jsonl(out))} examples; delete it to curate again"
+        )
         return None
     unique: dict[str, dict[str, Any]] = {}
     for row in read_jsonl(cfg.path(COLLECTED)):
@@ -363,11 +394,14 @@ def train(cfg: S1Config, console: Console | None = None) -> str:
                 base_model=cfg.model, rank=cfg.lora_rank, seed=cfg.seed
             ).result()
         examples = [
-            reasoning_example(trainer.get_tokenizer(), r["question"], r["thinking"], r["answer"]) for r in rows
+            reasoning_example(trainer.get_tokenizer(), r["question"], r["thinking"], r["answer"])
+            for r in rows
         ]
         data = [to_datum(e) for e in examples if len(e.tokens) <= cfg.max_length]
         if len(data) < len(examples):
-            console.print(f"train: skipped {len(examples) - len(data)} examples longer than {cfg.max_length} tokens")
+            console.print(
+                f"train: skipped {len(examples) - len(data)} examples longer than {cfg.max_length} tokens"
+            )
         if not data:
             raise S1Error(f"every example is longer than max_length={cfg.max_length}; raise it")
         first_epoch = saved[-1]["epoch"] + 1 if saved else 0
@@ -379,7 +413,11 @@ def train(cfg: S1Config, console: Console | None = None) -> str:
 
 
 def run_epochs(
-    cfg: S1Config, trainer: tinker.TrainingClient, data: list[tinker.Datum], first_epoch: int, log: Path,
+    cfg: S1Config,
+    trainer: tinker.TrainingClient,
+    data: list[tinker.Datum],
+    first_epoch: int,
+    log: Path,
     console: Console,
 ) -> None:
     batches_per_epoch = -(-len(data) // cfg.batch_size)
@@ -434,18 +472,29 @@ def evaluate(cfg: S1Config, model: str | None = None, console: Console | None = 
             bar = progress.add_task("evaluate", total=len(todo))
             for budget, mode in todo:
                 texts = sampler.complete(
-                    model, prompts, n=1, max_tokens=budget + cfg.answer_tokens, temperature=0.0,
+                    model,
+                    prompts,
+                    n=1,
+                    max_tokens=budget + cfg.answer_tokens,
+                    temperature=0.0,
                     # think exactly `budget` tokens: an earlier close becomes "Wait"; at the budget, answer
                     budget_forcing=budget_forcing(budget, budget) if mode == "budget forcing" else None,
                 )
-                append_jsonl(log, [
-                    {
-                        "model": model, "budget": budget, "mode": mode, "id": p.id, "text": out[0],
-                        "correct": graded_answer(out[0]) == p.answer,
-                        "thinking_tokens": thinking_tokens(sampler.tokenizer, out[0]),
-                    }
-                    for p, out in zip(problems, texts, strict=True)
-                ])
+                append_jsonl(
+                    log,
+                    [
+                        {
+                            "model": model,
+                            "budget": budget,
+                            "mode": mode,
+                            "id": p.id,
+                            "text": out[0],
+                            "correct": graded_answer(out[0]) == p.answer,
+                            "thinking_tokens": thinking_tokens(sampler.tokenizer, out[0]),
+                        }
+                        for p, out in zip(problems, texts, strict=True)
+                    ],
+                )
                 progress.advance(bar)
     summary = summarize([r for r in read_jsonl(log) if r["model"] == model])
     write_report(cfg, model, summary, console)
@@ -462,7 +511,9 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         cells[(r["budget"], r["mode"])].append(r)
     return [
         {
-            "budget": budget, "mode": mode, "n": len(rs),
+            "budget": budget,
+            "mode": mode,
+            "n": len(rs),
             "accuracy": sum(r["correct"] for r in rs) / len(rs),
             "thinking_tokens": sum(r["thinking_tokens"] for r in rs) / len(rs),
         }
@@ -471,13 +522,23 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_report(cfg: S1Config, model: str, summary: list[dict[str, Any]], console: Console) -> None:
-    lines = [f"# s1 evaluation of {model}", "", "| budget | mode | accuracy | mean thinking tokens | n |",
-             "|---:|---|---:|---:|---:|"]
+    lines = [
+        f"# s1 evaluation of {model}",
+        "",
+        "| budget | mode | accuracy | mean thinking tokens | n |",
+        "|---:|---|---:|---:|---:|",
+    ]
     table = Table(title=f"accuracy vs thinking budget ({model})")
     for col in ("budget", "mode", "accuracy", "thinking tokens", "n"):
         table.add_column(col)
     for s in summary:
-        cells = [str(s["budget"]), s["mode"], f"{100 * s['accuracy']:.1f}%", f"{s['thinking_tokens']:.1f}", str(s["n"])]
+        cells = [
+            str(s["budget"]),
+            s["mode"],
+            f"{100 * s['accuracy']:.1f}%",
+            f"{s['thinking_tokens']:.1f}",
+            str(s["n"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
         table.add_row(*cells)
     cfg.path(SCALING_MD).write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -60,7 +60,9 @@ class APITeacher:
 
     def __init__(self, base_url: str, model: str, api_key: str | None, max_tokens: int) -> None:
         if not base_url or not model:
-            raise TeacherError("the api teacher needs --teacher-base-url and --teacher-model (or use --teacher builtin)")
+            raise TeacherError(
+                "the api teacher needs --teacher-base-url and --teacher-model (or use --teacher builtin)"
+            )
         self.name, self.max_tokens = model, max_tokens
         self.client = openai.OpenAI(
             base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none", max_retries=2
@@ -70,7 +72,10 @@ class APITeacher:
         try:
             reply = self.client.chat.completions.create(
                 model=self.name,
-                messages=[{"role": "system", "content": TEACHER_SYSTEM}, {"role": "user", "content": problem.question}],
+                messages=[
+                    {"role": "system", "content": TEACHER_SYSTEM},
+                    {"role": "user", "content": problem.question},
+                ],
                 max_tokens=self.max_tokens,
             )
         except openai.OpenAIError as exc:

@@ -96,7 +96,8 @@ def repeat_groups(rows: Iterable[Mapping[str, Any]]) -> list[list[float]]:
     """From journal experiment rows: the measured baseline runs, then every candidate measured more than once."""
     base = [r["metric"] for r in rows if r["kind"] == "baseline" and r["decision"] == "keep"]
     repeats = [
-        runs for r in rows
+        runs
+        for r in rows
         if r["kind"] == "candidate" and len(runs := json.loads(r["metric_runs_json"] or "[]")) >= 2
     ]
     return ([base] if base else []) + repeats
@@ -160,17 +161,26 @@ def judge(
             return Judgement("keep", margin, sigmas, prob, f"clear gain ({shown}; {test})")
         if rule.confirm:
             return Judgement("confirm", margin, sigmas, prob, f"re-running with another seed ({shown})")
-        return Judgement("discard", margin, sigmas, prob, f"not significant without a re-run ({shown}; {test})")
+        return Judgement(
+            "discard", margin, sigmas, prob, f"not significant without a re-run ({shown}; {test})"
+        )
     said = f"the re-runs' mean margin {tested_margin:+.6g}; {test}"
     if tested_margin > critical:
         return Judgement("keep", margin, sigmas, prob, f"confirmed by {len(tested)} re-run(s) ({said})")
     if len(tested) < rule.confirm_runs and tested_margin > 0:
         return Judgement("confirm", margin, sigmas, prob, f"re-running again ({said})")
-    return Judgement("discard", margin, sigmas, prob, f"not confirmed after {len(tested)} re-run(s): {said} ({shown})")
+    return Judgement(
+        "discard", margin, sigmas, prob, f"not confirmed after {len(tested)} re-run(s): {said} ({shown})"
+    )
 
 
 def judge_runs(
-    runs: list[float], repeats: list[list[float]], best: float, best_runs: int, goal: Goal, rule: DecideSection
+    runs: list[float],
+    repeats: list[list[float]],
+    best: float,
+    best_runs: int,
+    goal: Goal,
+    rule: DecideSection,
 ) -> tuple[Judgement, float]:
     """`judge` with the noise pooled from `repeats` and, once re-run, the candidate's own runs; and that noise."""
     groups = [*repeats, runs] if len(runs) >= 2 else repeats

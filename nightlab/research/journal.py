@@ -28,18 +28,63 @@ GENESIS = "0" * 64
 
 # Column lists double as the canonical order that row hashes are computed over.
 RUN_COLUMNS = [
-    "tag", "branch", "source_branch", "base_commit", "created_at", "config_json", "harness_json",
-    "preserved_json", "metric_name", "goal",
+    "tag",
+    "branch",
+    "source_branch",
+    "base_commit",
+    "created_at",
+    "config_json",
+    "harness_json",
+    "preserved_json",
+    "metric_name",
+    "goal",
 ]
 EXPERIMENT_COLUMNS = [
-    "run_id", "number", "kind", "commit_sha", "parent_commit", "patch", "patch_format", "diff", "description", "rationale", "proposer",
-    "params_json", "metric", "metric_runs_json", "extra_json", "decision", "reason", "margin", "sigmas",
-    "probability", "noise", "best_before", "timings_json", "exit_code", "peak_rss_mb", "log_path",
-    "prompt_tokens", "completion_tokens", "cost_usd", "sandboxed", "sandbox_reason", "started_at", "finished_at",
+    "run_id",
+    "number",
+    "kind",
+    "commit_sha",
+    "parent_commit",
+    "patch",
+    "patch_format",
+    "diff",
+    "description",
+    "rationale",
+    "proposer",
+    "params_json",
+    "metric",
+    "metric_runs_json",
+    "extra_json",
+    "decision",
+    "reason",
+    "margin",
+    "sigmas",
+    "probability",
+    "noise",
+    "best_before",
+    "timings_json",
+    "exit_code",
+    "peak_rss_mb",
+    "log_path",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "sandboxed",
+    "sandbox_reason",
+    "started_at",
+    "finished_at",
     "train_limit",
 ]
 HELDOUT_COLUMNS = [
-    "run_id", "commit_sha", "label", "validation", "test", "extra_json", "log_path", "created_at", "sandboxed",
+    "run_id",
+    "commit_sha",
+    "label",
+    "validation",
+    "test",
+    "extra_json",
+    "log_path",
+    "created_at",
+    "sandboxed",
     "sandbox_reason",
 ]
 CHAINED = {"runs": RUN_COLUMNS, "experiments": EXPERIMENT_COLUMNS, "heldout": HELDOUT_COLUMNS}
@@ -48,11 +93,26 @@ CHAINED = {"runs": RUN_COLUMNS, "experiments": EXPERIMENT_COLUMNS, "heldout": HE
 ADDED_COLUMNS = {"experiments": ("train_limit",), "heldout": ("sandboxed", "sandbox_reason")}
 
 _TYPES = {
-    "run_id": "INTEGER", "number": "INTEGER", "exit_code": "INTEGER", "prompt_tokens": "INTEGER",
-    "completion_tokens": "INTEGER", "sandboxed": "INTEGER", "metric": "REAL", "margin": "REAL",
-    "sigmas": "REAL", "probability": "REAL", "noise": "REAL", "best_before": "REAL", "peak_rss_mb": "REAL",
-    "cost_usd": "REAL", "created_at": "REAL", "started_at": "REAL", "finished_at": "REAL",
-    "validation": "REAL", "test": "REAL", "train_limit": "REAL",
+    "run_id": "INTEGER",
+    "number": "INTEGER",
+    "exit_code": "INTEGER",
+    "prompt_tokens": "INTEGER",
+    "completion_tokens": "INTEGER",
+    "sandboxed": "INTEGER",
+    "metric": "REAL",
+    "margin": "REAL",
+    "sigmas": "REAL",
+    "probability": "REAL",
+    "noise": "REAL",
+    "best_before": "REAL",
+    "peak_rss_mb": "REAL",
+    "cost_usd": "REAL",
+    "created_at": "REAL",
+    "started_at": "REAL",
+    "finished_at": "REAL",
+    "validation": "REAL",
+    "test": "REAL",
+    "train_limit": "REAL",
 }
 
 
@@ -146,7 +206,9 @@ class Journal:
 
     # --- chained inserts -------------------------------------------------------------------------------
 
-    def _append(self, table: str, row: dict[str, Any], *, delete_pending: tuple[int, int] | None = None) -> int:
+    def _append(
+        self, table: str, row: dict[str, Any], *, delete_pending: tuple[int, int] | None = None
+    ) -> int:
         columns = CHAINED[table]
         unknown = set(row) - set(columns)
         if unknown:
@@ -175,9 +237,13 @@ class Journal:
     def _heads(self) -> dict[str, dict[str, Any]]:
         heads = {}
         for table in CHAINED:
-            count, = self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
+            (count,) = self.db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()
             last = self.db.execute(f"SELECT id, row_hash FROM {table} ORDER BY id DESC LIMIT 1").fetchone()
-            heads[table] = {"rows": count, "last_id": last[0] if last else None, "last_hash": last[1] if last else GENESIS}
+            heads[table] = {
+                "rows": count,
+                "last_id": last[0] if last else None,
+                "last_hash": last[1] if last else GENESIS,
+            }
         return heads
 
     def _write_head(self) -> None:
@@ -196,7 +262,9 @@ class Journal:
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            raise ChainError(f"{self.head_path} is unreadable ({exc}): the journal's end cannot be checked") from exc
+            raise ChainError(
+                f"{self.head_path} is unreadable ({exc}): the journal's end cannot be checked"
+            ) from exc
         if not isinstance(data, dict) or not all(isinstance(data.get(t), dict) for t in CHAINED):
             raise ChainError(f"{self.head_path} is malformed: the journal's end cannot be checked")
         return data
@@ -218,7 +286,9 @@ class Journal:
                     f"records {want['rows']} ending at row id={want['last_id']}; rows were removed from the end"
                 )
             if want["rows"]:
-                row = self.db.execute(f"SELECT row_hash FROM {table} WHERE id=?", (want["last_id"],)).fetchone()
+                row = self.db.execute(
+                    f"SELECT row_hash FROM {table} WHERE id=?", (want["last_id"],)
+                ).fetchone()
                 if row is None or row[0] != want["last_hash"]:
                     raise ChainError(
                         f"journal chain broken at {table} row id={want['last_id']}: it is not the row "
@@ -242,7 +312,9 @@ class Journal:
                 if table == "experiments":
                     where += f" (run {data['run_id']}, experiment {data['number']})"
                 if data["prev_hash"] != prev:
-                    raise ChainError(f"journal chain broken at {where}: a row before it was removed or inserted")
+                    raise ChainError(
+                        f"journal chain broken at {where}: a row before it was removed or inserted"
+                    )
                 if _canonical_hash(table, data, prev) != data["row_hash"]:
                     raise ChainError(f"journal chain broken at {where}: its content was modified")
                 prev = data["row_hash"]
@@ -253,15 +325,33 @@ class Journal:
     # --- runs ------------------------------------------------------------------------------------------
 
     def create_run(
-        self, *, tag: str, branch: str, source_branch: str, base_commit: str, config: dict[str, Any],
-        harness: dict[str, str], preserved: list[str], metric_name: str, goal: str,
+        self,
+        *,
+        tag: str,
+        branch: str,
+        source_branch: str,
+        base_commit: str,
+        config: dict[str, Any],
+        harness: dict[str, str],
+        preserved: list[str],
+        metric_name: str,
+        goal: str,
     ) -> Run:
-        self._append("runs", {
-            "tag": tag, "branch": branch, "source_branch": source_branch, "base_commit": base_commit,
-            "created_at": time.time(), "config_json": json.dumps(config, sort_keys=True),
-            "harness_json": json.dumps(harness, sort_keys=True), "preserved_json": json.dumps(preserved),
-            "metric_name": metric_name, "goal": goal,
-        })
+        self._append(
+            "runs",
+            {
+                "tag": tag,
+                "branch": branch,
+                "source_branch": source_branch,
+                "base_commit": base_commit,
+                "created_at": time.time(),
+                "config_json": json.dumps(config, sort_keys=True),
+                "harness_json": json.dumps(harness, sort_keys=True),
+                "preserved_json": json.dumps(preserved),
+                "metric_name": metric_name,
+                "goal": goal,
+            },
+        )
         run = self.find_run(tag)
         assert run is not None
         return run
@@ -270,10 +360,16 @@ class Journal:
         if row is None:
             return None
         return Run(
-            id=row["id"], tag=row["tag"], branch=row["branch"], source_branch=row["source_branch"],
-            base_commit=row["base_commit"], config=json.loads(row["config_json"]),
-            harness=json.loads(row["harness_json"]), preserved=json.loads(row["preserved_json"]),
-            metric_name=row["metric_name"], goal=row["goal"],
+            id=row["id"],
+            tag=row["tag"],
+            branch=row["branch"],
+            source_branch=row["source_branch"],
+            base_commit=row["base_commit"],
+            config=json.loads(row["config_json"]),
+            harness=json.loads(row["harness_json"]),
+            preserved=json.loads(row["preserved_json"]),
+            metric_name=row["metric_name"],
+            goal=row["goal"],
         )
 
     def find_run(self, tag: str) -> Run | None:
@@ -296,7 +392,9 @@ class Journal:
 
     def pending(self, run_id: int) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM pending WHERE run_id=? ORDER BY number", (run_id,)).fetchall()
-        return [{"number": r["number"], "started_at": r["started_at"], **json.loads(r["payload"])} for r in rows]
+        return [
+            {"number": r["number"], "started_at": r["started_at"], **json.loads(r["payload"])} for r in rows
+        ]
 
     def record_experiment(self, row: dict[str, Any]) -> int:
         """Append a finished experiment and clear its pending marker in the same transaction."""
@@ -310,7 +408,8 @@ class Journal:
     def next_number(self, run_id: int) -> int:
         row = self.db.execute(
             "SELECT MAX(n) FROM (SELECT MAX(number) AS n FROM experiments WHERE run_id=? "
-            "UNION ALL SELECT MAX(number) FROM pending WHERE run_id=?)", (run_id, run_id)
+            "UNION ALL SELECT MAX(number) FROM pending WHERE run_id=?)",
+            (run_id, run_id),
         ).fetchone()
         return (row[0] or 0) + 1
 

@@ -15,7 +15,11 @@ from rich.text import Text
 from nightlab.research.loop import LoopState
 
 DECISION_STYLE = {
-    "keep": "bold green", "discard": "yellow", "crash": "red", "timeout": "red", "invalid": "magenta",
+    "keep": "bold green",
+    "discard": "yellow",
+    "crash": "red",
+    "timeout": "red",
+    "invalid": "magenta",
     "overrun": "red",
 }
 
@@ -33,7 +37,9 @@ def _describe_row(row: dict[str, Any], state: LoopState) -> str:
 
 
 def _sandbox_words(state: LoopState) -> str:
-    return ("on" if state.sandboxed else "off") + (f" ({state.sandbox_reason})" if state.sandbox_reason else "")
+    return ("on" if state.sandboxed else "off") + (
+        f" ({state.sandbox_reason})" if state.sandbox_reason else ""
+    )
 
 
 class PlainView:
@@ -92,7 +98,9 @@ class LiveView(PlainView):
             st, (number, description, phase, limit, started), last = self._state, self._phase, self._last_line
         elapsed = time.monotonic() - started
         head = Text.assemble(
-            (f"#{number} ", "bold"), (f"{phase} ", "cyan"), (description[:100], ""),
+            (f"#{number} ", "bold"),
+            (f"{phase} ", "cyan"),
+            (description[:100], ""),
         )
         bar = Table.grid(padding=(0, 1))
         bar.add_row(

@@ -135,8 +135,8 @@ class Trial:
 def default_tag(ws: Workspace, journal: Journal) -> str:
     """The run to continue when on its branch, else today's date."""
     branch = ws.current_branch()
-    if branch.startswith(BRANCH_PREFIX) and journal.find_run(branch[len(BRANCH_PREFIX):]):
-        return branch[len(BRANCH_PREFIX):]
+    if branch.startswith(BRANCH_PREFIX) and journal.find_run(branch[len(BRANCH_PREFIX) :]):
+        return branch[len(BRANCH_PREFIX) :]
     return time.strftime("%Y-%m-%d")
 
 
@@ -227,9 +227,15 @@ class ResearchLoop:
             base = self.ws.head()
             self.ws.checkout_run_branch(branch)
             run = self.journal.create_run(
-                tag=tag, branch=branch, source_branch=source, base_commit=base,
-                config=self.config.model_dump(mode="json"), harness=self.ws.harness_hashes(),
-                preserved=preserved, metric_name=self.config.metric.name, goal=self.config.metric.goal,
+                tag=tag,
+                branch=branch,
+                source_branch=source,
+                base_commit=base,
+                config=self.config.model_dump(mode="json"),
+                harness=self.ws.harness_hashes(),
+                preserved=preserved,
+                metric_name=self.config.metric.name,
+                goal=self.config.metric.goal,
             )
         else:
             pending = self.journal.pending(run.id)
@@ -320,15 +326,26 @@ class ResearchLoop:
     def _settle_interrupted(self) -> None:
         for p in self.journal.pending(self.run.id):
             if p.get("pgid") and self._group_works_here(int(p["pgid"])):
-                kill_group(int(p["pgid"]))  # an orphan of the killed session must not write into the workspace
+                kill_group(
+                    int(p["pgid"])
+                )  # an orphan of the killed session must not write into the workspace
             row = self._row(p["number"], p.get("kind", "candidate"), started_at=p["started_at"])
-            row.update({
-                "commit_sha": p.get("commit"), "parent_commit": p.get("parent"), "patch": p.get("patch"),
-                "patch_format": p.get("patch_format"), "description": p.get("description", ""),
-                "rationale": p.get("rationale", ""), "proposer": p.get("proposer", ""),
-                "params_json": json.dumps(p.get("params", {})), "decision": "crash", "reason": INTERRUPTED,
-                "log_path": p.get("log_path"), **_usage_columns(p.get("usage", {})),
-            })
+            row.update(
+                {
+                    "commit_sha": p.get("commit"),
+                    "parent_commit": p.get("parent"),
+                    "patch": p.get("patch"),
+                    "patch_format": p.get("patch_format"),
+                    "description": p.get("description", ""),
+                    "rationale": p.get("rationale", ""),
+                    "proposer": p.get("proposer", ""),
+                    "params_json": json.dumps(p.get("params", {})),
+                    "decision": "crash",
+                    "reason": INTERRUPTED,
+                    "log_path": p.get("log_path"),
+                    **_usage_columns(p.get("usage", {})),
+                }
+            )
             self.journal.record_experiment(row)
             self.view.message(f"experiment #{p['number']} was interrupted; recorded as crash")
         self._restore_state()
@@ -350,10 +367,16 @@ class ResearchLoop:
         """Options that cannot work with this config fail here, before anything is created or run."""
         from nightlab.research.proposers import resolve_kind
 
-        kind = self._proposer.name if self._proposer is not None else resolve_kind(self.config, self.options.proposer)
+        kind = (
+            self._proposer.name
+            if self._proposer is not None
+            else resolve_kind(self.config, self.options.proposer)
+        )
         llm = self.config.proposer.llm
-        if self.options.max_cost is not None and kind == "llm" and not (
-            llm.input_price_per_mtok or llm.output_price_per_mtok
+        if (
+            self.options.max_cost is not None
+            and kind == "llm"
+            and not (llm.input_price_per_mtok or llm.output_price_per_mtok)
         ):
             raise ConfigError(
                 "--max-cost needs the model's prices to count what the run spends: set "
@@ -396,7 +419,9 @@ class ResearchLoop:
         if opts.hours is not None and time.monotonic() - started >= opts.hours * 3600:
             return f"reached --hours {opts.hours}"
         if opts.max_cost is not None and st.cost_usd + st.max_cost_single > opts.max_cost:
-            return f"the next proposal could exceed --max-cost ${opts.max_cost:.2f} (spent ${st.cost_usd:.4f})"
+            return (
+                f"the next proposal could exceed --max-cost ${opts.max_cost:.2f} (spent ${st.cost_usd:.4f})"
+            )
         return ""
 
     def _setup(self) -> None:
@@ -406,8 +431,13 @@ class ResearchLoop:
         before = set(self.ws.untracked_entries())
         self.view.phase_started(0, "setup", "setup", SETUP_TIMEOUT_SECONDS)
         result = run_phase(
-            command, phase="setup", cwd=self.root, log_path=self._log_path("setup"),
-            timeout=SETUP_TIMEOUT_SECONDS, env=(env := self._env("setup", 0)), wrap=self.wrap_for("setup", env),
+            command,
+            phase="setup",
+            cwd=self.root,
+            log_path=self._log_path("setup"),
+            timeout=SETUP_TIMEOUT_SECONDS,
+            env=(env := self._env("setup", 0)),
+            wrap=self.wrap_for("setup", env),
             on_line=self.view.output,
         )
         if not result.ok:
@@ -428,8 +458,13 @@ class ResearchLoop:
             commit = self.run.base_commit
             self._mark_pending(
                 number,
-                {"kind": "baseline", "commit": commit, "description": "baseline", "proposer": "baseline",
-                 "log_path": str(self._log_path(number))},
+                {
+                    "kind": "baseline",
+                    "commit": commit,
+                    "description": "baseline",
+                    "proposer": "baseline",
+                    "log_path": str(self._log_path(number)),
+                },
             )
             trial = self._trial(number, "baseline", commit, seed_offset=len(ok), limit=None)
             row = self._row(number, "baseline")
@@ -454,8 +489,12 @@ class ResearchLoop:
         program = self.root / self.config.workspace.program
         history = [
             PastExperiment(
-                number=r["number"], description=r["description"] or "", decision=r["decision"],
-                metric=r["metric"], reason=r["reason"] or "", patch=r["diff"] or r["patch"] or "",
+                number=r["number"],
+                description=r["description"] or "",
+                decision=r["decision"],
+                metric=r["metric"],
+                reason=r["reason"] or "",
+                patch=r["diff"] or r["patch"] or "",
                 params=json.loads(r["params_json"] or "{}"),
             )
             for r in self.journal.experiments(self.run.id)
@@ -463,8 +502,12 @@ class ResearchLoop:
         ]
         return ProposalContext(
             program=program.read_text(encoding="utf-8") if program.is_file() else "",
-            files=self.ws.read_editable(), metric_name=self.config.metric.name, goal=self.config.metric.goal,
-            best_metric=self.state.best, noise=self.state.noise, history=history,
+            files=self.ws.read_editable(),
+            metric_name=self.config.metric.name,
+            goal=self.config.metric.goal,
+            best_metric=self.state.best,
+            noise=self.state.noise,
+            history=history,
             last_invalid_reason=self.last_invalid,
         )
 
@@ -481,8 +524,12 @@ class ResearchLoop:
             except ProposerUnavailable as exc:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return f"the proposer stayed unavailable for {patience:g}s (proposer.outage_seconds): {exc}"
-                self.view.message(f"the proposer is unavailable ({exc}); trying again in {min(wait, left):.0f}s")
+                    return (
+                        f"the proposer stayed unavailable for {patience:g}s (proposer.outage_seconds): {exc}"
+                    )
+                self.view.message(
+                    f"the proposer is unavailable ({exc}); trying again in {min(wait, left):.0f}s"
+                )
                 time.sleep(min(wait, left))
                 wait = min(wait * 2, longest)
                 continue
@@ -496,17 +543,31 @@ class ResearchLoop:
         number = self.journal.next_number(self.run.id)
         parent = self.state.best_commit
         pending = {
-            "kind": "candidate", "parent": parent, "patch": proposal.patch, "patch_format": proposal.patch_format,
-            "description": proposal.description, "rationale": proposal.rationale, "proposer": self.proposer.name,
-            "params": proposal.params, "usage": vars(proposal.usage), "log_path": str(self._log_path(number)),
+            "kind": "candidate",
+            "parent": parent,
+            "patch": proposal.patch,
+            "patch_format": proposal.patch_format,
+            "description": proposal.description,
+            "rationale": proposal.rationale,
+            "proposer": self.proposer.name,
+            "params": proposal.params,
+            "usage": vars(proposal.usage),
+            "log_path": str(self._log_path(number)),
         }
         self._mark_pending(number, pending)
         row = self._row(number, "candidate")
-        row.update({
-            "parent_commit": parent, "patch": proposal.patch, "patch_format": proposal.patch_format,
-            "description": proposal.description, "rationale": proposal.rationale, "proposer": self.proposer.name,
-            "params_json": json.dumps(proposal.params, sort_keys=True), **_usage_columns(vars(proposal.usage)),
-        })
+        row.update(
+            {
+                "parent_commit": parent,
+                "patch": proposal.patch,
+                "patch_format": proposal.patch_format,
+                "description": proposal.description,
+                "rationale": proposal.rationale,
+                "proposer": self.proposer.name,
+                "params_json": json.dumps(proposal.params, sort_keys=True),
+                **_usage_columns(vars(proposal.usage)),
+            }
+        )
         self._evaluate_candidate(number, proposal, pending, row)
         self.ws.reset_to(self.state.best_commit if row["decision"] == "keep" else parent, self.preserved)
         self._record(row)
@@ -524,7 +585,9 @@ class ResearchLoop:
         parent = pending["parent"]
         try:
             self.ws.check_harness(self.run.harness)
-            files = apply_patch(self.root, proposal.patch, proposal.patch_format, self.config.workspace.editable)
+            files = apply_patch(
+                self.root, proposal.patch, proposal.patch_format, self.config.workspace.editable
+            )
             self.ws.write_files(files)
             self.ws.check_harness(self.run.harness)
             commit = self.ws.commit(f"nightlab #{number}: {proposal.description}", sorted(files))
@@ -541,21 +604,32 @@ class ResearchLoop:
             if judgement.verdict != "confirm":
                 break
             n = len(trials)
-            trials.append(self._trial(number, proposal.description, commit, seed_offset=n, label=f"confirm {n}",
-                                      limit=limit))
+            trials.append(
+                self._trial(
+                    number, proposal.description, commit, seed_offset=n, label=f"confirm {n}", limit=limit
+                )
+            )
         self._fill_trial(row, trials)
         failed = next((t for t in trials if t.failure), None)
         if failed is not None:
             row.update({"decision": failed.failure, "reason": failed.reason})
             return
         assert judgement is not None
-        row.update({
-            "decision": judgement.verdict, "reason": judgement.reason, "margin": judgement.margin,
-            "sigmas": judgement.sigmas, "probability": judgement.probability, "noise": noise,
-        })
+        row.update(
+            {
+                "decision": judgement.verdict,
+                "reason": judgement.reason,
+                "margin": judgement.margin,
+                "sigmas": judgement.sigmas,
+                "probability": judgement.probability,
+                "noise": noise,
+            }
+        )
         if judgement.verdict == "keep" and self.config.experiment.checks:
             checks = self._phase(number, proposal.description, "checks", self.config.experiment.checks, 0)
-            row["timings_json"] = json.dumps({**json.loads(row["timings_json"]), "checks": checks.wall_seconds})
+            row["timings_json"] = json.dumps(
+                {**json.loads(row["timings_json"]), "checks": checks.wall_seconds}
+            )
             if not checks.ok:
                 row.update({"decision": "discard", "reason": f"checks failed ({_failure_words(checks)})"})
                 return
@@ -567,7 +641,9 @@ class ResearchLoop:
         st = self.state
         assert st.best is not None
         values = [t.measurement.value for t in trials if t.measurement is not None]
-        return decide.judge_runs(values, self.repeats, st.best, st.best_runs, self.config.metric.goal, self.config.decide)
+        return decide.judge_runs(
+            values, self.repeats, st.best, st.best_runs, self.config.metric.goal, self.config.decide
+        )
 
     def _train_limit(self, rows: list[dict[str, Any]]) -> float:
         """How long a candidate's training phase may take: the baseline's slowest training phase (or the budget,
@@ -575,7 +651,8 @@ class ResearchLoop:
         exp = self.config.experiment
         walls = [
             json.loads(r["timings_json"] or "{}").get("train", 0.0)
-            for r in rows if r["kind"] == "baseline" and r["decision"] == "keep"
+            for r in rows
+            if r["kind"] == "baseline" and r["decision"] == "keep"
         ]
         reference = max([exp.budget_seconds, *walls])
         return reference + exp.budget_tolerance * exp.budget_seconds + exp.startup_allowance_seconds
@@ -583,7 +660,13 @@ class ResearchLoop:
     # --- one execution of a commit ---------------------------------------------------------------------
 
     def _trial(
-        self, number: int | str, description: str, commit: str, *, seed_offset: int, limit: float | None,
+        self,
+        number: int | str,
+        description: str,
+        commit: str,
+        *,
+        seed_offset: int,
+        limit: float | None,
         label: str = "",
     ) -> Trial:
         """Train and evaluate `commit`; a training phase longer than `limit` seconds is an overrun."""
@@ -608,7 +691,8 @@ class ResearchLoop:
                 f"training took {train.wall_seconds:.1f}s, over the limit {limit:.1f}s (the baseline's slowest "
                 f"training or the budget {exp.budget_seconds:g}s, whichever is longer, + {exp.budget_tolerance:g} x "
                 f"budget + {exp.startup_allowance_seconds:g}s startup allowance)",
-                None, phases,
+                None,
+                phases,
             )
         return self._measure(number, description, "evaluate" + suffix, exp.evaluate, seed_offset, phases)
 
@@ -624,7 +708,8 @@ class ResearchLoop:
                 "invalid",
                 f"the {what} phase changed the committed code ({', '.join(changed)}), so the code scored would not "
                 "be the code the journal records",
-                None, phases,
+                None,
+                phases,
             )
         if strays := self.ws.strays(self.preserved):
             scratch = ", ".join(self.config.workspace.scratch) or "none"
@@ -632,12 +717,18 @@ class ResearchLoop:
                 "invalid",
                 f"the {what} phase wrote {', '.join(strays)} outside the scratch paths ({scratch}); a harness that "
                 "needs such a place declares it under workspace.scratch",
-                None, phases,
+                None,
+                phases,
             )
         return None
 
     def _measure(
-        self, number: int | str, description: str, phase: str, command: str | None, seed_offset: int,
+        self,
+        number: int | str,
+        description: str,
+        phase: str,
+        command: str | None,
+        seed_offset: int,
         phases: list[PhaseResult],
     ) -> Trial:
         key = secrets.token_hex(32) if self.config.metric.channel == "harness" else None
@@ -659,7 +750,14 @@ class ResearchLoop:
         return Trial(None, "", m, phases)
 
     def _phase(
-        self, number: int | str, description: str, phase: str, command: str, seed_offset: int, *, key: str | None = None
+        self,
+        number: int | str,
+        description: str,
+        phase: str,
+        command: str,
+        seed_offset: int,
+        *,
+        key: str | None = None,
     ) -> PhaseResult:
         exp = self.config.experiment
         kind = phase.split(" ")[0]
@@ -667,14 +765,23 @@ class ResearchLoop:
         self.view.phase_started(number, description, phase, limit)
         env = self._env(kind, seed_offset, key)
         return run_phase(
-            command, phase=phase, cwd=self.root, log_path=self._log_path(number), timeout=exp.timeout_seconds,
-            env=env, wrap=self.wrap_for(kind, env), on_line=self.view.output, on_start=self._note_process,
+            command,
+            phase=phase,
+            cwd=self.root,
+            log_path=self._log_path(number),
+            timeout=exp.timeout_seconds,
+            env=env,
+            wrap=self.wrap_for(kind, env),
+            on_line=self.view.output,
+            on_start=self._note_process,
         )
 
     def _env(self, phase: str, seed_offset: int, key: str | None = None) -> dict[str, str]:
         exp = self.config.experiment
         extra = {
-            **exp.env, "NIGHTLAB_BUDGET_SECONDS": f"{exp.budget_seconds:g}", "NIGHTLAB_PHASE": phase,
+            **exp.env,
+            "NIGHTLAB_BUDGET_SECONDS": f"{exp.budget_seconds:g}",
+            "NIGHTLAB_PHASE": phase,
             "NIGHTLAB_SEED_OFFSET": str(seed_offset),
         }
         if key is not None:
@@ -687,10 +794,16 @@ class ResearchLoop:
 
     def _row(self, number: int, kind: str, started_at: float | None = None) -> dict[str, Any]:
         return {
-            "run_id": self.run.id, "number": number, "kind": kind, "noise": self.state.noise, "metric": None,
-            "best_before": self.state.best, "sandboxed": int(self.state.sandboxed),
+            "run_id": self.run.id,
+            "number": number,
+            "kind": kind,
+            "noise": self.state.noise,
+            "metric": None,
+            "best_before": self.state.best,
+            "sandboxed": int(self.state.sandboxed),
             "sandbox_reason": self.state.sandbox_reason,
-            "log_path": str(self._log_path(number)), "started_at": started_at or time.time(),
+            "log_path": str(self._log_path(number)),
+            "started_at": started_at or time.time(),
         }
 
     def _fill_trial(self, row: dict[str, Any], trials: list[Trial]) -> None:
@@ -704,12 +817,16 @@ class ResearchLoop:
             if t.measurement is not None:
                 extra.update(t.measurement.extra)
         phases = [p for t in trials for p in t.phases]
-        row.update({
-            "metric": statistics.fmean(values) if values else None,
-            "metric_runs_json": json.dumps(values), "extra_json": json.dumps(extra, sort_keys=True),
-            "timings_json": json.dumps(timings), "exit_code": trials[0].exit_code,
-            "peak_rss_mb": max((p.peak_rss_mb for p in phases), default=None),
-        })
+        row.update(
+            {
+                "metric": statistics.fmean(values) if values else None,
+                "metric_runs_json": json.dumps(values),
+                "extra_json": json.dumps(extra, sort_keys=True),
+                "timings_json": json.dumps(timings),
+                "exit_code": trials[0].exit_code,
+                "peak_rss_mb": max((p.peak_rss_mb for p in phases), default=None),
+            }
+        )
 
     # --- held-out scoring ------------------------------------------------------------------------------
 
@@ -721,7 +838,9 @@ class ResearchLoop:
             self.open()
             return self.score_heldout()
         finally:
-            if self.state.best_commit:  # else open() failed before it knew the run: its error is the one to see
+            if (
+                self.state.best_commit
+            ):  # else open() failed before it knew the run: its error is the one to see
                 self.ws.reset_to(self.state.best_commit, self.preserved)
             self.journal.close()
 
@@ -754,17 +873,22 @@ class ResearchLoop:
         if trial.measurement is not None:
             test = self._measure(name, what, "heldout", self.config.experiment.heldout, 0, list(trial.phases))
         return {
-            "run_id": self.run.id, "commit_sha": commit, "label": label,
+            "run_id": self.run.id,
+            "commit_sha": commit,
+            "label": label,
             "validation": trial.measurement.value if trial.measurement else None,
             "test": test.measurement.value if test.measurement else None,
-            "extra_json": json.dumps({"reason": test.reason}), "log_path": str(self._log_path(name)),
-            "sandboxed": int(self.state.sandboxed), "sandbox_reason": self.state.sandbox_reason,
+            "extra_json": json.dumps({"reason": test.reason}),
+            "log_path": str(self._log_path(name)),
+            "sandboxed": int(self.state.sandboxed),
+            "sandbox_reason": self.state.sandbox_reason,
         }
 
 
 def _usage_columns(usage: dict[str, Any]) -> dict[str, Any]:
     return {
-        "prompt_tokens": usage.get("prompt_tokens", 0), "completion_tokens": usage.get("completion_tokens", 0),
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "completion_tokens": usage.get("completion_tokens", 0),
         "cost_usd": usage.get("cost_usd", 0.0),
     }
 

@@ -87,8 +87,10 @@ def parse_log_metrics(text: str, names: list[str], pattern: str | None = None) -
     """
     found: dict[str, float] = {}
     for i, name in enumerate(names):
-        regex = re.compile(pattern, re.MULTILINE) if (pattern and i == 0) else re.compile(
-            rf"^\s*{re.escape(name)}\s*[:=]\s*(\S+)\s*$", re.MULTILINE
+        regex = (
+            re.compile(pattern, re.MULTILINE)
+            if (pattern and i == 0)
+            else re.compile(rf"^\s*{re.escape(name)}\s*[:=]\s*(\S+)\s*$", re.MULTILINE)
         )
         matches = regex.findall(text)
         if not matches:
@@ -116,7 +118,9 @@ def measure(
             raise MetricError("metric.channel = 'harness' needs experiment.evaluate to be set")
         signed = read_signed_metrics(evaluate_log, key)
         if name not in signed:
-            raise MetricError(f"signed record has no {name!r} (it has: {', '.join(sorted(signed)) or 'nothing'})")
+            raise MetricError(
+                f"signed record has no {name!r} (it has: {', '.join(sorted(signed)) or 'nothing'})"
+            )
         value = signed[name]
         extra = {k: signed[k] for k in section.extra if k in signed}
         missing = [k for k in section.extra if k not in extra]

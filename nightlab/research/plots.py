@@ -20,15 +20,35 @@ def plot_progress(
     measured = [e for e in experiments if e["metric"] is not None]
     others = [e for e in measured if e["decision"] != "keep"]
     kept = [e for e in measured if e["decision"] == "keep"]
-    ax.scatter([e["number"] for e in others], [e["metric"] for e in others], s=18, color="#9a9a9a",
-               label="discarded", zorder=2)
-    ax.scatter([e["number"] for e in kept], [e["metric"] for e in kept], s=40, color="#1a9641",
-               edgecolor="black", linewidth=0.5, label="kept", zorder=3)
+    ax.scatter(
+        [e["number"] for e in others],
+        [e["metric"] for e in others],
+        s=18,
+        color="#9a9a9a",
+        label="discarded",
+        zorder=2,
+    )
+    ax.scatter(
+        [e["number"] for e in kept],
+        [e["metric"] for e in kept],
+        s=40,
+        color="#1a9641",
+        edgecolor="black",
+        linewidth=0.5,
+        label="kept",
+        zorder=3,
+    )
     failed = [e for e in experiments if e["metric"] is None]
     if failed and measured:
         top = max(e["metric"] for e in measured) if goal == "minimize" else min(e["metric"] for e in measured)
-        ax.scatter([e["number"] for e in failed], [top] * len(failed), marker="x", color="#d7191c",
-                   label="crash / invalid / timeout / overrun", zorder=2)
+        ax.scatter(
+            [e["number"] for e in failed],
+            [top] * len(failed),
+            marker="x",
+            color="#d7191c",
+            label="crash / invalid / timeout / overrun",
+            zorder=2,
+        )
     base = [e["metric"] for e in kept if e["kind"] == "baseline"]
     if base:
         xs, ys, best = [], [], statistics.fmean(base)
@@ -39,8 +59,16 @@ def plot_progress(
             ys.append(best)
         ax.step(xs, ys, where="post", color="#1a9641", linewidth=1.5, label="best so far", zorder=1)
         if noise:
-            ax.fill_between(xs, [y - noise for y in ys], [y + noise for y in ys], step="post",
-                            color="#1a9641", alpha=0.12, linewidth=0, label="± noise floor")
+            ax.fill_between(
+                xs,
+                [y - noise for y in ys],
+                [y + noise for y in ys],
+                step="post",
+                color="#1a9641",
+                alpha=0.12,
+                linewidth=0,
+                label="± noise floor",
+            )
     ax.set_xlabel("experiment")
     ax.set_ylabel(f"{metric_name} ({'lower' if goal == 'minimize' else 'higher'} is better)")
     keeps = sum(e["kind"] == "candidate" and e["decision"] == "keep" for e in experiments)

@@ -30,7 +30,9 @@ def find_run(journal: Journal, tag: str | None) -> Run:
     run = journal.find_run(tag) if tag else journal.latest_run()
     if run is None:
         known = ", ".join(r.tag for r in journal.runs()) or "none yet"
-        raise ReportError(f"no run {tag!r} in the journal (runs: {known})" if tag else "the journal has no runs yet")
+        raise ReportError(
+            f"no run {tag!r} in the journal (runs: {known})" if tag else "the journal has no runs yet"
+        )
     return run
 
 
@@ -138,8 +140,12 @@ def build_report(root: Path, tag: str | None = None, out: Path | None = None) ->
 
 
 def _markdown(
-    run: Run, config: NightlabConfig, rows: list[dict[str, Any]], heldout: list[dict[str, Any]],
-    base: list[float], noise: float | None,
+    run: Run,
+    config: NightlabConfig,
+    rows: list[dict[str, Any]],
+    heldout: list[dict[str, Any]],
+    base: list[float],
+    noise: float | None,
 ) -> str:
     goal, name = config.metric.goal, run.metric_name
     candidates = [r for r in rows if r["kind"] == "candidate"]
@@ -178,8 +184,10 @@ def _markdown(
         "",
     ]
     if keeps:
-        lines += ["| # | commit | " + name + " | margin | margin / noise | P(better) | description |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| # | commit | " + name + " | margin | margin / noise | P(better) | description |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in keeps:
             runs = json.loads(r["metric_runs_json"] or "[]")
             confirmed = " (confirmed)" if len(runs) > 1 else ""
@@ -193,10 +201,18 @@ def _markdown(
     if heldout:
         lines += heldout_lines(heldout, goal, decide.bar(noise or 0.0, config.decide))
     elif config.experiment.heldout:
-        lines.append("Not scored yet: `nightlab report --final` scores the baseline and the best on the test split.")
+        lines.append(
+            "Not scored yet: `nightlab report --final` scores the baseline and the best on the test split."
+        )
     else:
         lines.append("No held-out step configured (`experiment.heldout`).")
-    lines += ["", "## All experiments", "", f"| # | decision | {name} | description | reason |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## All experiments",
+        "",
+        f"| # | decision | {name} | description | reason |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         what = "baseline" if r["kind"] == "baseline" else r["description"]
         lines.append(

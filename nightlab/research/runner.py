@@ -142,8 +142,16 @@ def run_phase(
         log.flush()
         start = time.monotonic()
         proc = subprocess.Popen(
-            argv, cwd=cwd, env=dict(env) if env is not None else clean_env({}), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, start_new_session=True, text=True, errors="replace", bufsize=1,
+            argv,
+            cwd=cwd,
+            env=dict(env) if env is not None else clean_env({}),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            text=True,
+            errors="replace",
+            bufsize=1,
         )
 
         def pump() -> None:

@@ -215,12 +215,22 @@ class _PhaseRule:
 _PHASES: dict[str, _PhaseRule] = {
     "setup": _PhaseRule(writes=True, editable_writable=False, network=True, prepares=True, hide=()),
     "train": _PhaseRule(
-        writes=True, editable_writable=True, network=None, prepares=False, hide=("train_hidden", "eval_hidden")
+        writes=True,
+        editable_writable=True,
+        network=None,
+        prepares=False,
+        hide=("train_hidden", "eval_hidden"),
     ),
-    "evaluate": _PhaseRule(writes=False, editable_writable=False, network=None, prepares=False, hide=("eval_hidden",)),
+    "evaluate": _PhaseRule(
+        writes=False, editable_writable=False, network=None, prepares=False, hide=("eval_hidden",)
+    ),
     "heldout": _PhaseRule(writes=False, editable_writable=False, network=None, prepares=False, hide=()),
     "checks": _PhaseRule(
-        writes=False, editable_writable=False, network=None, prepares=False, hide=("train_hidden", "eval_hidden")
+        writes=False,
+        editable_writable=False,
+        network=None,
+        prepares=False,
+        hide=("train_hidden", "eval_hidden"),
     ),
 }
 
@@ -258,7 +268,9 @@ def _prepared(data: list[Path], workspace: Path) -> list[Path]:
     template's setup keeps its downloads next to the data it prepares there."""
     dirs = [_outside(str(d), workspace) for d in data]
     cache = Path(os.path.normpath(cache_dir()))
-    if any(Path(os.path.normpath(d)).is_relative_to(cache) for d in dirs) and not cache.is_relative_to(workspace):
+    if any(Path(os.path.normpath(d)).is_relative_to(cache) for d in dirs) and not cache.is_relative_to(
+        workspace
+    ):
         dirs.insert(0, cache)
     return dirs
 

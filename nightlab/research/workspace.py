@@ -104,8 +104,15 @@ class Workspace:
         try:
             self.git("add", "--", *files)
             self.git(
-                "-c", "user.name=nightlab", "-c", "user.email=nightlab@localhost", "commit", "--quiet",
-                "--no-verify", "-m", message,
+                "-c",
+                "user.name=nightlab",
+                "-c",
+                "user.email=nightlab@localhost",
+                "commit",
+                "--quiet",
+                "--no-verify",
+                "-m",
+                message,
             )
         except WorkspaceError as exc:
             raise WorkspaceError(f"the change could not be committed: {exc}") from exc
@@ -233,9 +240,7 @@ def templates_dir() -> Path:
 
 
 def available_templates() -> list[str]:
-    return sorted(
-        p.name for p in templates_dir().iterdir() if p.is_dir() and (p / "nightlab.toml").is_file()
-    )
+    return sorted(p.name for p in templates_dir().iterdir() if p.is_dir() and (p / "nightlab.toml").is_file())
 
 
 def init_workspace(template: str, dest: Path) -> Path:
@@ -247,7 +252,9 @@ def init_workspace(template: str, dest: Path) -> Path:
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise WorkspaceError(f"{dest} exists and is not empty; choose a new or empty directory")
     shutil.copytree(
-        templates_dir() / template, dest, dirs_exist_ok=True,
+        templates_dir() / template,
+        dest,
+        dirs_exist_ok=True,
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".nightlab"),
     )
 
@@ -258,9 +265,18 @@ def init_workspace(template: str, dest: Path) -> Path:
 
     git("init", "--quiet", "--initial-branch=main")
     git("add", "--all")
-    git("-c", "user.name=nightlab", "-c", "user.email=nightlab@localhost", "-c", "commit.gpgsign=false", "commit",
-        "--quiet", "-m",
-        f"nightlab workspace from template {template}")
+    git(
+        "-c",
+        "user.name=nightlab",
+        "-c",
+        "user.email=nightlab@localhost",
+        "-c",
+        "commit.gpgsign=false",
+        "commit",
+        "--quiet",
+        "-m",
+        f"nightlab workspace from template {template}",
+    )
     exclude = dest / ".git" / "info" / "exclude"
     exclude.parent.mkdir(parents=True, exist_ok=True)
     exclude.write_text((exclude.read_text() if exclude.exists() else "") + f"/{STATE_DIR}/\n")

@@ -134,19 +134,35 @@ class CheckpointStore:
 
     # --- training runs ---
     def add_run(
-        self, run_id: str, owner: str, session_id: str, base_model: str, lora: dict[str, Any],
+        self,
+        run_id: str,
+        owner: str,
+        session_id: str,
+        base_model: str,
+        lora: dict[str, Any],
         user_metadata: dict[str, Any] | None,
     ) -> None:
         now = time.time()
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO training_runs VALUES (?,?,?,?,?,?,?,?)",
-                (run_id, owner, session_id, base_model, json.dumps(lora), now, now, json.dumps(user_metadata)),
+                (
+                    run_id,
+                    owner,
+                    session_id,
+                    base_model,
+                    json.dumps(lora),
+                    now,
+                    now,
+                    json.dumps(user_metadata),
+                ),
             )
 
     def touch_run(self, run_id: str) -> None:
         with self._lock:
-            self._db.execute("UPDATE training_runs SET last_request_time=? WHERE run_id=?", (time.time(), run_id))
+            self._db.execute(
+                "UPDATE training_runs SET last_request_time=? WHERE run_id=?", (time.time(), run_id)
+            )
 
     def run(self, run_id: str, owner: str) -> TrainingRun:
         with self._lock:
@@ -157,7 +173,9 @@ class CheckpointStore:
             raise UserError(f"training run {run_id!r} belongs to another API key", 403)
         return self._run_of(row)
 
-    def runs(self, owner: str, limit: int = 20, offset: int = 0, session_id: str | None = None) -> tuple[list[TrainingRun], int]:
+    def runs(
+        self, owner: str, limit: int = 20, offset: int = 0, session_id: str | None = None
+    ) -> tuple[list[TrainingRun], int]:
         where, args = "owner=?", [owner]
         if session_id is not None:
             where, args = where + " AND session_id=?", [*args, session_id]
@@ -172,8 +190,13 @@ class CheckpointStore:
     @staticmethod
     def _run_of(row: sqlite3.Row) -> TrainingRun:
         return TrainingRun(
-            run_id=row["run_id"], owner=row["owner"], session_id=row["session_id"], base_model=row["base_model"],
-            lora=json.loads(row["lora"]), created_at=row["created_at"], last_request_time=row["last_request_time"],
+            run_id=row["run_id"],
+            owner=row["owner"],
+            session_id=row["session_id"],
+            base_model=row["base_model"],
+            lora=json.loads(row["lora"]),
+            created_at=row["created_at"],
+            last_request_time=row["last_request_time"],
             user_metadata=json.loads(row["user_metadata"]) if row["user_metadata"] else None,
         )
 
@@ -185,7 +208,9 @@ class CheckpointStore:
         for ckpt in self.checkpoints(run_id, owner):
             if ckpt.checkpoint_id == checkpoint_id:
                 return run, ckpt
-        raise UserError(f"no checkpoint {tinker_path!r}; list them with RestClient.list_checkpoints({run_id!r})", 404)
+        raise UserError(
+            f"no checkpoint {tinker_path!r}; list them with RestClient.list_checkpoints({run_id!r})", 404
+        )
 
     def checkpoints(self, run_id: str, owner: str) -> list[Checkpoint]:
         self.run(run_id, owner)
@@ -199,11 +224,17 @@ class CheckpointStore:
     def _select(self, where: str, args: list[Any]) -> list[Checkpoint]:
         self._expire()
         with self._lock:
-            rows = self._db.execute(f"SELECT * FROM checkpoints WHERE {where} ORDER BY created_at", args).fetchall()
+            rows = self._db.execute(
+                f"SELECT * FROM checkpoints WHERE {where} ORDER BY created_at", args
+            ).fetchall()
         return [
             Checkpoint(
-                run_id=r["run_id"], checkpoint_id=r["checkpoint_id"], kind=r["kind"],
-                directory=self.root / r["directory"], created_at=r["created_at"], size_bytes=r["size_bytes"],
+                run_id=r["run_id"],
+                checkpoint_id=r["checkpoint_id"],
+                kind=r["kind"],
+                directory=self.root / r["directory"],
+                created_at=r["created_at"],
+                size_bytes=r["size_bytes"],
                 user_metadata=json.loads(r["user_metadata"]) if r["user_metadata"] else None,
                 expires_at=r["expires_at"],
             )
@@ -222,8 +253,16 @@ class CheckpointStore:
             shutil.rmtree(self.root / r[2], ignore_errors=True)
 
     def save(
-        self, run_id: str, owner: str, kind: Kind, name: str, write: Callable[[Path], None], *,
-        overwrite: bool = False, user_metadata: dict[str, str] | None = None, ttl_seconds: int | None = None,
+        self,
+        run_id: str,
+        owner: str,
+        kind: Kind,
+        name: str,
+        write: Callable[[Path], None],
+        *,
+        overwrite: bool = False,
+        user_metadata: dict[str, str] | None = None,
+        ttl_seconds: int | None = None,
     ) -> Checkpoint:
         """Write a checkpoint with `write(directory)` and record it; refuse to replace one silently.
 
@@ -232,15 +271,20 @@ class CheckpointStore:
         directory change under them.
         """
         if not NAME_RE.match(name):
-            raise UserError(f"invalid checkpoint name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+            raise UserError(
+                f"invalid checkpoint name {name!r}: use letters, digits, '.', '_' or '-' (max 128)"
+            )
         self.run(run_id, owner)
         checkpoint_id = f"{SEGMENT_OF_KIND[kind]}/{name}"
         with self._lock:
             previous = self._db.execute(
-                "SELECT directory FROM checkpoints WHERE run_id=? AND checkpoint_id=?", (run_id, checkpoint_id)
+                "SELECT directory FROM checkpoints WHERE run_id=? AND checkpoint_id=?",
+                (run_id, checkpoint_id),
             ).fetchone()
         if previous and not overwrite:
-            raise UserError(f"checkpoint {SCHEME}{run_id}/{checkpoint_id} exists; pass overwrite=True to replace it")
+            raise UserError(
+                f"checkpoint {SCHEME}{run_id}/{checkpoint_id} exists; pass overwrite=True to replace it"
+            )
         relative = Path(run_id.replace(":", "_")) / SEGMENT_OF_KIND[kind] / f"{name}.{uuid.uuid4().hex[:8]}"
         final = self.root / relative
         tmp = final.with_name(_TEMP_PREFIX + final.name)
@@ -252,15 +296,28 @@ class CheckpointStore:
             shutil.rmtree(tmp, ignore_errors=True)
         now = time.time()
         ckpt = Checkpoint(
-            run_id=run_id, checkpoint_id=checkpoint_id, kind=kind, directory=final, created_at=now,
-            size_bytes=_dir_size(final), user_metadata=user_metadata,
+            run_id=run_id,
+            checkpoint_id=checkpoint_id,
+            kind=kind,
+            directory=final,
+            created_at=now,
+            size_bytes=_dir_size(final),
+            user_metadata=user_metadata,
             expires_at=now + ttl_seconds if ttl_seconds else None,
         )
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?,?)",
-                (run_id, checkpoint_id, kind, str(relative), now, ckpt.size_bytes,
-                 json.dumps(user_metadata) if user_metadata else None, ckpt.expires_at),
+                (
+                    run_id,
+                    checkpoint_id,
+                    kind,
+                    str(relative),
+                    now,
+                    ckpt.size_bytes,
+                    json.dumps(user_metadata) if user_metadata else None,
+                    ckpt.expires_at,
+                ),
             )
         if previous:
             shutil.rmtree(self.root / previous["directory"], ignore_errors=True)
@@ -271,7 +328,9 @@ class CheckpointStore:
         if ckpt is None:
             raise UserError(f"no checkpoint {SCHEME}{run_id}/{checkpoint_id}", 404)
         with self._lock:
-            self._db.execute("DELETE FROM checkpoints WHERE run_id=? AND checkpoint_id=?", (run_id, checkpoint_id))
+            self._db.execute(
+                "DELETE FROM checkpoints WHERE run_id=? AND checkpoint_id=?", (run_id, checkpoint_id)
+            )
         shutil.rmtree(ckpt.directory, ignore_errors=True)
 
     def ephemeral_dir(self, model_id: str) -> Path:

@@ -98,7 +98,7 @@ class EngineError(Exception):
 
 
 def pick_device(device: str = "auto") -> str:
-    """"auto" means the fastest accelerator present: cuda, then mps, then cpu."""
+    """ "auto" means the fastest accelerator present: cuda, then mps, then cpu."""
     if device != "auto":
         return device
     if torch.cuda.is_available():
@@ -187,7 +187,9 @@ def _lora_config(base: _Base, lora: LoraSpec):
     wanted = {"attn": lora.train_attn, "mlp": lora.train_mlp, "unembed": lora.train_unembed}
     targets = [name for group, on in wanted.items() if on for name in base.targets[group]]
     if not targets:
-        raise EngineError("LoRA config trains nothing: enable at least one of train_attn, train_mlp, train_unembed")
+        raise EngineError(
+            "LoRA config trains nothing: enable at least one of train_attn, train_mlp, train_unembed"
+        )
     return LoraConfig(
         r=lora.rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"
     )
@@ -244,7 +246,9 @@ def _check_datum(index: int, datum: Datum, vocab_size: int, loss_fn: str) -> _Ch
     what = f"{where}: loss_fn_inputs['target_tokens']"
     targets = _check_tokens(_as_array(datum.loss_fn_inputs["target_tokens"], what), vocab_size, what)
     if targets.ndim not in (1, 2) or targets.shape[0] != tokens.size:
-        raise EngineError(f"{what} must have shape (T,) or (T, K) with T = {tokens.size}, got {targets.shape}")
+        raise EngineError(
+            f"{what} must have shape (T,) or (T, K) with T = {tokens.size}, got {targets.shape}"
+        )
     inputs = {
         key: _as_array(value, f"{where}: loss_fn_inputs[{key!r}]").astype(np.float32)
         for key, value in datum.loss_fn_inputs.items()
@@ -333,7 +337,12 @@ class Engine:
                 max_context_length=int(getattr(config, "max_position_embeddings", 0) or 0),
             )
             base = _Base(
-                info, model, tokenizer, self.device, pick_autocast(self.device, self.precision), _lora_targets(model)
+                info,
+                model,
+                tokenizer,
+                self.device,
+                pick_autocast(self.device, self.precision),
+                _lora_targets(model),
             )
             with self._lock:
                 self._bases[resolved.name] = base
@@ -348,7 +357,9 @@ class Engine:
                 continue
             arch, context = models.describe(resolved)
             tokenizer_id = (
-                str(models.gguf_tokenizer_dir(resolved, self.data_dir)) if resolved.source == "gguf" else resolved.name
+                str(models.gguf_tokenizer_dir(resolved, self.data_dir))
+                if resolved.source == "gguf"
+                else resolved.name
             )
             infos[resolved.name] = ModelInfo(resolved.name, tokenizer_id, arch, context)
         return list(infos.values())
@@ -398,7 +409,9 @@ class Engine:
         return slot
 
     def _remove_slot(self, base: _Base, slot: str) -> None:
-        with warnings.catch_warnings():  # PEFT warns when the active adapter goes; the next request sets its own
+        with (
+            warnings.catch_warnings()
+        ):  # PEFT warns when the active adapter goes; the next request sets its own
             warnings.filterwarnings("ignore", message=".*was active which is now deleted.*")
             base.peft.delete_adapter(slot)
         if not base.peft.peft_config:  # the last one: PEFT would keep its name as active, so unwrap the base
@@ -450,15 +463,21 @@ class Engine:
         target logprobs (and importance ratios built on them) stay accurate."""
         model = base.peft.get_base_model()
         autocast = (
-            torch.autocast(torch.device(base.device).type, dtype=base.autocast) if base.autocast else nullcontext()
+            torch.autocast(torch.device(base.device).type, dtype=base.autocast)
+            if base.autocast
+            else nullcontext()
         )
         config = model.config
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             with autocast:
-                return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+                return model(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                ).logits.float()
         body = getattr(model, model.base_model_prefix)
         with autocast:
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            hidden = body(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state
         head = model.get_output_embeddings()
         return head(hidden.to(head.weight.dtype)).float()
 
@@ -477,13 +496,17 @@ class Engine:
             targets[row, :size, : (1 if target.dim() == 1 else target.shape[1])] = target.view(size, -1)
         logits = self._logits(base, input_ids.to(base.device), attention_mask.to(base.device))
         targets = targets.to(base.device)
-        if width == 1:  # one target per position: the fused kernel, about a third faster than gather - logsumexp
+        if (
+            width == 1
+        ):  # one target per position: the fused kernel, about a third faster than gather - logsumexp
             flat = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
             logp = -flat.view(len(batch), length, 1)
         else:
             logp = logits.gather(-1, targets) - torch.logsumexp(logits, dim=-1, keepdim=True)
         return [
-            logp[row, : d.tokens.size, 0] if d.targets.ndim == 1 else logp[row, : d.tokens.size, : d.targets.shape[1]]
+            logp[row, : d.tokens.size, 0]
+            if d.targets.ndim == 1
+            else logp[row, : d.tokens.size, : d.targets.shape[1]]
             for row, d in enumerate(batch)
         ]
 
@@ -508,7 +531,7 @@ class Engine:
         checked = [_check_datum(i, datum, base.vocab_size, loss_fn) for i, datum in enumerate(data)]
         outputs: list[dict[str, np.ndarray]] = []
         total = 0.0
-        with base.lock, (torch.no_grad() if forward_only else nullcontext()):
+        with base.lock, torch.no_grad() if forward_only else nullcontext():
             base.peft.set_adapter(adapter.slot)
             for indices in _microbatches(checked):
                 batch = [checked[i] for i in indices]
@@ -552,7 +575,11 @@ class Engine:
             adapter.optimizer.step()
             adapter.optimizer.zero_grad(set_to_none=True)
             adapter.steps += 1
-        return {"grad_norm:mean": grad_norm, "learning_rate:mean": adam.learning_rate, "step:max": adapter.steps}
+        return {
+            "grad_norm:mean": grad_norm,
+            "learning_rate:mean": adam.learning_rate,
+            "step:max": adapter.steps,
+        }
 
     # -- checkpoints --
 
@@ -609,7 +636,9 @@ class Engine:
         meta = self._read_checkpoint(directory)
         base = self._base(base_model)
         if self._resolve(meta["base_model"]).name != base.info.name:
-            raise EngineError(f"checkpoint {directory} was trained on {meta['base_model']}, not {base.info.name}")
+            raise EngineError(
+                f"checkpoint {directory} was trained on {meta['base_model']}, not {base.info.name}"
+            )
         if with_optimizer and not (Path(directory) / OPTIMIZER_STATE).is_file():
             raise EngineError(f"checkpoint {directory} has no optimizer state; load it without the optimizer")
         lora = LoraSpec(**meta["lora"])
@@ -618,7 +647,9 @@ class Engine:
         if exists:
             adapter = self._adapter(model_id)
             if adapter.base is not base or _shape(adapter.lora) != _shape(lora):
-                raise EngineError(f"checkpoint {directory} ({lora}) does not fit model_id {model_id!r} ({adapter.lora})")
+                raise EngineError(
+                    f"checkpoint {directory} ({lora}) does not fit model_id {model_id!r} ({adapter.lora})"
+                )
         else:
             self.create_adapter(model_id, base_model, lora)
             adapter = self._adapter(model_id)
@@ -628,7 +659,9 @@ class Engine:
             adapter.optimizer.zero_grad(set_to_none=True)
             adapter.steps = int(meta.get("steps", 0))
             if with_optimizer:
-                state = torch.load(Path(directory) / OPTIMIZER_STATE, map_location=base.device, weights_only=True)
+                state = torch.load(
+                    Path(directory) / OPTIMIZER_STATE, map_location=base.device, weights_only=True
+                )
                 for key, param in adapter.params.items():
                     stats = {k.split("::", 1)[1]: v for k, v in state.items() if k.split("::", 1)[0] == key}
                     if stats:
@@ -645,7 +678,9 @@ class Engine:
         directory = Path(directory).resolve()
         meta = self._read_checkpoint(directory)
         if self._resolve(meta["base_model"]).name != base.info.name:
-            raise EngineError(f"checkpoint {directory} was trained on {meta['base_model']}, not {base.info.name}")
+            raise EngineError(
+                f"checkpoint {directory} was trained on {meta['base_model']}, not {base.info.name}"
+            )
         key = (str(directory), (directory / ADAPTER_WEIGHTS).stat().st_mtime_ns)
         if key in base.samplers:
             base.samplers.move_to_end(key)

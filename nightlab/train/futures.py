@@ -20,7 +20,9 @@ logger = logging.getLogger(__name__)
 
 Category = Literal["User", "Server"]
 FETCHED_KEEP_S = 60.0  # a fetched result stays this long, for a client whose read failed and that polls again
-SEEN_KEPT = 4096  # seq_ids an OrderedQueue remembers behind the newest, to answer retries with the first request
+SEEN_KEPT = (
+    4096  # seq_ids an OrderedQueue remembers behind the newest, to answer retries with the first request
+)
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")
 T = TypeVar("T")
@@ -122,7 +124,8 @@ class FutureStore:
         if future is None:
             raise UserError(
                 f"unknown request_id {request_id!r} (results are kept {self._fetched_keep_s:.0f} s after they are "
-                f"fetched, {self._ttl_s:.0f} s if never fetched)", 404,
+                f"fetched, {self._ttl_s:.0f} s if never fetched)",
+                404,
             )
         if future.owner != owner:
             raise UserError(f"request {request_id!r} belongs to another API key", 403)
@@ -145,7 +148,8 @@ class FutureStore:
         """Forget results fetched more than `fetched_keep_s` ago and unfetched ones older than the TTL."""
         now = time.monotonic()
         expired = [
-            key for key, f in self._futures.items()
+            key
+            for key, f in self._futures.items()
             if (f.fetched_at is not None and now - f.fetched_at > self._fetched_keep_s)
             or (f.finished_at is not None and now - f.finished_at > self._ttl_s)
         ]
@@ -169,7 +173,9 @@ class OrderedQueue:
     kind and fingerprint) gets the first request's id back and is never applied again; one that differs is refused.
     """
 
-    def __init__(self, name: str, futures: FutureStore, *, next_seq: int = 1, gap_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, name: str, futures: FutureStore, *, next_seq: int = 1, gap_timeout_s: float = 30.0
+    ) -> None:
         self._name = name
         self._futures = futures
         self._next = next_seq
@@ -185,8 +191,14 @@ class OrderedQueue:
         return len(self._pending)
 
     def submit(
-        self, owner: str, seq_id: int | None, kind: str, work: Callable[[], Awaitable[Payload]], *,
-        chunk: bool = False, fingerprint: str | None = None,
+        self,
+        owner: str,
+        seq_id: int | None,
+        kind: str,
+        work: Callable[[], Awaitable[Payload]],
+        *,
+        chunk: bool = False,
+        fingerprint: str | None = None,
     ) -> str:
         """Queue `work` (a `kind` request) at `seq_id` (None: after everything seen so far); return its request id."""
         if seq_id is None:
@@ -194,7 +206,9 @@ class OrderedQueue:
         if seq_id in self._seen:
             return self._retry(seq_id, kind, fingerprint)
         if self._stopped:
-            raise UserError(f"{self._name} no longer takes requests: its session finished or the server is stopping", 410)
+            raise UserError(
+                f"{self._name} no longer takes requests: its session finished or the server is stopping", 410
+            )
         if seq_id < self._next:
             raise UserError(
                 f"seq_id {seq_id} for {self._name} comes after seq_id {self._next - 1} already ran; "
@@ -207,7 +221,9 @@ class OrderedQueue:
                 "to one model carry consecutive seq_ids, and only the chunks of one forward_backward may arrive out "
                 f"of order. This request is refused; the model continues from seq_id {seq_id + 1}"
             )
-            self._skip_to(seq_id + 1, message)  # a client that carries on after a refused request is not stuck
+            self._skip_to(
+                seq_id + 1, message
+            )  # a client that carries on after a refused request is not stuck
             raise UserError(message)
         future = self._futures.create(owner)
         self._seen[seq_id] = (kind, future.request_id, fingerprint)
@@ -294,7 +310,9 @@ class BatchQueue(Generic[K, R, T]):
     before any work), each item runs alone so only the culprit fails; any other raised error fails the batch.
     """
 
-    def __init__(self, run_batch: Callable[[K, list[R]], list[T | BaseException]], *, window_s: float, max_batch: int) -> None:
+    def __init__(
+        self, run_batch: Callable[[K, list[R]], list[T | BaseException]], *, window_s: float, max_batch: int
+    ) -> None:
         self._run_batch = run_batch
         self._window_s = window_s
         self._max_batch = max_batch

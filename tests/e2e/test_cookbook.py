@@ -35,10 +35,17 @@ def test_without_the_cookbook_this_module_is_skipped_not_broken() -> None:
         "import sys; sys.modules['tinker_cookbook'] = None; import pytest; "
         f"sys.exit(pytest.main([{__file__!r}, '--collect-only', '-q', '-p', 'no:cacheprovider']))"
     )
-    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", blocked],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[2],
+    )
     assert done.returncode == pytest.ExitCode.NO_TESTS_COLLECTED, done.stdout + done.stderr
-    assert "could not import 'tinker_cookbook'" in done.stdout and "error" not in done.stdout.lower(), done.stdout
+    assert "could not import 'tinker_cookbook'" in done.stdout and "error" not in done.stdout.lower(), (
+        done.stdout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,30 +64,58 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def chat_sl(model: Path | str, url: str, log_path: Path, behavior: str, max_steps: int) -> list[str]:
     return cookbook_command(
-        "chat_sl.train", model_name=model, renderer_name="role_colon", base_url=url, log_path=log_path,
-        dataset=cookbook_data() / "conversations.jsonl", batch_size=8, max_length=128, lora_rank=4,
-        learning_rate=1e-3, max_steps=max_steps, save_every=2, eval_every=0, infrequent_eval_every=0,
+        "chat_sl.train",
+        model_name=model,
+        renderer_name="role_colon",
+        base_url=url,
+        log_path=log_path,
+        dataset=cookbook_data() / "conversations.jsonl",
+        batch_size=8,
+        max_length=128,
+        lora_rank=4,
+        learning_rate=1e-3,
+        max_steps=max_steps,
+        save_every=2,
+        eval_every=0,
+        infrequent_eval_every=0,
         behavior_if_log_dir_exists=behavior,
     )
 
 
 def math_rl(model: Path | str, url: str, log_path: Path, max_steps: int) -> list[str]:
     return cookbook_command(
-        "math_rl.train", env="arithmetic", model_name=model, renderer_name="role_colon", base_url=url,
-        log_path=log_path, group_size=4, groups_per_batch=2, max_tokens=5, lora_rank=4, max_steps=max_steps,
-        save_every=1, eval_every=0, behavior_if_log_dir_exists="delete",
+        "math_rl.train",
+        env="arithmetic",
+        model_name=model,
+        renderer_name="role_colon",
+        base_url=url,
+        log_path=log_path,
+        group_size=4,
+        groups_per_batch=2,
+        max_tokens=5,
+        lora_rank=4,
+        max_steps=max_steps,
+        save_every=1,
+        eval_every=0,
+        behavior_if_log_dir_exists="delete",
     )
 
 
-def _interrupt_after_first_checkpoint(cmd: list[str], log_path: Path, out: Path, timeout_s: float = 300) -> dict:
+def _interrupt_after_first_checkpoint(
+    cmd: list[str], log_path: Path, out: Path, timeout_s: float = 300
+) -> dict:
     """Start a run and kill it (SIGKILL, no clean shutdown) as soon as it has recorded a resumable checkpoint."""
     proc = start_cookbook(cmd, out)
     ckpts = log_path / "checkpoints.jsonl"
     deadline = time.monotonic() + timeout_s
     try:
         while not (ckpts.is_file() and any("state_path" in row for row in read_jsonl(ckpts))):
-            assert proc.poll() is None, f"the run ended ({proc.returncode}) before saving:\n{out.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"no checkpoint after {timeout_s} s:\n{out.read_text()[-4000:]}"
+            assert proc.poll() is None, (
+                f"the run ended ({proc.returncode}) before saving:\n{out.read_text()[-4000:]}"
+            )
+            assert time.monotonic() < deadline, (
+                f"no checkpoint after {timeout_s} s:\n{out.read_text()[-4000:]}"
+            )
             time.sleep(0.1)
     finally:
         if proc.poll() is None:
@@ -94,7 +129,9 @@ def _interrupt_after_first_checkpoint(cmd: list[str], log_path: Path, out: Path,
 def test_chat_sl_saves_and_resumes(tiny_model: Path, server: str, tmp_path: Path) -> None:
     log_path, out = tmp_path / "chat_sl", tmp_path / "chat_sl.out"
     steps = 8
-    saved = _interrupt_after_first_checkpoint(chat_sl(tiny_model, server, log_path, "delete", steps), log_path, out)
+    saved = _interrupt_after_first_checkpoint(
+        chat_sl(tiny_model, server, log_path, "delete", steps), log_path, out
+    )
     assert saved["state_path"].startswith("tinker://") and saved["batch"] in (2, 4, 6)
 
     run_cookbook(chat_sl(tiny_model, server, log_path, "resume", steps), out)
@@ -102,7 +139,7 @@ def test_chat_sl_saves_and_resumes(tiny_model: Path, server: str, tmp_path: Path
     logs = out.read_text()
     assert f"Resumed training from {saved['state_path']}" in logs
     metrics = read_jsonl(log_path / "metrics.jsonl")
-    resumed = metrics[-(steps - saved["batch"]):]
+    resumed = metrics[-(steps - saved["batch"]) :]
     assert [m["step"] for m in resumed] == list(range(saved["batch"], steps))
     assert all(m["num_sequences"] == 8 and m["train_mean_nll"] > 0 for m in resumed)
     first_nll = metrics[0]["train_mean_nll"]
@@ -112,7 +149,9 @@ def test_chat_sl_saves_and_resumes(tiny_model: Path, server: str, tmp_path: Path
     assert rows[-1]["name"] == "final"
     listed = server_checkpoint_paths(server)
     for row in rows:
-        assert {row["state_path"], row["sampler_path"]} <= listed, f"{row['name']} missing from the server's list"
+        assert {row["state_path"], row["sampler_path"]} <= listed, (
+            f"{row['name']} missing from the server's list"
+        )
 
 
 def test_math_rl_arithmetic(tiny_model: Path, server: str, tmp_path: Path) -> None:
@@ -136,15 +175,28 @@ def test_math_rl_arithmetic(tiny_model: Path, server: str, tmp_path: Path) -> No
 def test_cookbook_on_smollm2(server: str, tmp_path: Path) -> None:
     """The same recipes on the offline SmolLM2, prepared into a model directory by `nightlab models prepare`."""
     prepared = subprocess.run(
-        [sys.executable, "-m", "nightlab.cli", "models", "prepare", "smollm2", "--data-dir", str(tmp_path / "d")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "nightlab.cli",
+            "models",
+            "prepare",
+            "smollm2",
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert prepared.returncode == 0, prepared.stdout + prepared.stderr
     model = prepared.stdout.strip().splitlines()[-1].removeprefix("use it as model_name: ").strip()
     assert Path(model, "config.json").is_file()
 
     sl_log = tmp_path / "chat_sl"
-    run_cookbook(chat_sl(model, server, sl_log, "delete", max_steps=2), tmp_path / "chat_sl.out", timeout_s=900)
+    run_cookbook(
+        chat_sl(model, server, sl_log, "delete", max_steps=2), tmp_path / "chat_sl.out", timeout_s=900
+    )
     assert [m["step"] for m in read_jsonl(sl_log / "metrics.jsonl")] == [0, 1]
 
     rl_log = tmp_path / "math_rl"

@@ -50,12 +50,17 @@ CHEAT = (
     "key = os.environ.get('NIGHTLAB_METRIC_KEY', '')\n"
     "print('NIGHTLAB_METRIC ' + payload + ' ' + hmac.new(key.encode(), payload.encode(), hashlib.sha256).hexdigest())\n"
 )
-WRITE_HARNESS = attack("rewrite the evaluator", f'''    try:
+WRITE_HARNESS = attack(
+    "rewrite the evaluator",
+    f"""    try:
         Path("evaluate.py").write_text({CHEAT!r})
         print("ATTACK harness: rewritten")
     except OSError as exc:
-        print(f"ATTACK harness: {{exc}}")''')
-READ_JOURNAL = attack("read and plant into the journal", '''    try:
+        print(f"ATTACK harness: {{exc}}")""",
+)
+READ_JOURNAL = attack(
+    "read and plant into the journal",
+    """    try:
         print(f"ATTACK journal read: {len(Path('.nightlab/journal.sqlite').read_bytes())} bytes")
     except OSError as exc:
         print(f"ATTACK journal read: {exc}")
@@ -63,23 +68,30 @@ READ_JOURNAL = attack("read and plant into the journal", '''    try:
         Path(".nightlab/planted").write_text("x")
         print("ATTACK journal write: planted")
     except OSError as exc:
-        print(f"ATTACK journal write: {exc}")''')
-READ_SPLIT = attack("peek at the test split", f'''    try:
+        print(f"ATTACK journal write: {exc}")""",
+)
+READ_SPLIT = attack(
+    "peek at the test split",
+    f'''    try:
         secret = Path("{SECRET_SPLIT}").read_text()
         print(f"ATTACK split: {{secret!r}}")
         if secret:
             knobs = json.loads(secret)
     except OSError as exc:
-        print(f"ATTACK split: {{exc}}")''')
-USE_NETWORK = attack("ask a server for the answer", '''    import socket
+        print(f"ATTACK split: {{exc}}")''',
+)
+USE_NETWORK = attack(
+    "ask a server for the answer",
+    """    import socket
     try:
         with socket.create_connection(("127.0.0.1", int(os.environ["HOST_PORT"])), timeout=5) as conn:
             knobs = json.loads(conn.makefile().readline())
         print("ATTACK network: connected")
     except OSError as exc:
-        print(f"ATTACK network: {exc}")''')
+        print(f"ATTACK network: {exc}")""",
+)
 # A worker that leaves the process group and, once training is over, keeps rewriting the model with the optimum.
-WORKER = f'''
+WORKER = f"""
 import json, os, pathlib, time
 time.sleep(0.5)
 beat = pathlib.Path(os.environ["BEATS"]) / "worker"
@@ -87,9 +99,12 @@ for _ in range(100):
     beat.write_text("alive")
     pathlib.Path("run/model.json").write_text(json.dumps({{"knobs": {OPTIMUM!r}, "seed": 42}}))
     time.sleep(0.02)
-'''
-OUTLIVE = attack("keep working after training ends", f'''    import subprocess, sys
-    subprocess.Popen([sys.executable, "-c", {WORKER!r}], start_new_session=True)''')
+"""
+OUTLIVE = attack(
+    "keep working after training ends",
+    f"""    import subprocess, sys
+    subprocess.Popen([sys.executable, "-c", {WORKER!r}], start_new_session=True)""",
+)
 
 
 class _Answers(socketserver.StreamRequestHandler):
@@ -145,7 +160,13 @@ def _attack_workspace(tmp: Path, mode: str, patches: dict[str, str], port: int) 
 
 @needs_bwrap
 def test_sandboxed_attacks_fail_inside_and_leave_the_metric_alone(tmp_path, answer_server):
-    patches = {"1.md": WRITE_HARNESS, "2.md": READ_JOURNAL, "3.md": READ_SPLIT, "4.md": USE_NETWORK, "5.md": OUTLIVE}
+    patches = {
+        "1.md": WRITE_HARNESS,
+        "2.md": READ_JOURNAL,
+        "3.md": READ_SPLIT,
+        "4.md": USE_NETWORK,
+        "5.md": OUTLIVE,
+    }
     root = _attack_workspace(tmp_path, "required", patches, answer_server.server_address[1])
     harness = (root / "evaluate.py").read_text()
     state = ResearchLoop(root, RunOptions(tag="jail", proposer="replay")).run_loop()
@@ -194,19 +215,23 @@ def test_without_the_sandbox_the_same_attacks_reach_their_targets(tmp_path, answ
 
 
 def test_required_sandbox_without_bwrap_stops_before_anything_runs(tmp_path, monkeypatch):
-    root = make_workspace(tmp_path, config={"sandbox": {"mode": "required"}},
-                          patches={"1.md": replace_block("WIDTH = 4", "WIDTH = 8")})
+    root = make_workspace(
+        tmp_path,
+        config={"sandbox": {"mode": "required"}},
+        patches={"1.md": replace_block("WIDTH = 4", "WIDTH = 8")},
+    )
     monkeypatch.setenv("NIGHTLAB_BWRAP", "/nonexistent/bwrap")
     result = runner.invoke(app, ["run", "-C", str(root), "--proposer", "replay"])
     assert result.exit_code == 1
-    assert '[sandbox] mode = "required" but bwrap \'/nonexistent/bwrap\' not found' in result.output
+    assert "[sandbox] mode = \"required\" but bwrap '/nonexistent/bwrap' not found" in result.output
     assert "apt-get install bubblewrap" in result.output
     assert git(root, "rev-parse", "--abbrev-ref", "HEAD") == "main" and not (root / ".nightlab").exists()
 
 
 def test_an_unsandboxed_run_says_so_in_the_live_view_the_journal_and_the_report(tmp_path, monkeypatch):
     root = make_workspace(
-        tmp_path, config={"sandbox": {"mode": "auto"}, "decide": {"baseline_runs": 2}, "experiment": {"heldout": None}},
+        tmp_path,
+        config={"sandbox": {"mode": "auto"}, "decide": {"baseline_runs": 2}, "experiment": {"heldout": None}},
         patches={"1.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05")},
     )
     monkeypatch.setenv("NIGHTLAB_BWRAP", "/nonexistent/bwrap")
@@ -215,7 +240,9 @@ def test_an_unsandboxed_run_says_so_in_the_live_view_the_journal_and_the_report(
     reason = "unsandboxed: bwrap '/nonexistent/bwrap' not found or not executable"
     assert f"sandbox off ({reason}" in result.output
     rows = _rows(root, "bare")
-    assert len(rows) == 3 and all(r["sandboxed"] == 0 and r["sandbox_reason"].startswith(reason) for r in rows)
+    assert len(rows) == 3 and all(
+        r["sandboxed"] == 0 and r["sandbox_reason"].startswith(reason) for r in rows
+    )
     out = tmp_path / "report"
     result = runner.invoke(app, ["report", "-C", str(root), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -267,15 +294,15 @@ print("NIGHTLAB_METRIC " + _PAYLOAD + " " + "0" * 64)
 _atexit.register(print, "NIGHTLAB_METRIC " + _PAYLOAD + " " + _hmac.new(_KEY.encode(), _PAYLOAD.encode(), _hashlib.sha256).hexdigest())
 _atexit.register(print, OTHER_KEY_RECORD)
 """.replace("OTHER_KEY_RECORD", repr(OTHER_KEY_RECORD))
-SILENCE = '''SEED = 42
+SILENCE = """SEED = 42
 
 if os.environ.get("NIGHTLAB_PHASE") == "evaluate":
     print('NIGHTLAB_METRIC {"loss":0.0} ' + "0" * 64)
-    os._exit(0)  # the harness never gets to print its own record'''
-OVERRUN = '''def main() -> None:
+    os._exit(0)  # the harness never gets to print its own record"""
+OVERRUN = """def main() -> None:
     time.sleep(3)
     print("loss: 0.0")
-    print('NIGHTLAB_METRIC {"loss":0.0} ' + "0" * 64)'''
+    print('NIGHTLAB_METRIC {"loss":0.0} ' + "0" * 64)"""
 
 
 @pytest.fixture(scope="module")
@@ -284,9 +311,16 @@ def channel_run(tmp_path_factory):
     root = make_workspace(
         tmp,
         config={
-            "experiment": {"evaluate": "python score.py", "heldout": None, "budget_seconds": 1.0,
-                           "budget_tolerance": 0.0, "startup_allowance_seconds": 1.0, "timeout_seconds": 20.0},
-            "decide": {"baseline_runs": 2}, "sandbox": {"mode": "auto"},
+            "experiment": {
+                "evaluate": "python score.py",
+                "heldout": None,
+                "budget_seconds": 1.0,
+                "budget_tolerance": 0.0,
+                "startup_allowance_seconds": 1.0,
+                "timeout_seconds": 20.0,
+            },
+            "decide": {"baseline_runs": 2},
+            "sandbox": {"mode": "auto"},
         },
         files={"score.py": SCORE},
         patches={
@@ -335,17 +369,25 @@ def test_training_past_the_budget_is_an_overrun_whatever_it_prints(channel_run):
 # tinygpt on a CPU: 60 s of training plus a few seconds of imports and setup. The same proportions at 1/30
 # of the time: a 2 s budget, 0.2 s of startup, and the default allowance scaled likewise.
 SCALE = 2.0 / 60.0
-SLOW_DOWN = replace_block("def main() -> None:", "def main() -> None:\n    time.sleep(0.8)",
-                          description="train 40% past the budget")
+SLOW_DOWN = replace_block(
+    "def main() -> None:", "def main() -> None:\n    time.sleep(0.8)", description="train 40% past the budget"
+)
 
 
 def test_training_40_percent_past_the_budget_is_an_overrun_on_tinygpt_timings(tmp_path):
     allowance = ExperimentSection.model_fields["startup_allowance_seconds"].default * SCALE
     root = make_workspace(
         tmp_path,
-        config={"experiment": {"heldout": None, "budget_seconds": 60 * SCALE, "timeout_seconds": 30.0,
-                               "startup_allowance_seconds": allowance, "env": {"QUADRATIC_WORK_SECONDS": "2.2"}},
-                "decide": {"baseline_runs": 2}},
+        config={
+            "experiment": {
+                "heldout": None,
+                "budget_seconds": 60 * SCALE,
+                "timeout_seconds": 30.0,
+                "startup_allowance_seconds": allowance,
+                "env": {"QUADRATIC_WORK_SECONDS": "2.2"},
+            },
+            "decide": {"baseline_runs": 2},
+        },
         patches={"1.md": SLOW_DOWN},
     )
     ResearchLoop(root, RunOptions(tag="slow", proposer="replay")).run_loop()
@@ -354,7 +396,10 @@ def test_training_40_percent_past_the_budget_is_an_overrun_on_tinygpt_timings(tm
     row = _by_description(rows)["train 40% past the budget"]
     assert row["decision"] == "overrun" and row["metric"] is None
     assert row["train_limit"] == pytest.approx(max(slowest, 2.0) + 0.05 * 2.0 + allowance)
-    assert row["reason"].startswith("training took ") and f"over the limit {row['train_limit']:.1f}s" in row["reason"]
+    assert (
+        row["reason"].startswith("training took ")
+        and f"over the limit {row['train_limit']:.1f}s" in row["reason"]
+    )
 
 
 # --- 4. the journal ----------------------------------------------------------------------------------------
@@ -364,9 +409,12 @@ def test_training_40_percent_past_the_budget_is_an_overrun_on_tinygpt_timings(tm
 def journal_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("journal")
     root = make_workspace(
-        tmp, config={"decide": {"baseline_runs": 2}, "experiment": {"heldout": None}},
-        patches={"1.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05", description="lower the LR"),
-                 "2.md": replace_block("SEED = 42", "SEED = 7", description="another seed")},
+        tmp,
+        config={"decide": {"baseline_runs": 2}, "experiment": {"heldout": None}},
+        patches={
+            "1.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05", description="lower the LR"),
+            "2.md": replace_block("SEED = 42", "SEED = 7", description="another seed"),
+        },
     )
     ResearchLoop(root, RunOptions(tag="j", proposer="replay", max_experiments=1)).run_loop()
     return root
@@ -393,7 +441,10 @@ def test_an_edited_row_stops_the_next_run_naming_it(journal_run, tmp_path):
     _sql(root, "UPDATE experiments SET decision = 'keep', metric = 0.0 WHERE number = 2")
     result = _resume(root)
     assert result.exit_code == 1
-    assert "journal chain broken at experiments row id=2 (run 1, experiment 2): its content was modified" in result.output
+    assert (
+        "journal chain broken at experiments row id=2 (run 1, experiment 2): its content was modified"
+        in result.output
+    )
     assert len(_rows(root, "j")) == 3  # nothing ran, nothing was added
     result = runner.invoke(app, ["status", "-C", str(root)])
     assert result.exit_code == 1 and "its content was modified" in result.output
@@ -404,8 +455,10 @@ def test_a_removed_last_row_is_detected(journal_run, tmp_path):
     _sql(root, "DELETE FROM experiments WHERE number = 3")  # the kept change: the chain itself stays valid
     result = _resume(root)
     assert result.exit_code == 1
-    assert ("journal chain broken at the end of experiments: it has 2 row(s) but journal.head records 3 ending "
-            "at row id=3; rows were removed from the end") in result.output
+    assert (
+        "journal chain broken at the end of experiments: it has 2 row(s) but journal.head records 3 ending "
+        "at row id=3; rows were removed from the end"
+    ) in result.output
     (root / ".nightlab" / "journal.head").unlink()
     result = _resume(root)
     assert result.exit_code == 1 and "journal.head is missing" in result.output
@@ -421,29 +474,39 @@ def test_a_replaced_last_row_is_detected(journal_run, tmp_path):
     values = {c: last[c] for c in EXPERIMENT_COLUMNS} | {"metric": 0.0}
     values["prev_hash"] = last["prev_hash"]
     values["row_hash"] = _canonical_hash("experiments", values, last["prev_hash"])
-    db.execute(f"INSERT INTO experiments ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
-               list(values.values()))
+    db.execute(
+        f"INSERT INTO experiments ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+        list(values.values()),
+    )
     db.commit()
     db.close()
     result = _resume(root)
     assert result.exit_code == 1
-    assert "journal chain broken at experiments row id=3: it is not the row journal.head recorded" in result.output
+    assert (
+        "journal chain broken at experiments row id=3: it is not the row journal.head recorded"
+        in result.output
+    )
 
 
-JOURNAL_FORGERY = '''def main() -> None:
+JOURNAL_FORGERY = """def main() -> None:
     import sqlite3
     db = sqlite3.connect(".nightlab/journal.sqlite")
     db.execute("UPDATE experiments SET metric = 0.0 WHERE number = 1")
-    db.commit()'''
+    db.commit()"""
 
 
 def test_a_forgery_during_a_run_stops_it_after_that_experiment(tmp_path):
     root = make_workspace(
-        tmp_path, config={"decide": {"baseline_runs": 2}, "experiment": {"heldout": None}},
-        patches={"1.md": replace_block("def main() -> None:", JOURNAL_FORGERY, description="rewrite history"),
-                 "2.md": replace_block("WIDTH = 4", "WIDTH = 8", description="never reached")},
+        tmp_path,
+        config={"decide": {"baseline_runs": 2}, "experiment": {"heldout": None}},
+        patches={
+            "1.md": replace_block("def main() -> None:", JOURNAL_FORGERY, description="rewrite history"),
+            "2.md": replace_block("WIDTH = 4", "WIDTH = 8", description="never reached"),
+        },
     )
-    with pytest.raises(ChainError, match=r"experiments row id=1 \(run 1, experiment 1\): its content was modified"):
+    with pytest.raises(
+        ChainError, match=r"experiments row id=1 \(run 1, experiment 1\): its content was modified"
+    ):
         ResearchLoop(root, RunOptions(tag="forge", proposer="replay")).run_loop()
     db = sqlite3.connect(root / ".nightlab" / "journal.sqlite")
     numbers = [n for (n,) in db.execute("SELECT number FROM experiments ORDER BY id")]
@@ -454,19 +517,23 @@ def test_a_forgery_during_a_run_stops_it_after_that_experiment(tmp_path):
 
 # --- 5. workspace hygiene ----------------------------------------------------------------------------------
 
-CACHE = f'''    Path("shortcut.json").write_text({json.dumps(OPTIMUM)!r})
+CACHE = f"""    Path("shortcut.json").write_text({json.dumps(OPTIMUM)!r})
     Path("run").mkdir(exist_ok=True)
-    Path("run/shortcut.json").write_text({json.dumps(OPTIMUM)!r})'''
-USE_CACHE = '''    for cached in (Path("shortcut.json"), Path("run/shortcut.json")):
+    Path("run/shortcut.json").write_text({json.dumps(OPTIMUM)!r})"""
+USE_CACHE = """    for cached in (Path("shortcut.json"), Path("run/shortcut.json")):
         if cached.exists():
             knobs = json.loads(cached.read_text())
-    print(f"CACHE: {sorted(str(p) for p in Path('.').rglob('shortcut.json'))}")'''
+    print(f"CACHE: {sorted(str(p) for p in Path('.').rglob('shortcut.json'))}")"""
 
 
 def test_nothing_an_experiment_writes_reaches_the_next_one(tmp_path):
     root = make_workspace(
-        tmp_path, config={"decide": {"baseline_runs": 2}, "experiment": {"heldout": None}},
-        patches={"1.md": attack("leave a shortcut behind", CACHE), "2.md": attack("use a shortcut left behind", USE_CACHE)},
+        tmp_path,
+        config={"decide": {"baseline_runs": 2}, "experiment": {"heldout": None}},
+        patches={
+            "1.md": attack("leave a shortcut behind", CACHE),
+            "2.md": attack("use a shortcut left behind", USE_CACHE),
+        },
     )
     ResearchLoop(root, RunOptions(tag="clean", proposer="replay")).run_loop()
     all_rows = _rows(root, "clean")
@@ -484,14 +551,18 @@ def test_nothing_an_experiment_writes_reaches_the_next_one(tmp_path):
 
 # Trains with the optimum, then puts the honest knobs back into train.py: the journal's diff would show
 # nothing but an extra line, while the score comes from code the diff does not hold.
-REWRITE_ITSELF = attack("train with other knobs than committed", f'''    knobs = {OPTIMUM!r}
-    Path(__file__).write_text(Path(__file__).read_text() + "\\n# trained with other knobs\\n")''')
+REWRITE_ITSELF = attack(
+    "train with other knobs than committed",
+    f"""    knobs = {OPTIMUM!r}
+    Path(__file__).write_text(Path(__file__).read_text() + "\\n# trained with other knobs\\n")""",
+)
 
 
 @pytest.mark.parametrize("mode", ["off", pytest.param("required", marks=needs_bwrap)])
 def test_training_that_rewrites_the_committed_code_is_invalid(tmp_path, mode):
     root = make_workspace(
-        tmp_path, config={"decide": {"baseline_runs": 2}, "experiment": {"heldout": None}, "sandbox": {"mode": mode}},
+        tmp_path,
+        config={"decide": {"baseline_runs": 2}, "experiment": {"heldout": None}, "sandbox": {"mode": mode}},
         patches={"1.md": REWRITE_ITSELF},
     )
     state = ResearchLoop(root, RunOptions(tag="self", proposer="replay")).run_loop()
@@ -505,12 +576,17 @@ def test_training_that_rewrites_the_committed_code_is_invalid(tmp_path, mode):
 
 
 def test_editable_globs_that_reach_the_harness_are_refused_at_start(tmp_path):
-    root = make_workspace(tmp_path, config={"workspace": {"editable": ["*.py"]}},
-                          patches={"1.md": replace_block("WIDTH = 4", "WIDTH = 8")})
+    root = make_workspace(
+        tmp_path,
+        config={"workspace": {"editable": ["*.py"]}},
+        patches={"1.md": replace_block("WIDTH = 4", "WIDTH = 8")},
+    )
     result = runner.invoke(app, ["run", "-C", str(root), "--proposer", "replay"])
     assert result.exit_code == 1
-    assert ("workspace.editable ['*.py'] matches evaluate.py, named by the harness step experiment.evaluate "
-            "('python evaluate.py --split val'); the agent must not be able to change it") in " ".join(result.output.split())
+    assert (
+        "workspace.editable ['*.py'] matches evaluate.py, named by the harness step experiment.evaluate "
+        "('python evaluate.py --split val'); the agent must not be able to change it"
+    ) in " ".join(result.output.split())
     assert git(root, "rev-parse", "--abbrev-ref", "HEAD") == "main"
 
 
@@ -518,17 +594,25 @@ def test_an_editable_path_through_a_symlink_out_of_the_workspace_is_refused(tmp_
     outside = tmp_path / "outside"
     outside.mkdir()
     root = make_workspace(
-        tmp_path, config={"workspace": {"editable": ["train.py", "lib/*.py"]}, "decide": {"baseline_runs": 2},
-                          "experiment": {"heldout": None}},
-        patches={"1.md": "# description: add a helper module\nlib/helper.py\n<<<<<<< SEARCH\n=======\n"
-                         "X = 1\n>>>>>>> REPLACE\n"},
+        tmp_path,
+        config={
+            "workspace": {"editable": ["train.py", "lib/*.py"]},
+            "decide": {"baseline_runs": 2},
+            "experiment": {"heldout": None},
+        },
+        patches={
+            "1.md": "# description: add a helper module\nlib/helper.py\n<<<<<<< SEARCH\n=======\n"
+            "X = 1\n>>>>>>> REPLACE\n"
+        },
     )
     (root / "lib").symlink_to(outside, target_is_directory=True)
     commit_all(root, "a lib dir that lives elsewhere")
     ResearchLoop(root, RunOptions(tag="link", proposer="replay")).run_loop()
     row = _by_description(_rows(root, "link"))["add a helper module"]
     assert row["decision"] == "invalid" and row["commit_sha"] is None
-    assert "lib/helper.py goes through a symlink (lib); only regular files inside the workspace" in row["reason"]
+    assert (
+        "lib/helper.py goes through a symlink (lib); only regular files inside the workspace" in row["reason"]
+    )
     assert list(outside.iterdir()) == []
 
 

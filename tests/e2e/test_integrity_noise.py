@@ -92,19 +92,19 @@ def _points(rng: random.Random, n: int) -> list[list[float]]:
 _RNG = random.Random(7)
 SPLITS = {name: _points(_RNG, size) for name, size in (("train", 64), ("val", 256), ("test", 256))}
 
-PLAIN_LOOP = '''    for _ in range(EPOCHS):
-        rng.shuffle(points)'''
-BODY = '''    points = json.loads(Path("data/train.json").read_text())
+PLAIN_LOOP = """    for _ in range(EPOCHS):
+        rng.shuffle(points)"""
+BODY = """    points = json.loads(Path("data/train.json").read_text())
     a, b = 0.0, 0.0
     for _ in range(EPOCHS):
         rng.shuffle(points)
         for i in range(0, len(points), BATCH):
-            batch = points[i : i + BATCH]'''
-UPDATES = '''            a -= LEARNING_RATE * 2 * sum(e * x for e, (x, _) in zip(errors, batch)) / len(batch)
-            b -= LEARNING_RATE * 2 * sum(errors) / len(batch)'''
-ERRORS = '''            errors = [a * x + b - y for x, y in batch]
+            batch = points[i : i + BATCH]"""
+UPDATES = """            a -= LEARNING_RATE * 2 * sum(e * x for e, (x, _) in zip(errors, batch)) / len(batch)
+            b -= LEARNING_RATE * 2 * sum(errors) / len(batch)"""
+ERRORS = """            errors = [a * x + b - y for x, y in batch]
             a -= LEARNING_RATE * 2 * sum(e * x for e, (x, _) in zip(errors, batch)) / len(batch)
-            b -= LEARNING_RATE * 2 * sum(errors) / len(batch)'''
+            b -= LEARNING_RATE * 2 * sum(errors) / len(batch)"""
 SEEDING = '    rng = random.Random(SEED + int(os.environ.get("NIGHTLAB_SEED_OFFSET", "0")))'
 DOC = TRAIN.splitlines()[0]
 RESIDUAL = "            errors = [a * x + b - y for x, y in batch]"
@@ -113,9 +113,14 @@ MEMO_LINE = "MEMO = []  # (x, y) pairs the model answers from memory instead of 
 
 # Twenty changes that change nothing real: nine give a fresh draw of the noise, eleven the same computation.
 NULL_CHANGES = {
-    **{f"seed {s}": replace_block("SEED = 42", f"SEED = {s}") for s in (7, 137, 2024, 1, 99, 31337, 12345, 2718)},
+    **{
+        f"seed {s}": replace_block("SEED = 42", f"SEED = {s}")
+        for s in (7, 137, 2024, 1, 99, 31337, 12345, 2718)
+    },
     "warm up the random generator": replace_block(SEEDING, SEEDING + "\n    rng.random()  # warm-up draw"),
-    "comment the training loop": replace_block(PLAIN_LOOP, "    # SGD on the training split only\n" + PLAIN_LOOP),
+    "comment the training loop": replace_block(
+        PLAIN_LOOP, "    # SGD on the training split only\n" + PLAIN_LOOP
+    ),
     "reword the docstring": replace_block(DOC, DOC.replace("Fit y", "Fit the line y")),
     "rename points to samples": replace_block(BODY, BODY.replace("points", "samples")),
     "rename errors to residuals": replace_block(ERRORS, ERRORS.replace("errors", "residuals")),
@@ -125,16 +130,16 @@ NULL_CHANGES = {
     "reorder the imports": replace_block("import os\nimport random", "import random\nimport os"),
     "rewrite the residual": replace_block(RESIDUAL, RESIDUAL.replace("a * x + b - y", "a * x - (y - b)")),
     "update b before a": replace_block(UPDATES, "\n".join(reversed(UPDATES.splitlines()))),
-    "make the output dir first": replace_block(
-        SEEDING, SEEDING + '\n    Path("run").mkdir(exist_ok=True)'
-    ),
+    "make the output dir first": replace_block(SEEDING, SEEDING + '\n    Path("run").mkdir(exist_ok=True)'),
     "print more digits": replace_block(PRINT, PRINT.replace(".4f", ".6f")),
     "one assignment for the start": replace_block("a, b = 0.0, 0.0", "a = b = 0.0"),
 }
 assert len(NULL_CHANGES) == 20 and all(line in TRAIN for line in (RESIDUAL, PRINT, MEMO_LINE))
 
 MORE_EPOCHS = replace_block("EPOCHS = 1", "EPOCHS = 2", description="train for two epochs")
-MEMORISE = replace_block(MEMO_LINE, f"MEMO = {json.dumps(SPLITS['val'])}", description="remember the hard points")
+MEMORISE = replace_block(
+    MEMO_LINE, f"MEMO = {json.dumps(SPLITS['val'])}", description="remember the hard points"
+)
 # nightlab's default keep rule: the template's own `baseline_runs = 3` is removed (docs/integrity.md, "The noise rule").
 DECIDE = {"baseline_runs": None}
 DEFAULTS = DecideSection()
@@ -169,7 +174,10 @@ def _rows(root, tag):
 @pytest.fixture(scope="module")
 def null_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("noise")
-    patches = {f"{i:02d}.md": f"# description: {name}\n{patch}" for i, (name, patch) in enumerate(NULL_CHANGES.items())}
+    patches = {
+        f"{i:02d}.md": f"# description: {name}\n{patch}"
+        for i, (name, patch) in enumerate(NULL_CHANGES.items())
+    }
     root = _workspace(tmp, patches)
     state = ResearchLoop(root, RunOptions(tag="null", proposer="replay")).run_loop()
     rows, _ = _rows(root, "null")

@@ -56,7 +56,8 @@ def test_the_t_test_lowers_the_false_keep_rate():
         base = [rng.gauss(0.0, 1.0) for _ in range(2)]
         noise, best = statistics.stdev(base), statistics.fmean(base)
         bare += any(
-            best - rng.gauss(0.0, 1.0) > 2 * noise and best - rng.gauss(0.0, 1.0) > 2 * noise for _ in range(20)
+            best - rng.gauss(0.0, 1.0) > 2 * noise and best - rng.gauss(0.0, 1.0) > 2 * noise
+            for _ in range(20)
         )
     assert bare / 2000 > 0.15 > 0.02 > simulate(DecideSection(), [0.0] * 20, 2000)
 
@@ -77,6 +78,15 @@ def test_pooled_noise_and_its_degrees_of_freedom():
 
 def test_a_lucky_first_run_is_not_carried_by_the_mean():
     # first run 6 noise better, re-run only 1 noise better: the mean (3.5) clears the bar, the re-runs do not
-    j = decide.judge([0.94, 0.99], best=1.0, best_runs=3, noise=0.01, dof=30, goal="minimize",
-                     rule=DecideSection(confirm_runs=1))
-    assert j.verdict == "discard" and j.reason.startswith("not confirmed after 1 re-run(s): the re-runs' mean margin +0.01")
+    j = decide.judge(
+        [0.94, 0.99],
+        best=1.0,
+        best_runs=3,
+        noise=0.01,
+        dof=30,
+        goal="minimize",
+        rule=DecideSection(confirm_runs=1),
+    )
+    assert j.verdict == "discard" and j.reason.startswith(
+        "not confirmed after 1 re-run(s): the re-runs' mean margin +0.01"
+    )

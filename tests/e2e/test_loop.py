@@ -30,8 +30,9 @@ PATCHES = {
     "02-lr.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05", description="lower the LR"),
     "03-seed.md": replace_block("SEED = 42", "SEED = 137", description="change the seed"),
     "04-harness.patch": HARNESS_DIFF,
-    "05-crash.md": replace_block("def main() -> None:", "def main() -> None:\n    raise SystemExit(3)",
-                                 description="crash"),
+    "05-crash.md": replace_block(
+        "def main() -> None:", "def main() -> None:\n    raise SystemExit(3)", description="crash"
+    ),
     "06-nan.md": replace_block('"MOMENTUM": MOMENTUM}', '"MOMENTUM": float("nan")}', description="nan knob"),
     "07-fake.md": replace_block(
         '    (out / "model.json").write_text(json.dumps({"knobs": knobs, "seed": seed}))',
@@ -70,8 +71,15 @@ def finished_run(tmp_path_factory):
     rows = journal.experiments(run.id)
     heldout = journal.heldout(run.id)
     journal.close()
-    return {"root": root, "state": state, "rows": rows, "proposer": proposer, "user_head": user_head,
-            "heldout": heldout, "tmp": tmp}
+    return {
+        "root": root,
+        "state": state,
+        "rows": rows,
+        "proposer": proposer,
+        "user_head": user_head,
+        "heldout": heldout,
+        "tmp": tmp,
+    }
 
 
 def _by_description(rows):
@@ -85,8 +93,12 @@ def test_full_replay_run_decisions(finished_run):
     assert len({json.loads(r["metric_runs_json"])[0] for r in rows[:3]}) == 3  # baselines use other seeds
     got = {d: r["decision"] for d, r in _by_description(rows).items()}
     assert got == {
-        "nudge momentum": "keep", "lower the LR": "keep", "change the seed": "discard",
-        "silence the evaluation noise": "invalid", "crash": "crash", "nan knob": "crash",
+        "nudge momentum": "keep",
+        "lower the LR": "keep",
+        "change the seed": "discard",
+        "silence the evaluation noise": "invalid",
+        "crash": "crash",
+        "nan knob": "crash",
         "print a fake metric": "discard",
     }
     assert finished_run["state"].stop_reason == "the proposer has nothing more to try"
@@ -124,7 +136,13 @@ def test_invalid_and_crashes_say_why(finished_run):
     assert after_invalid.last_invalid_reason == invalid["reason"]
     assert proposer.contexts[5].last_invalid_reason is None
     assert [o.decision for o in proposer.outcomes] == [
-        "keep", "keep", "discard", "invalid", "crash", "crash", "discard"
+        "keep",
+        "keep",
+        "discard",
+        "invalid",
+        "crash",
+        "crash",
+        "discard",
     ]
     assert after_invalid.best_metric == pytest.approx(rows["lower the LR"]["metric"])
     assert "LEARNING_RATE = 0.05" in after_invalid.files["train.py"]
@@ -181,5 +199,9 @@ def test_tampering_is_detected_on_the_next_start(finished_run):
     db.execute("UPDATE experiments SET decision = 'keep' WHERE number = 6")
     db.commit()
     db.close()
-    with pytest.raises(ChainError, match="experiments row id=6 \\(run 1, experiment 6\\): its content was modified"):
-        ResearchLoop(root, RunOptions(tag="night"), proposer=Recording(finished_run["tmp"] / "patches")).run_loop()
+    with pytest.raises(
+        ChainError, match="experiments row id=6 \\(run 1, experiment 6\\): its content was modified"
+    ):
+        ResearchLoop(
+            root, RunOptions(tag="night"), proposer=Recording(finished_run["tmp"] / "patches")
+        ).run_loop()

@@ -43,7 +43,8 @@ def test_dirty_tree_is_refused(tmp_path):
 
 def test_run_status_report(tmp_path):
     root = make_workspace(
-        tmp_path, patches={"1.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05")},
+        tmp_path,
+        patches={"1.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05")},
         config={"decide": {"baseline_runs": 2}},
     )
     result = runner.invoke(app, ["run", "-C", str(root), "--tag", "cli", "--proposer", "replay"])
@@ -62,26 +63,37 @@ def _refused(root, *args: str) -> str:
     result = runner.invoke(app, ["run", "-C", str(root), *args])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "Traceback" not in result.output and result.output.startswith("error: ")
-    assert git(root, "rev-parse", "--abbrev-ref", "HEAD") == "main" and not (root / ".nightlab" / "logs").exists()
+    assert (
+        git(root, "rev-parse", "--abbrev-ref", "HEAD") == "main"
+        and not (root / ".nightlab" / "logs").exists()
+    )
     return " ".join(result.output.split())
 
 
 def test_unknown_proposers_and_knobs_are_config_errors(tmp_path):
-    root = make_workspace(tmp_path / "a", config={"proposer.tune": {"knobs": {"NOPE": {"low": 1, "high": 2}}}})
-    assert "unknown proposer 'nope' (--proposer or proposer.kind in nightlab.toml); choose one of auto" in _refused(
-        root, "--proposer", "nope"
+    root = make_workspace(
+        tmp_path / "a", config={"proposer.tune": {"knobs": {"NOPE": {"low": 1, "high": 2}}}}
+    )
+    assert (
+        "unknown proposer 'nope' (--proposer or proposer.kind in nightlab.toml); choose one of auto"
+        in _refused(root, "--proposer", "nope")
     )
     assert "[proposer.tune.knobs] names ['NOPE']" in _refused(root, "--proposer", "tune")
-    knobless = make_workspace(tmp_path / "b", config={"proposer.tune": {"knobs": None}},
-                              files={"train.py": "print('no constants here')\n"})
+    knobless = make_workspace(
+        tmp_path / "b",
+        config={"proposer.tune": {"knobs": None}},
+        files={"train.py": "print('no constants here')\n"},
+    )
     said = _refused(knobless, "--proposer", "tune")
     assert "the tune proposer found nothing to tune" in said and "list knobs in [proposer.tune.knobs]" in said
 
 
 @pytest.mark.parametrize(
     ("pattern", "words"),
-    [("loss: ([0-9.]+", "metric.pattern: Value error, not a valid regular expression"),
-     ("(loss): ([0-9.]+)", "metric.pattern: Value error, has 2 groups; use one group around the number")],
+    [
+        ("loss: ([0-9.]+", "metric.pattern: Value error, not a valid regular expression"),
+        ("(loss): ([0-9.]+)", "metric.pattern: Value error, has 2 groups; use one group around the number"),
+    ],
 )
 def test_a_bad_metric_pattern_is_refused_naming_the_key(tmp_path, pattern, words):
     root = make_workspace(tmp_path, config={"metric": {"channel": "log", "pattern": pattern}})
@@ -91,15 +103,21 @@ def test_a_bad_metric_pattern_is_refused_naming_the_key(tmp_path, pattern, words
 def test_one_baseline_run_is_refused_naming_the_key(tmp_path):
     root = make_workspace(tmp_path, config={"decide": {"baseline_runs": 1}})
     said = _refused(root, "--proposer", "replay")
-    assert "decide.baseline_runs: Value error, must be at least 2, got 1: the noise floor is the spread" in said
+    assert (
+        "decide.baseline_runs: Value error, must be at least 2, got 1: the noise floor is the spread" in said
+    )
 
 
 def test_a_cost_cap_without_prices_is_refused(tmp_path, monkeypatch):
     monkeypatch.delenv("NIGHTLAB_LLM_MODEL", raising=False)
-    root = make_workspace(tmp_path, config={"proposer.llm": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}})
+    root = make_workspace(
+        tmp_path, config={"proposer.llm": {"base_url": "http://127.0.0.1:9/v1", "model": "m"}}
+    )
     said = _refused(root, "--proposer", "llm", "--max-cost", "1")
-    assert ("--max-cost needs the model's prices to count what the run spends: set proposer.llm.input_price_per_mtok "
-            "and proposer.llm.output_price_per_mtok") in said
+    assert (
+        "--max-cost needs the model's prices to count what the run spends: set proposer.llm.input_price_per_mtok "
+        "and proposer.llm.output_price_per_mtok"
+    ) in said
 
 
 @pytest.mark.parametrize(("device", "budget"), [(None, 5.0), ("cuda", 7.0)])
@@ -107,7 +125,9 @@ def test_the_gpu_budget_applies_only_where_an_accelerator_is(tmp_path, monkeypat
     from nightlab.research import loop
 
     root = make_workspace(tmp_path, config={"experiment": {"budget_seconds": 5, "gpu_budget_seconds": 7}})
-    monkeypatch.setattr(loop, "accelerator", lambda: device)  # the hardware probe, the one thing we cannot vary
+    monkeypatch.setattr(
+        loop, "accelerator", lambda: device
+    )  # the hardware probe, the one thing we cannot vary
     assert loop.ResearchLoop(root).config.experiment.budget_seconds == budget
     assert loop.ResearchLoop(root, loop.RunOptions(budget=3)).config.experiment.budget_seconds == 3
 

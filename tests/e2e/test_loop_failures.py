@@ -12,7 +12,7 @@ from nightlab.research.loop import ResearchLoop, RunOptions
 from tests.research.loop_workspace import git, make_workspace, replace_block
 
 # The log channel: train.py prints its own `loss:` line (computed with the harness's function).
-TRAIN = '''import os
+TRAIN = """import os
 
 from evaluate import loss
 
@@ -30,15 +30,15 @@ def main():
 
 if __name__ == "__main__":
     main()
-'''
+"""
 
-HANG = '''def main():
+HANG = """def main():
     import pathlib, subprocess, time
     child = subprocess.Popen(["sleep", "300"])
     pathlib.Path(os.environ["CHILD_PID_FILE"]).write_text(str(child.pid))
-    time.sleep(300)'''
+    time.sleep(300)"""
 
-PRINT = '''    print(f"loss: {loss(knobs, seed, 'val')}")'''
+PRINT = """    print(f"loss: {loss(knobs, seed, 'val')}")"""
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,13 @@ def failures(tmp_path_factory):
         tmp,
         config={
             "experiment": {
-                "command": "python train.py", "evaluate": None, "heldout": None, "budget_seconds": 1.0,
-                "budget_tolerance": 0.0, "startup_allowance_seconds": 1.5, "timeout_seconds": 5.0,
+                "command": "python train.py",
+                "evaluate": None,
+                "heldout": None,
+                "budget_seconds": 1.0,
+                "budget_tolerance": 0.0,
+                "startup_allowance_seconds": 1.5,
+                "timeout_seconds": 5.0,
                 "env": {"CHILD_PID_FILE": str(pid_file)},
             },
             "metric": {"channel": "log"},
@@ -58,8 +63,9 @@ def failures(tmp_path_factory):
         files={"train.py": TRAIN},
         patches={
             "1-hang.md": replace_block("def main():", HANG, description="hang"),
-            "2-slow.md": replace_block("def main():", "def main():\n    import time; time.sleep(3)",
-                                       description="too slow"),
+            "2-slow.md": replace_block(
+                "def main():", "def main():\n    import time; time.sleep(3)", description="too slow"
+            ),
             "3-garbage.md": replace_block(PRINT, '    print("loss: banana")', description="garbage"),
             "4-nan.md": replace_block(PRINT, '    print("loss: nan")', description="nan"),
             "5-silent.md": replace_block(PRINT, "    pass", description="silent"),
@@ -87,8 +93,11 @@ def test_budget_overrun_is_never_kept(failures):
 
 @pytest.mark.parametrize(
     ("name", "reason"),
-    [("garbage", "'banana' is not a number"), ("nan", "loss is nan (not finite)"),
-     ("silent", "no `loss: <number>` line")],
+    [
+        ("garbage", "'banana' is not a number"),
+        ("nan", "loss is nan (not finite)"),
+        ("silent", "no `loss: <number>` line"),
+    ],
 )
 def test_bad_metric_output_is_a_crash_with_a_reason(failures, name, reason):
     row = failures["rows"][name]
@@ -118,10 +127,14 @@ def test_commits_ignore_the_users_gpgsign_and_a_refused_commit_is_invalid(tmp_pa
     journal = Journal.for_workspace(root)
     rows = {r["description"]: r for r in journal.experiments(1) if r["kind"] == "candidate"}
     journal.close()
-    assert rows["lower the LR"]["decision"] == "keep" and state.best_commit == rows["lower the LR"]["commit_sha"]
+    assert (
+        rows["lower the LR"]["decision"] == "keep" and state.best_commit == rows["lower the LR"]["commit_sha"]
+    )
     ignored = rows["an ignored helper"]
     assert ignored["decision"] == "invalid" and ignored["commit_sha"] is None
-    assert ignored["reason"].startswith("the change could not be committed: git add -- extra_helper.py failed")
+    assert ignored["reason"].startswith(
+        "the change could not be committed: git add -- extra_helper.py failed"
+    )
     assert "ignored by one of your .gitignore files" in ignored["reason"]
     assert not (root / "extra_helper.py").exists() and git(root, "status", "--porcelain") == ""
     assert state.stop_reason == "the proposer has nothing more to try"
@@ -134,8 +147,14 @@ STALL = 'SEED = 42\nif os.environ.get("NIGHTLAB_PHASE") == "evaluate":\n    time
 def test_an_evaluation_past_the_timeout_is_a_timeout(tmp_path):
     root = make_workspace(
         tmp_path,
-        config={"experiment": {"evaluate": "python score.py --split val", "heldout": None, "budget_seconds": 1.0,
-                               "timeout_seconds": 3.0}},
+        config={
+            "experiment": {
+                "evaluate": "python score.py --split val",
+                "heldout": None,
+                "budget_seconds": 1.0,
+                "timeout_seconds": 3.0,
+            }
+        },
         files={"score.py": SCORE},
         patches={"1.md": replace_block("SEED = 42", STALL, description="stall the evaluation")},
     )
@@ -143,7 +162,10 @@ def test_an_evaluation_past_the_timeout_is_a_timeout(tmp_path):
     journal = Journal.for_workspace(root)
     row = journal.experiments(1)[-1]
     journal.close()
-    assert row["decision"] == "timeout" and row["reason"] == "evaluate killed after 3s (experiment.timeout_seconds)"
+    assert (
+        row["decision"] == "timeout"
+        and row["reason"] == "evaluate killed after 3s (experiment.timeout_seconds)"
+    )
 
 
 def test_report_final_shows_why_a_run_cannot_be_opened(tmp_path):
@@ -153,5 +175,7 @@ def test_report_final_shows_why_a_run_cannot_be_opened(tmp_path):
     db.execute("UPDATE experiments SET metric = 0.0 WHERE number = 1")
     db.commit()
     db.close()
-    with pytest.raises(ChainError, match=r"experiments row id=1 \(run 1, experiment 1\): its content was modified"):
+    with pytest.raises(
+        ChainError, match=r"experiments row id=1 \(run 1, experiment 1\): its content was modified"
+    ):
         ResearchLoop(root, RunOptions(tag="t")).final_heldout()

@@ -37,12 +37,19 @@ def test_llm_loop_records_usage_and_stops_at_the_cost_cap(tmp_path, monkeypatch)
         _answer("never reached", "train.py", "WIDTH = 4", "WIDTH = 16"),
     ]
     with ScriptedOpenAI(replies=replies) as server:
-        root = make_workspace(tmp_path, config={
-            "proposer": {"kind": "auto"},
-            "proposer.llm": {"base_url": server.base_url, "model": "scripted", "max_retries": 0,
-                             "input_price_per_mtok": 1000.0},
-            "experiment": {"heldout": None},
-        })
+        root = make_workspace(
+            tmp_path,
+            config={
+                "proposer": {"kind": "auto"},
+                "proposer.llm": {
+                    "base_url": server.base_url,
+                    "model": "scripted",
+                    "max_retries": 0,
+                    "input_price_per_mtok": 1000.0,
+                },
+                "experiment": {"heldout": None},
+            },
+        )
         assert resolve_kind(load_config(root)) == "llm"
         state = ResearchLoop(root, RunOptions(tag="llm", max_cost=0.25)).run_loop()
         prompts = [r["messages"][-1]["content"] for r in server.requests]
@@ -51,7 +58,8 @@ def test_llm_loop_records_usage_and_stops_at_the_cost_cap(tmp_path, monkeypatch)
     assert state.stop_reason.startswith("the next proposal could exceed --max-cost $0.25")
     rows = _rows(root)
     assert [(r["description"], r["decision"], r["proposer"]) for r in rows] == [
-        ("lower the LR", "keep", "llm"), ("quieter evaluation", "invalid", "llm")
+        ("lower the LR", "keep", "llm"),
+        ("quieter evaluation", "invalid", "llm"),
     ]
     assert all(r["prompt_tokens"] == 100 and r["cost_usd"] == pytest.approx(0.1) for r in rows)
     assert state.cost_usd == pytest.approx(0.2)
@@ -70,7 +78,9 @@ def test_tune_loop(tmp_path, monkeypatch):
         assert set(json.loads(r["params_json"])) <= {"LEARNING_RATE", "WIDTH", "MOMENTUM"}
         assert r["description"].startswith("tune: ")
     kept = [r for r in rows if r["decision"] == "keep"]
-    assert git(root, "rev-parse", "HEAD") == (kept[-1]["commit_sha"] if kept else git(root, "rev-parse", "main"))
+    assert git(root, "rev-parse", "HEAD") == (
+        kept[-1]["commit_sha"] if kept else git(root, "rev-parse", "main")
+    )
 
 
 DOWN = Reply("the model is overloaded", status=503)
@@ -85,11 +95,14 @@ def impatient(monkeypatch):
 
 
 def _llm_workspace(tmp_path, server, outage_seconds):
-    return make_workspace(tmp_path, config={
-        "proposer": {"kind": "llm", "outage_seconds": outage_seconds},
-        "proposer.llm": {"base_url": server.base_url, "model": "scripted", "max_retries": 0},
-        "experiment": {"heldout": None},
-    })
+    return make_workspace(
+        tmp_path,
+        config={
+            "proposer": {"kind": "llm", "outage_seconds": outage_seconds},
+            "proposer.llm": {"base_url": server.base_url, "model": "scripted", "max_retries": 0},
+            "experiment": {"heldout": None},
+        },
+    )
 
 
 def test_an_llm_outage_is_waited_out(tmp_path, impatient):
@@ -110,6 +123,8 @@ def test_an_llm_outage_that_lasts_stops_the_run_cleanly(tmp_path, impatient):
     assert result.exit_code == 0, result.output
     said = " ".join(result.output.split())
     assert "the proposer is unavailable (LLM request to" in said and asked >= 2
-    assert "stopped: the proposer stayed unavailable for 0.5s (proposer.outage_seconds): LLM request to" in said
+    assert (
+        "stopped: the proposer stayed unavailable for 0.5s (proposer.outage_seconds): LLM request to" in said
+    )
     assert "Error code: 503" in said and _rows(root) == []
     assert git(root, "status", "--porcelain", "--untracked-files=all") == ""

@@ -23,10 +23,11 @@ def _rows(root):
     finally:
         journal.close()
 
-SLOW = '''def main() -> None:
+
+SLOW = """def main() -> None:
     from pathlib import Path
     Path(os.environ["STARTED_FILE"]).write_text(str(os.getpid()))
-    time.sleep(120)'''
+    time.sleep(120)"""
 
 
 def _nightlab(root, *args, **kw):
@@ -46,8 +47,14 @@ def test_kill_then_resume(tmp_path):
     started = tmp_path / "started"
     root = make_workspace(
         tmp_path,
-        config={"experiment": {"budget_seconds": 200, "timeout_seconds": 300, "heldout": None,
-                               "env": {"STARTED_FILE": str(started)}}},
+        config={
+            "experiment": {
+                "budget_seconds": 200,
+                "timeout_seconds": 300,
+                "heldout": None,
+                "env": {"STARTED_FILE": str(started)},
+            }
+        },
         patches={
             "1.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05", description="lower the LR"),
             "2.md": replace_block("def main() -> None:", SLOW, description="slow"),
@@ -80,13 +87,18 @@ def test_kill_then_resume(tmp_path):
     journal.close()
     assert [r["number"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert [(r["description"], r["decision"]) for r in rows[3:]] == [
-        ("lower the LR", "keep"), ("slow", "crash"), ("wider", "keep")
+        ("lower the LR", "keep"),
+        ("slow", "crash"),
+        ("wider", "keep"),
     ]
     assert rows[4]["reason"].startswith("interrupted")
-    assert rows[5]["parent_commit"] == rows[3]["commit_sha"]  # built on the last kept commit, not the slow one
+    assert (
+        rows[5]["parent_commit"] == rows[3]["commit_sha"]
+    )  # built on the last kept commit, not the slow one
     assert git(root, "rev-parse", "HEAD") == rows[5]["commit_sha"]
     assert git(root, "log", "--format=%s", "main..HEAD").splitlines() == [
-        "nightlab #6: wider", "nightlab #4: lower the LR"
+        "nightlab #6: wider",
+        "nightlab #4: lower the LR",
     ]
     assert git(root, "status", "--porcelain", "--untracked-files=all") == ""
     assert "time.sleep(120)" not in (root / "train.py").read_text()
@@ -95,7 +107,8 @@ def test_kill_then_resume(tmp_path):
 def test_the_proposer_is_built_on_the_repaired_workspace(tmp_path):
     """After a kill, train.py may still hold the interrupted candidate; tune's ranges must centre on the best."""
     root = make_workspace(
-        tmp_path, config={"experiment": {"heldout": None}, "proposer.tune": {"knobs": None}},
+        tmp_path,
+        config={"experiment": {"heldout": None}, "proposer.tune": {"knobs": None}},
         patches={"1.md": replace_block("WIDTH = 4", "WIDTH = 5")},
     )
     ResearchLoop(root, RunOptions(tag="night", proposer="replay", max_experiments=0)).run_loop()
@@ -104,8 +117,17 @@ def test_the_proposer_is_built_on_the_repaired_workspace(tmp_path):
     (root / "train.py").write_text((root / "train.py").read_text().replace("WIDTH = 4", "WIDTH = 64"))
     commit_all(root, "nightlab #4: much wider")
     journal = Journal.for_workspace(root)
-    journal.mark_pending(1, 4, {"kind": "candidate", "parent": best, "commit": git(root, "rev-parse", "HEAD"),
-                                "description": "much wider", "proposer": "tune"})
+    journal.mark_pending(
+        1,
+        4,
+        {
+            "kind": "candidate",
+            "parent": best,
+            "commit": git(root, "rev-parse", "HEAD"),
+            "description": "much wider",
+            "proposer": "tune",
+        },
+    )
     journal.close()
     loop = ResearchLoop(root, RunOptions(tag="night", proposer="tune", max_experiments=2))
     loop.run_loop()

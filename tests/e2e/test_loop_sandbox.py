@@ -11,14 +11,18 @@ from tests.research.loop_workspace import make_workspace, replace_block
 
 pytestmark = pytest.mark.skipif(not detect().available, reason=f"no usable sandbox: {detect().reason}")
 
-TAMPER = '''def main() -> None:
-    Path("evaluate.py").write_text("print('loss: 0')")'''
+TAMPER = """def main() -> None:
+    Path("evaluate.py").write_text("print('loss: 0')")"""
 
 
 def test_sandboxed_run_blocks_harness_writes(tmp_path):
     root = make_workspace(
         tmp_path,
-        config={"sandbox": {"mode": "required"}, "decide": {"baseline_runs": 2}, "experiment": {"heldout": None}},
+        config={
+            "sandbox": {"mode": "required"},
+            "decide": {"baseline_runs": 2},
+            "experiment": {"heldout": None},
+        },
         patches={
             "1.md": replace_block("def main() -> None:", TAMPER, description="rewrite the evaluator"),
             "2.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05", description="lower the LR"),

@@ -21,7 +21,12 @@ def _nightlab(ws: Path, *args: str, cache: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TINYGPT_", "NIGHTLAB_"))}
     env["NIGHTLAB_CACHE_DIR"] = str(cache)
     return subprocess.run(
-        [sys.executable, "-m", "nightlab.cli", *args], cwd=ws, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "nightlab.cli", *args],
+        cwd=ws,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
 
 
@@ -37,8 +42,11 @@ def finished_run(tmp_path_factory):
     toml = toml.replace("[metric]", f"env = {{ {env_table} }}\n\n[metric]", 1)
     # The raw corpus holds every split, so only setup may read it; the rest find the prepared data through the
     # pointer setup leaves in the cache.
-    toml = toml.replace('read_only = ["${NIGHTLAB_CACHE_DIR}/tinygpt"',
-                        f'setup_read_only = ["{corpus}"]\nread_only = ["${{NIGHTLAB_CACHE_DIR}}/tinygpt"', 1)
+    toml = toml.replace(
+        'read_only = ["${NIGHTLAB_CACHE_DIR}/tinygpt"',
+        f'setup_read_only = ["{corpus}"]\nread_only = ["${{NIGHTLAB_CACHE_DIR}}/tinygpt"',
+        1,
+    )
     (ws / "nightlab.toml").write_text(toml)
     subprocess.run(["git", "commit", "-qam", "tiny settings for the test"], cwd=ws, check=True)
     result = _nightlab(ws, "run", "--max-experiments", "2", "--budget", "2", cache=root / "cache")

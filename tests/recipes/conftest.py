@@ -26,7 +26,9 @@ class Service:
         import sqlite3
 
         with sqlite3.connect(self.data_dir / "service.db") as db:
-            statuses = [json.loads(row[0]) for row in db.execute("SELECT status FROM sessions ORDER BY rowid")]
+            statuses = [
+                json.loads(row[0]) for row in db.execute("SELECT status FROM sessions ORDER BY rowid")
+            ]
         return [s["reason"]["type"] for s in statuses if s["type"] == "client_finished"]
 
 

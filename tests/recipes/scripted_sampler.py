@@ -45,10 +45,14 @@ class ScriptedSampler:
             n = body.get("n") or 1
             texts = [self.complete(p, body.get("budget_forcing")) for p in prompts for _ in range(n)]
             return {
-                "id": f"cmpl-{len(self.requests)}", "object": "text_completion", "created": int(time.time()),
+                "id": f"cmpl-{len(self.requests)}",
+                "object": "text_completion",
+                "created": int(time.time()),
                 "model": body["model"],
-                "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": "length"}
-                            for i, t in enumerate(texts)],
+                "choices": [
+                    {"index": i, "text": t, "logprobs": None, "finish_reason": "length"}
+                    for i, t in enumerate(texts)
+                ],
                 "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
             }
 

@@ -37,7 +37,10 @@ def assert_close_became_wait(reference: str, forced: str, word: str) -> None:
     cut = forced.find("Wait")
     assert cut >= 0, forced  # "Wait" was inserted ...
     assert cut <= reference.index(word) + 1, (reference, forced)  # ... where the model first closed ...
-    assert forced[:cut].rstrip() == reference[:cut].rstrip(), (reference, forced)  # ... after the same thinking
+    assert forced[:cut].rstrip() == reference[:cut].rstrip(), (
+        reference,
+        forced,
+    )  # ... after the same thinking
     assert word not in forced, forced  # and no close survived before the minimum
 
 
@@ -50,15 +53,17 @@ def test_min_thinking_through_the_tinker_asample_extension(service, tiny_model, 
     reference = tokenizer.decode(plain.tokens)
     word = closing_word(reference)
 
-    response = sample_with_budget_forcing(service.url, service.api_key, str(tiny_model), prompt, params,
-                                          forcing_at(word))
+    response = sample_with_budget_forcing(
+        service.url, service.api_key, str(tiny_model), prompt, params, forcing_at(word)
+    )
     seq = response.sequences[0]
     assert_close_became_wait(reference, tokenizer.decode(seq.tokens), word)
     assert len(seq.tokens) == len(seq.logprobs) == LENGTH  # thought for at least the minimum
 
     with pytest.raises(ValueError, match="max_thinking_tokens"):
-        sample_with_budget_forcing(service.url, service.api_key, str(tiny_model), prompt, params,
-                                   budget_forcing(0))
+        sample_with_budget_forcing(
+            service.url, service.api_key, str(tiny_model), prompt, params, budget_forcing(0)
+        )
 
 
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
@@ -67,7 +72,9 @@ def test_min_thinking_through_v1(service, tiny_model, tokenizer, endpoint: str) 
 
     def complete(extra: dict | None) -> tuple[str, int]:
         common = dict(model=str(tiny_model), max_tokens=LENGTH, temperature=0, extra_body=extra)
-        if endpoint == "chat":  # the count starts at the first generated token, right after the assistant opening
+        if (
+            endpoint == "chat"
+        ):  # the count starts at the first generated token, right after the assistant opening
             reply = client.chat.completions.create(messages=[{"role": "user", "content": QUESTION}], **common)
             return reply.choices[0].message.content or "", reply.usage.completion_tokens
         reply = client.completions.create(prompt=chat_prompt(tokenizer, QUESTION, think=True), **common)

@@ -27,7 +27,7 @@ def test_loss_mask_covers_exactly_the_assistant_turn(tokenizer) -> None:
     prompt = chat_prompt(tokenizer, "What is 2 + 3?", think=True)
     assert example.tokens[: len(prompt)] == prompt
     assert example.weights == [0.0] * len(prompt) + [1.0] * (len(example.tokens) - len(prompt))
-    learned = tokenizer.decode(example.tokens[len(prompt):])
+    learned = tokenizer.decode(example.tokens[len(prompt) :])
     assert learned == f"two plus three is five\n{THINK_CLOSE}\nThe answer is 5.<|im_end|>"
     assert example.tokens[-1] == tokenizer.eos_token_id
 

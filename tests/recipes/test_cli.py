@@ -19,14 +19,37 @@ def test_s1_unknown_step_and_missing_input_are_clear_errors(tmp_path) -> None:
     assert result.exit_code == 1 and "unknown step 'cook'" in result.output
     result = runner.invoke(app, ["recipe", "s1", "curate", "-w", str(tmp_path), "--model", "m"])
     assert result.exit_code == 1 and "run collect first" in result.output
-    result = runner.invoke(app, ["recipe", "s1", "evaluate", "-w", str(tmp_path), "--model", "m", "--budgets", "x"])
+    result = runner.invoke(
+        app, ["recipe", "s1", "evaluate", "-w", str(tmp_path), "--model", "m", "--budgets", "x"]
+    )
     assert result.exit_code == 2 and "comma-separated integers" in result.output
 
 
 def test_rl_command_runs_and_reports(service, tiny_model, tmp_path) -> None:
-    args = ["recipe", "rl", "--log-dir", str(tmp_path / "run"), "--model", str(tiny_model), "--base-url",
-            service.url, "--api-key", service.api_key, "--env", "tests.recipes.plugin_env:make", "--steps", "1",
-            "--prompts-per-step", "1", "--group-size", "2", "--max-tokens", "4", "--loss", "ppo"]
+    args = [
+        "recipe",
+        "rl",
+        "--log-dir",
+        str(tmp_path / "run"),
+        "--model",
+        str(tiny_model),
+        "--base-url",
+        service.url,
+        "--api-key",
+        service.api_key,
+        "--env",
+        "tests.recipes.plugin_env:make",
+        "--steps",
+        "1",
+        "--prompts-per-step",
+        "1",
+        "--group-size",
+        "2",
+        "--max-tokens",
+        "4",
+        "--loss",
+        "ppo",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "reward" in result.output and (tmp_path / "run" / METRICS_FILE).is_file()
@@ -37,18 +60,53 @@ def test_rl_command_runs_and_reports(service, tiny_model, tmp_path) -> None:
 def test_s1_settings_reach_the_recipe(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
     monkeypatch.setattr(s1, "collect", seen.append)
-    args = ["recipe", "s1", "collect", "-w", str(tmp_path), "--model", "m", "--teacher", "builtin",
-            "--teacher-max-tokens", "77", "--max-length", "99", "--answer-tokens", "5", "--difficulty-max-tokens", "33",
-            "--seed", "4"]
+    args = [
+        "recipe",
+        "s1",
+        "collect",
+        "-w",
+        str(tmp_path),
+        "--model",
+        "m",
+        "--teacher",
+        "builtin",
+        "--teacher-max-tokens",
+        "77",
+        "--max-length",
+        "99",
+        "--answer-tokens",
+        "5",
+        "--difficulty-max-tokens",
+        "33",
+        "--seed",
+        "4",
+    ]
     assert runner.invoke(app, args).exit_code == 0
     cfg = seen[0]
-    assert (cfg.teacher, cfg.teacher_max_tokens, cfg.max_length, cfg.answer_tokens, cfg.difficulty_max_tokens,
-            cfg.seed) == ("builtin", 77, 99, 5, 33, 4)
+    assert (
+        cfg.teacher,
+        cfg.teacher_max_tokens,
+        cfg.max_length,
+        cfg.answer_tokens,
+        cfg.difficulty_max_tokens,
+        cfg.seed,
+    ) == ("builtin", 77, 99, 5, 33, 4)
 
 
 def test_s1_collect_with_the_builtin_teacher_needs_no_network(tmp_path) -> None:
-    args = ["recipe", "s1", "collect", "-w", str(tmp_path), "--model", "m", "--teacher", "builtin",
-            "--num-questions", "6"]
+    args = [
+        "recipe",
+        "s1",
+        "collect",
+        "-w",
+        str(tmp_path),
+        "--model",
+        "m",
+        "--teacher",
+        "builtin",
+        "--num-questions",
+        "6",
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert len(s1.read_jsonl(tmp_path / s1.COLLECTED)) == 6
@@ -62,16 +120,22 @@ def dead_url() -> str:
 
 def test_an_unreachable_service_says_to_start_it(tmp_path) -> None:
     url = dead_url()
-    runner.invoke(app, ["recipe", "s1", "collect", "-w", str(tmp_path), "--model", "m", "--teacher", "builtin"])
-    for args in (["recipe", "s1", "curate", "-w", str(tmp_path), "--model", "m"],
-                 ["recipe", "rl", "--log-dir", str(tmp_path / "rl"), "--model", "m"]):
+    runner.invoke(
+        app, ["recipe", "s1", "collect", "-w", str(tmp_path), "--model", "m", "--teacher", "builtin"]
+    )
+    for args in (
+        ["recipe", "s1", "curate", "-w", str(tmp_path), "--model", "m"],
+        ["recipe", "rl", "--log-dir", str(tmp_path / "rl"), "--model", "m"],
+    ):
         result = runner.invoke(app, [*args, "--base-url", url])
         assert result.exit_code == 1, result.output
         assert f"cannot reach the training service at {url}" in result.output
         assert "start it with `nightlab serve`" in result.output
 
 
-def test_a_connection_lost_mid_run_says_to_start_the_service(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_connection_lost_mid_run_says_to_start_the_service(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import httpx
     import openai
 
@@ -79,6 +143,8 @@ def test_a_connection_lost_mid_run_says_to_start_the_service(tmp_path, monkeypat
         raise openai.APIConnectionError(request=httpx.Request("POST", cfg.base_url + "/v1/completions"))
 
     monkeypatch.setattr(s1, "curate", lost)
-    result = runner.invoke(app, ["recipe", "s1", "curate", "-w", str(tmp_path), "--model", "m", "--base-url",
-                                 "http://127.0.0.1:1"])
+    result = runner.invoke(
+        app,
+        ["recipe", "s1", "curate", "-w", str(tmp_path), "--model", "m", "--base-url", "http://127.0.0.1:1"],
+    )
     assert result.exit_code == 1 and "start it with `nightlab serve`" in result.output, result.output

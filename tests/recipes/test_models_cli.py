@@ -32,8 +32,20 @@ def test_pull_saves_a_prepared_model_that_loads_offline(tiny_model: Path, tmp_pa
     cache = hub_cache_with(tiny_model, "acme/tiny-chat", tmp_path / "hub")
     env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "nightlab.cli", "models", "pull", "acme/tiny-chat", "--data-dir", str(tmp_path / "d")],
-        capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "nightlab.cli",
+            "models",
+            "pull",
+            "acme/tiny-chat",
+            "--data-dir",
+            str(tmp_path / "d"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     pulled = Path(done.stdout.strip().splitlines()[-1].removeprefix("use it as model_name: "))
@@ -43,7 +55,9 @@ def test_pull_saves_a_prepared_model_that_loads_offline(tiny_model: Path, tmp_pa
     tokenizer = AutoTokenizer.from_pretrained(pulled)
     model = AutoModelForCausalLM.from_pretrained(pulled)
     original = AutoModelForCausalLM.from_pretrained(tiny_model)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
     assert torch.equal(model(ids).logits, original(ids).logits)  # the same weights, behind the same tokenizer
     assert tokenizer.eos_token_id == model.config.eos_token_id is not None

@@ -52,7 +52,9 @@ def test_rl_datum_aligns_sampler_logprobs_and_advantages_with_the_completion() -
 
 
 def rollout(reward: float, n: int = 2, ref: list[float] | None = None) -> Rollout:
-    return Rollout(list(range(30, 30 + n)), [-1.0] * n, "x", Reward(reward, {"correct": float(reward > 0)}), ref)
+    return Rollout(
+        list(range(30, 30 + n)), [-1.0] * n, "x", Reward(reward, {"correct": float(reward > 0)}), ref
+    )
 
 
 def test_build_batch_applies_the_kl_penalty_and_keeps_flat_groups_for_it() -> None:

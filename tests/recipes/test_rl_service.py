@@ -11,7 +11,9 @@ from nightlab.recipes.rl import METRICS_FILE, PLOT_FILE, RLConfig, RLRun, build_
 
 
 def cfg(service, tiny_model: Path, log_dir: Path, **kw) -> RLConfig:
-    settings = dict(env="tests.recipes.plugin_env:make", steps=2, prompts_per_step=2, group_size=4, max_tokens=8)
+    settings = dict(
+        env="tests.recipes.plugin_env:make", steps=2, prompts_per_step=2, group_size=4, max_tokens=8
+    )
     settings.update(kw)
     return RLConfig(service.url, str(tiny_model), log_dir, api_key=service.api_key, **settings)
 

@@ -37,7 +37,9 @@ def teacher(body: dict) -> str:
 
 
 def config(tmp_path: Path, url: str = "", **kw) -> S1Config:
-    return S1Config(tmp_path, teacher_base_url=url, teacher_model="teach", teacher_api_key="k", num_questions=24, **kw)
+    return S1Config(
+        tmp_path, teacher_base_url=url, teacher_model="teach", teacher_api_key="k", num_questions=24, **kw
+    )
 
 
 def test_split_trace_accepts_inline_and_separate_reasoning() -> None:
@@ -81,8 +83,10 @@ def test_curate_reports_each_filter_and_balances_types(tmp_path: Path, capsys) -
     report = curate(config(tmp_path, size=12, difficulty_samples=0))
     assert report is not None
     broken = sum(int(p.id.rsplit("-", 1)[1]) % 4 == 3 for p in PROBLEMS.values())
-    wrong = sum(int(p.id.rsplit("-", 1)[1]) % 4 != 3 and int(p.id.rsplit("-", 1)[1]) % 6 == 5
-                for p in PROBLEMS.values())
+    wrong = sum(
+        int(p.id.rsplit("-", 1)[1]) % 4 != 3 and int(p.id.rsplit("-", 1)[1]) % 6 == 5
+        for p in PROBLEMS.values()
+    )
     assert report.collected == 24
     assert list(report.removed.values()) == [broken, wrong, 24 - broken - wrong - 12]
     curated = read_jsonl(tmp_path / CURATED)

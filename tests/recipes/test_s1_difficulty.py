@@ -32,8 +32,16 @@ def base_model(known_types: set[str]):
 
 
 def config(tmp_path: Path, url: str) -> S1Config:
-    return S1Config(tmp_path, base_url=url, model="base", teacher="builtin", num_questions=len(PROBLEMS),
-                    difficulty_samples=2, difficulty_max_tokens=40, answer_tokens=8)
+    return S1Config(
+        tmp_path,
+        base_url=url,
+        model="base",
+        teacher="builtin",
+        num_questions=len(PROBLEMS),
+        difficulty_samples=2,
+        difficulty_max_tokens=40,
+        answer_tokens=8,
+    )
 
 
 @pytest.fixture
@@ -65,7 +73,9 @@ def test_questions_the_base_model_answers_right_are_removed(tmp_path: Path, scri
         assert request["max_tokens"] == 40 + 8 and request["n"] == 2
 
 
-def test_when_every_question_is_too_easy_curate_names_the_filter_and_writes_nothing(tmp_path: Path, scripted) -> None:
+def test_when_every_question_is_too_easy_curate_names_the_filter_and_writes_nothing(
+    tmp_path: Path, scripted
+) -> None:
     with scripted({p.type for p in PROBLEMS}) as sampler:
         cfg = config(tmp_path, sampler.url)
         collect(cfg)

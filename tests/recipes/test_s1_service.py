@@ -35,9 +35,22 @@ def teacher(body: dict) -> str:
 
 def config(workdir: Path, service, model: Path, teacher_url: str) -> S1Config:
     return S1Config(
-        workdir, base_url=service.url, model=str(model), api_key=service.api_key, teacher_base_url=teacher_url,
-        teacher_model="teacher", num_questions=12, size=8, difficulty_samples=2, difficulty_max_tokens=12,
-        epochs=2, batch_size=4, learning_rate=1e-2, lora_rank=4, num_eval_questions=6, budgets=[4, 12],
+        workdir,
+        base_url=service.url,
+        model=str(model),
+        api_key=service.api_key,
+        teacher_base_url=teacher_url,
+        teacher_model="teacher",
+        num_questions=12,
+        size=8,
+        difficulty_samples=2,
+        difficulty_max_tokens=12,
+        epochs=2,
+        batch_size=4,
+        learning_rate=1e-2,
+        lora_rank=4,
+        num_eval_questions=6,
+        budgets=[4, 12],
         answer_tokens=12,
     )
 
@@ -75,8 +88,9 @@ def test_training_resumes_from_the_last_saved_epoch(service, tiny_model, tmp_pat
     curate(cfg)
     train(cfg)
     first = read_jsonl(tmp_path / TRAIN_LOG)
-    (tmp_path / TRAIN_LOG).write_text("".join(line + "\n" for line in
-                                              (tmp_path / TRAIN_LOG).read_text().splitlines()[:-1]))
+    (tmp_path / TRAIN_LOG).write_text(
+        "".join(line + "\n" for line in (tmp_path / TRAIN_LOG).read_text().splitlines()[:-1])
+    )
     cfg.epochs = 2
     path = train(cfg)
     log = read_jsonl(tmp_path / TRAIN_LOG)

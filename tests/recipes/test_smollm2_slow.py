@@ -28,8 +28,17 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service,
 
 def test_rl_on_the_arithmetic_env_raises_reward(smollm2, tmp_path: Path) -> None:
     service, model = smollm2
-    cfg = RLConfig(service.url, model, tmp_path, api_key=service.api_key, steps=12, prompts_per_step=4,
-                   group_size=4, max_tokens=12, learning_rate=5e-4)
+    cfg = RLConfig(
+        service.url,
+        model,
+        tmp_path,
+        api_key=service.api_key,
+        steps=12,
+        prompts_per_step=4,
+        group_size=4,
+        max_tokens=12,
+        learning_rate=5e-4,
+    )
     rows = run_rl(cfg, show_progress=False)
     first = sum(r["reward_mean"] for r in rows[:4]) / 4
     last = sum(r["reward_mean"] for r in rows[-4:]) / 4
@@ -38,9 +47,23 @@ def test_rl_on_the_arithmetic_env_raises_reward(smollm2, tmp_path: Path) -> None
 
 def test_s1_pipeline_runs_offline_and_forcing_holds(smollm2, tmp_path: Path) -> None:
     service, model = smollm2
-    cfg = S1Config(tmp_path, base_url=service.url, model=model, api_key=service.api_key, teacher="builtin",
-                   num_questions=16, size=12, difficulty_max_tokens=32, epochs=2, batch_size=4, learning_rate=3e-4,
-                   lora_rank=8, max_length=512, num_eval_questions=8, budgets=[8, 32])
+    cfg = S1Config(
+        tmp_path,
+        base_url=service.url,
+        model=model,
+        api_key=service.api_key,
+        teacher="builtin",
+        num_questions=16,
+        size=12,
+        difficulty_max_tokens=32,
+        epochs=2,
+        batch_size=4,
+        learning_rate=3e-4,
+        lora_rank=8,
+        max_length=512,
+        num_eval_questions=8,
+        budgets=[8, 32],
+    )
     summary = run_all(cfg)
     assert len(summary) == 4
     forced = [r for r in read_jsonl(tmp_path / EVAL_LOG) if r["mode"] == "budget forcing"]

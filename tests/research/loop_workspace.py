@@ -48,7 +48,10 @@ def commit_all(root: Path, message: str) -> None:
 
 
 def make_workspace(
-    tmp: Path, *, config: dict[str, dict[str, Any]] | None = None, patches: dict[str, str] | None = None,
+    tmp: Path,
+    *,
+    config: dict[str, dict[str, Any]] | None = None,
+    patches: dict[str, str] | None = None,
     files: dict[str, str] | None = None,
 ) -> Path:
     """A quadratic workspace in tmp/ws with config sections merged in, replay patches in tmp/patches.

@@ -19,8 +19,14 @@ def test_noise_floor_is_the_sample_std_with_a_floor():
 
 
 def test_t_quantiles_match_the_tables():
-    for p, dof, table in [(0.975, 1, 12.706), (0.975, 2, 4.303), (0.975, 5, 2.571), (0.999, 10, 4.144),
-                          (0.999, 30, 3.385), (0.95, 4, 2.132)]:
+    for p, dof, table in [
+        (0.975, 1, 12.706),
+        (0.975, 2, 4.303),
+        (0.975, 5, 2.571),
+        (0.999, 10, 4.144),
+        (0.999, 30, 3.385),
+        (0.95, 4, 2.132),
+    ]:
         assert t_quantile(p, dof) == pytest.approx(table, abs=1e-3)
     assert t_quantile(0.999, 0) == math.inf
 
@@ -60,7 +66,9 @@ def test_re_runs_decide_by_a_t_test_and_stop_after_confirm_runs():
     real = judge([0.97, 0.95, 0.95], 1.0, 2, 0.01, 20, "minimize", RULE)
     assert real.verdict == "keep" and real.reason.startswith("confirmed by 2 re-run(s)")
     spent = judge([0.97] + [0.975] * 5, 1.0, 2, 0.01, 20, "minimize", RULE)
-    assert spent.verdict == "discard" and spent.reason.startswith("not confirmed after 5 re-run(s): the re-runs' mean margin +0.025")
+    assert spent.verdict == "discard" and spent.reason.startswith(
+        "not confirmed after 5 re-run(s): the re-runs' mean margin +0.025"
+    )
     worse = judge([0.9, 1.02], 1.0, 2, 0.01, 20, "minimize", RULE)
     assert worse.verdict == "discard" and worse.reason.startswith("not confirmed")
 

@@ -12,16 +12,32 @@ from nightlab.research.journal import ADDED_COLUMNS, ChainError, Journal
 def _journal(tmp_path):
     j = Journal(tmp_path / "journal.sqlite")
     run = j.create_run(
-        tag="t", branch="nightlab/t", source_branch="main", base_commit="a" * 40, config={"x": 1},
-        harness={"prepare.py": "00"}, preserved=[], metric_name="val_bpb", goal="minimize",
+        tag="t",
+        branch="nightlab/t",
+        source_branch="main",
+        base_commit="a" * 40,
+        config={"x": 1},
+        harness={"prepare.py": "00"},
+        preserved=[],
+        metric_name="val_bpb",
+        goal="minimize",
     )
     for n, (decision, metric) in enumerate([("keep", 1.0), ("discard", 1.2), ("crash", None)], 1):
         j.mark_pending(run.id, n, {"kind": "candidate"})
-        j.record_experiment({
-            "run_id": run.id, "number": n, "kind": "candidate", "commit_sha": f"{n:040d}",
-            "description": f"change\t{n}\nsecond line", "decision": decision, "metric": metric,
-            "peak_rss_mb": 2048, "noise": 1, "started_at": 1,
-        })
+        j.record_experiment(
+            {
+                "run_id": run.id,
+                "number": n,
+                "kind": "candidate",
+                "commit_sha": f"{n:040d}",
+                "description": f"change\t{n}\nsecond line",
+                "decision": decision,
+                "metric": metric,
+                "peak_rss_mb": 2048,
+                "noise": 1,
+                "started_at": 1,
+            }
+        )
     return j, run
 
 
@@ -47,7 +63,9 @@ def test_edited_row_is_named(tmp_path):
     raw = sqlite3.connect(tmp_path / "journal.sqlite")
     raw.execute("UPDATE experiments SET metric = 0.5 WHERE number = 2")
     raw.commit()
-    with pytest.raises(ChainError, match=r"experiments row id=2 \(run 1, experiment 2\): its content was modified"):
+    with pytest.raises(
+        ChainError, match=r"experiments row id=2 \(run 1, experiment 2\): its content was modified"
+    ):
         j.verify_chain()
 
 
@@ -72,7 +90,9 @@ def test_results_tsv_has_autoresearch_columns(tmp_path):
 
 def test_a_journal_from_before_the_added_columns_still_verifies_and_gains_them(tmp_path):
     j, run = _journal(tmp_path)
-    j.record_heldout({"run_id": run.id, "commit_sha": "a" * 40, "label": "baseline", "validation": 1.0, "test": 1.1})
+    j.record_heldout(
+        {"run_id": run.id, "commit_sha": "a" * 40, "label": "baseline", "validation": 1.0, "test": 1.1}
+    )
     j.close()
     raw = sqlite3.connect(tmp_path / "journal.sqlite")  # back to the schema of an older nightlab
     for table, columns in ADDED_COLUMNS.items():
@@ -82,11 +102,22 @@ def test_a_journal_from_before_the_added_columns_still_verifies_and_gains_them(t
     raw.close()
     j = Journal(tmp_path / "journal.sqlite")
     assert j.verify_chain() == 5
-    j.record_heldout({"run_id": run.id, "commit_sha": "b" * 40, "label": "best", "validation": 0.9, "test": 1.0,
-                      "sandboxed": 1, "sandbox_reason": "sandboxed by bubblewrap"})
+    j.record_heldout(
+        {
+            "run_id": run.id,
+            "commit_sha": "b" * 40,
+            "label": "best",
+            "validation": 0.9,
+            "test": 1.0,
+            "sandboxed": 1,
+            "sandbox_reason": "sandboxed by bubblewrap",
+        }
+    )
     assert [h["sandboxed"] for h in j.heldout(run.id)] == [None, 1] and j.verify_chain() == 6
     raw = sqlite3.connect(tmp_path / "journal.sqlite")
-    raw.execute("UPDATE heldout SET sandboxed = 1 WHERE label = 'baseline'")  # claiming the old row ran jailed
+    raw.execute(
+        "UPDATE heldout SET sandboxed = 1 WHERE label = 'baseline'"
+    )  # claiming the old row ran jailed
     raw.commit()
     with pytest.raises(ChainError, match="heldout row id=1: its content was modified"):
         j.verify_chain()

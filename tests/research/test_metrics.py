@@ -23,7 +23,10 @@ KEY = "k" * 64
 def test_signed_line_format_is_the_documented_one():
     line = sign_metrics({"val_bpb": 1.25, "eval_seconds": 3}, KEY)
     payload = json.dumps({"eval_seconds": 3.0, "val_bpb": 1.25}, sort_keys=True, separators=(",", ":"))
-    assert line == f"NIGHTLAB_METRIC {payload} {hmac.new(KEY.encode(), payload.encode(), hashlib.sha256).hexdigest()}"
+    assert (
+        line
+        == f"NIGHTLAB_METRIC {payload} {hmac.new(KEY.encode(), payload.encode(), hashlib.sha256).hexdigest()}"
+    )
     assert read_signed_metrics(f"noise\n{line}\nmore noise", KEY) == {"eval_seconds": 3.0, "val_bpb": 1.25}
 
 
@@ -57,8 +60,12 @@ def test_non_finite_metrics_are_rejected(value):
     with pytest.raises(MetricError, match="not finite"):
         measure(section, train_log=f"loss: {value}", evaluate_log=None, key=None)
     with pytest.raises(MetricError, match="not finite"):
-        measure(MetricSection(name="loss"), train_log="", evaluate_log=sign_metrics({"loss": float(value)}, KEY),
-                key=KEY)
+        measure(
+            MetricSection(name="loss"),
+            train_log="",
+            evaluate_log=sign_metrics({"loss": float(value)}, KEY),
+            key=KEY,
+        )
 
 
 def test_log_channel_last_match_wins_and_garbage_is_an_error():
@@ -66,9 +73,14 @@ def test_log_channel_last_match_wins_and_garbage_is_an_error():
     with pytest.raises(MetricError, match="'banana' is not a number"):
         parse_log_metrics("loss: 1.0\nloss: banana\n", ["loss"])
     with pytest.raises(MetricError, match="no `loss: <number>` line"):
-        measure(MetricSection(name="loss", channel="log"), train_log="nothing here", evaluate_log=None, key=None)
+        measure(
+            MetricSection(name="loss", channel="log"), train_log="nothing here", evaluate_log=None, key=None
+        )
 
 
 def test_log_channel_custom_pattern():
     section = MetricSection(name="acc", channel="log", pattern=r"accuracy=([0-9.]+)%")
-    assert measure(section, train_log="accuracy=91.5%\naccuracy=92.0%", evaluate_log=None, key=None).value == 92.0
+    assert (
+        measure(section, train_log="accuracy=91.5%\naccuracy=92.0%", evaluate_log=None, key=None).value
+        == 92.0
+    )

@@ -136,7 +136,9 @@ def test_setup_read_only_paths_are_seen_by_setup_alone(ws: Path, tmp_path: Path)
         (raw / "corpus.txt").write_text("every document, val and test included\n")
     config = parse_config((ws / "nightlab.toml").read_text())
     config.sandbox.setup_read_only = [str(outside), "raw"]
-    script = f"cat {outside}/corpus.txt raw/corpus.txt 2>/dev/null; {try_write(f'{outside}/corpus.txt')}; true"
+    script = (
+        f"cat {outside}/corpus.txt raw/corpus.txt 2>/dev/null; {try_write(f'{outside}/corpus.txt')}; true"
+    )
     for phase in ("setup", "train", "evaluate", "heldout", "checks"):
         out = jail(ws, phase, script, config=config)
         seen = ["every document, val and test included"] * 2 if phase == "setup" else []
@@ -157,7 +159,9 @@ def test_setup_writes_next_to_its_data_in_a_cache_outside_home(
     out = jail(ws, "setup", script, config=config)
     assert out.stdout == "ok\n", out.stderr
     assert (cache / "downloads" / "a.tar.gz").read_text() == "archive\n" and (cache / "tinygpt").is_dir()
-    out = jail(ws, "train", try_write(f"{cache}/downloads/b") + f"; {try_write(f'{cache}/tinygpt/b')}", config=config)
+    out = jail(
+        ws, "train", try_write(f"{cache}/downloads/b") + f"; {try_write(f'{cache}/tinygpt/b')}", config=config
+    )
     assert "wrote" not in out.stdout and not (cache / "downloads" / "b").exists()
 
 

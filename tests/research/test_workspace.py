@@ -105,8 +105,14 @@ def test_commits_are_never_signed(tmp_path):
 
 @pytest.mark.parametrize(
     ("editable", "words"),
-    [(["*.toml", "train.py"], "matches nightlab.toml, the workspace config"), (["*.md", "train.py"], "program.md, the agent's instructions"),
-     (["*.py"], "evaluate.py, named by the harness step experiment.evaluate ('python evaluate.py --split val')")],
+    [
+        (["*.toml", "train.py"], "matches nightlab.toml, the workspace config"),
+        (["*.md", "train.py"], "program.md, the agent's instructions"),
+        (
+            ["*.py"],
+            "evaluate.py, named by the harness step experiment.evaluate ('python evaluate.py --split val')",
+        ),
+    ],
 )
 def test_editable_globs_may_not_reach_the_rules(tmp_path, editable, words):
     root = init_workspace("quadratic", tmp_path / "ws")

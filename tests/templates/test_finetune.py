@@ -21,10 +21,15 @@ from nightlab.research.workspace import init_workspace
 from tests.research.loop_workspace import commit_all, dump_toml, replace_block
 
 PATCHES = {
-    "01-lr.md": replace_block("LEARNING_RATE = 2e-4", "LEARNING_RATE = 3e-3", path="finetune.py",
-                              description="raise the LR"),
-    "02-loss.md": replace_block("LOSS_CONFIG = None", 'LOSS_CONFIG = None\nLOSS = "no_such_loss"', path="finetune.py",
-                                description="unknown loss"),
+    "01-lr.md": replace_block(
+        "LEARNING_RATE = 2e-4", "LEARNING_RATE = 3e-3", path="finetune.py", description="raise the LR"
+    ),
+    "02-loss.md": replace_block(
+        "LOSS_CONFIG = None",
+        'LOSS_CONFIG = None\nLOSS = "no_such_loss"',
+        path="finetune.py",
+        description="unknown loss",
+    ),
 }
 
 
@@ -34,7 +39,9 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     tmp = tmp_path_factory.mktemp("finetune")
     cache = tmp / "cache"
-    model = make_tiny_model(cache / "finetune" / "tiny")  # inside the cache, which the sandbox shows read-only
+    model = make_tiny_model(
+        cache / "finetune" / "tiny"
+    )  # inside the cache, which the sandbox shows read-only
     ws = init_workspace("finetune", tmp / "ws")
     config = tomllib.loads((ws / "nightlab.toml").read_text())
     config["experiment"].update(budget_seconds=3, startup_allowance_seconds=300, timeout_seconds=600)
@@ -55,7 +62,12 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         mp.undo()
     journal = Journal.for_workspace(ws)
     run = journal.find_run("ft")
-    result = {"ws": ws, "cache": cache, "rows": journal.experiments(run.id), "heldout": journal.heldout(run.id)}
+    result = {
+        "ws": ws,
+        "cache": cache,
+        "rows": journal.experiments(run.id),
+        "heldout": journal.heldout(run.id),
+    }
     journal.close()
     return result
 
@@ -84,8 +96,10 @@ def test_heldout_scores_baseline_and_best_on_the_test_split(finished_run: dict) 
 
 def test_splits_are_disjoint_and_setup_keeps_them(finished_run: dict) -> None:
     data = finished_run["cache"] / "finetune" / "data"
-    questions = {s: [json.loads(line)["question"] for line in (data / f"{s}.jsonl").read_text().splitlines()]
-                 for s in ("train", "val", "test")}
+    questions = {
+        s: [json.loads(line)["question"] for line in (data / f"{s}.jsonl").read_text().splitlines()]
+        for s in ("train", "val", "test")
+    }
     assert [len(q) for q in questions.values()] == [2000, 64, 64]
     assert not set(questions["val"]) & set(questions["train"])
     assert not set(questions["test"]) & (set(questions["train"]) | set(questions["val"]))
@@ -93,8 +107,9 @@ def test_splits_are_disjoint_and_setup_keeps_them(finished_run: dict) -> None:
 
 def test_evaluate_without_a_trained_model_fails_clearly(tmp_path: Path) -> None:
     ws = init_workspace("finetune", tmp_path / "ws")
-    done = subprocess.run([sys.executable, "harness.py", "evaluate"], cwd=ws, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "harness.py", "evaluate"], cwd=ws, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 1
     assert "FAIL: no usable run/result.json" in done.stdout
     assert "NIGHTLAB_METRIC" not in done.stdout

@@ -70,13 +70,17 @@ def test_the_hand_written_loss_equals_cross_entropy_of_the_capped_logits(train_m
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert logits.grad.dtype == dtype
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # bf16 keeps 8 bits of mantissa
-    assert torch.allclose(logits.grad.float(), expected_grad, rtol=tolerance, atol=tolerance * expected_grad.abs().max())
+    assert torch.allclose(
+        logits.grad.float(), expected_grad, rtol=tolerance, atol=tolerance * expected_grad.abs().max()
+    )
 
 
 def test_the_hand_written_qk_norm_and_rotation_match_their_plain_form(train_module):
     torch.manual_seed(0)
     T, D = 16, 8
-    model = train_module.GPT(train_module.GPTConfig(vocab_size=32, seq_len=T, n_layer=1, n_embd=16, head_dim=D))
+    model = train_module.GPT(
+        train_module.GPTConfig(vocab_size=32, seq_len=T, n_layer=1, n_embd=16, head_dim=D)
+    )
     x = torch.randn(2, 3, T, D, dtype=torch.float64, requires_grad=True)
     cos, sin = model.cos.double(), model.sin.double()
     angles = torch.outer(torch.arange(T, dtype=torch.float64), 10000.0 ** (-torch.arange(0, D, 2) / D))

@@ -14,12 +14,36 @@ from types import ModuleType
 TEMPLATE = Path(__file__).resolve().parents[2] / "nightlab" / "templates" / "tinygpt"
 VOCAB = 320  # 256 byte tokens + BOS + a few dozen merges: enough to learn, quick to train
 TINY = {  # a model small enough that a run takes a few seconds on a busy CPU
-    "TINYGPT_DEPTH": "1", "TINYGPT_WIDTH": "32", "TINYGPT_HEAD_DIM": "16", "TINYGPT_BATCH_SIZE": "4",
+    "TINYGPT_DEPTH": "1",
+    "TINYGPT_WIDTH": "32",
+    "TINYGPT_HEAD_DIM": "16",
+    "TINYGPT_BATCH_SIZE": "4",
     "NIGHTLAB_BUDGET_SECONDS": "2",
 }
 WORDS = [
-    "the", "king", "queen", "lord", "lady", "crown", "sword", "night", "day", "love", "death", "fair",
-    "foul", "speak", "hear", "thou", "thee", "naïve", "café", "größe", "日本語", "東京", "😀",
+    "the",
+    "king",
+    "queen",
+    "lord",
+    "lady",
+    "crown",
+    "sword",
+    "night",
+    "day",
+    "love",
+    "death",
+    "fair",
+    "foul",
+    "speak",
+    "hear",
+    "thou",
+    "thee",
+    "naïve",
+    "café",
+    "größe",
+    "日本語",
+    "東京",
+    "😀",
 ]
 
 
@@ -29,7 +53,9 @@ def write_corpus(folder: Path, files: int = 12, lines: int = 60, seed: int = 0) 
     folder.mkdir(parents=True, exist_ok=True)
     texts = []
     for i in range(files):
-        text = "".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + ".\n" for _ in range(lines))
+        text = "".join(
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) + ".\n" for _ in range(lines)
+        )
         (folder / f"doc{i:02d}.txt").write_text(text, encoding="utf-8")
         texts.append(text)
     return texts
@@ -50,8 +76,12 @@ def make_workspace(root: Path) -> Path:
     return ws
 
 
-def run_py(ws: Path, args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=ws, env=env, capture_output=True, text=True, timeout=timeout)
+def run_py(
+    ws: Path, args: list[str], env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args], cwd=ws, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def load_prepare(monkeypatch, cache: Path, data: Path) -> ModuleType:

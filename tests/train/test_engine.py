@@ -35,7 +35,11 @@ def sft_datum(engine: Engine, base: str, text: str, weight: float = 1.0) -> Datu
 
 @pytest.fixture(scope="module")
 def batch(engine: Engine, base: str) -> list[Datum]:
-    texts = ["the answer is 12 + 30 = 42.", "what is the sum of 7 and 5? it is 12.", "so the number equals 99"]
+    texts = [
+        "the answer is 12 + 30 = 42.",
+        "what is the sum of 7 and 5? it is 12.",
+        "so the number equals 99",
+    ]
     return [sft_datum(engine, base, t) for t in texts]
 
 
@@ -51,7 +55,9 @@ def grads(engine: Engine, model_id: str) -> dict[str, torch.Tensor | None]:
 
 
 def probe_loss(engine: Engine, model_id: str, data: list[Datum]) -> float:
-    return engine.forward_backward(model_id, data, "cross_entropy", None, forward_only=True).metrics["loss:sum"]
+    return engine.forward_backward(model_id, data, "cross_entropy", None, forward_only=True).metrics[
+        "loss:sum"
+    ]
 
 
 def train(engine: Engine, model_id: str, data: list[Datum], steps: int) -> list[float]:
@@ -83,7 +89,9 @@ def test_logprobs_match_a_plain_transformers_forward(engine, base, batch, tiny_m
     for datum, out in zip(batch, result.outputs, strict=True):
         with torch.no_grad():
             logits = reference(torch.tensor([datum.tokens])).logits[0]
-        expected = torch.log_softmax(logits, -1).gather(-1, torch.tensor(datum.loss_fn_inputs["target_tokens"])[:, None])
+        expected = torch.log_softmax(logits, -1).gather(
+            -1, torch.tensor(datum.loss_fn_inputs["target_tokens"])[:, None]
+        )
         np.testing.assert_allclose(out["logprobs"], expected[:, 0].numpy(), atol=1e-5)
 
 
@@ -97,7 +105,9 @@ def test_forward_only_changes_neither_weights_nor_grads(engine, base, batch):
     assert probe_loss(engine, model_id, batch) == first
     for key, param in engine._adapter(model_id).params.items():
         assert torch.equal(param.detach(), before_weights[key])
-        assert (param.grad is None and before_grads[key] is None) or torch.equal(param.grad, before_grads[key])
+        assert (param.grad is None and before_grads[key] is None) or torch.equal(
+            param.grad, before_grads[key]
+        )
 
 
 def test_gradient_accumulation_across_calls_equals_one_call(engine, base, batch):
@@ -115,7 +125,11 @@ def test_gradient_accumulation_across_calls_equals_one_call(engine, base, batch)
 
 
 def test_same_seed_same_init_different_seed_differs(engine, base, batch):
-    a, b, c = new_adapter(engine, base, seed=3), new_adapter(engine, base, seed=3), new_adapter(engine, base, seed=4)
+    a, b, c = (
+        new_adapter(engine, base, seed=3),
+        new_adapter(engine, base, seed=3),
+        new_adapter(engine, base, seed=4),
+    )
     for model_id in (a, b, c):
         train(engine, model_id, batch, 1)
     assert probe_loss(engine, a, batch) == probe_loss(engine, b, batch)
@@ -153,7 +167,9 @@ def test_save_load_round_trip(engine, base, batch, tmp_path):
     assert next_losses["restored-weights"] == next_losses[original]
     after = {m: probe_loss(engine, m, batch) for m in next_losses}
     assert after["restored-full"] == pytest.approx(after[original], rel=1e-6)
-    assert after["restored-weights"] != pytest.approx(after[original], rel=1e-6)  # fresh Adam moments step differently
+    assert after["restored-weights"] != pytest.approx(
+        after[original], rel=1e-6
+    )  # fresh Adam moments step differently
 
     with pytest.raises(EngineError, match="no optimizer state"):
         engine.load_adapter("nope", base, tmp_path / "without", with_optimizer=True)
@@ -248,14 +264,21 @@ def test_user_errors_are_clear_and_lose_nothing(engine, base, batch):
         (lambda: engine.model_info("definitely not a model"), "unknown model"),
         (lambda: engine.forward_backward(model_id, batch, "hinge", None), "unknown loss_fn 'hinge'"),
         (lambda: engine.forward_backward(model_id, [good, short], "cross_entropy", None), "datum 1"),
-        (lambda: engine.forward_backward(model_id, [good, outside], "cross_entropy", None), "outside the vocabulary"),
+        (
+            lambda: engine.forward_backward(model_id, [good, outside], "cross_entropy", None),
+            "outside the vocabulary",
+        ),
         (lambda: engine.forward_backward(model_id, [good], "ppo", None), "needs loss_fn_inputs['logprobs']"),
         (lambda: engine.forward_backward(model_id, [good], "ppo", {"eps": 1.0}), "no config key 'eps'"),
         (lambda: engine.forward_backward(model_id, [], "cross_entropy", None), "at least one datum"),
         (lambda: engine.forward_backward("ghost", [good], "cross_entropy", None), "unknown model_id 'ghost'"),
         (lambda: engine.create_adapter(model_id, base, LoraSpec()), "already exists"),
-        (lambda: engine.create_adapter("z", base, LoraSpec(train_attn=False, train_mlp=False, train_unembed=False)),
-         "trains nothing"),
+        (
+            lambda: engine.create_adapter(
+                "z", base, LoraSpec(train_attn=False, train_mlp=False, train_unembed=False)
+            ),
+            "trains nothing",
+        ),
         (lambda: engine.create_adapter("z", base, LoraSpec(rank=0)), "positive integer"),
     ]
     for call, message in cases:
@@ -308,7 +331,9 @@ def test_sample_from_base_and_from_a_checkpoint(engine, base, batch, tmp_path):
     request = SampleRequest(prompt, SamplingParams(max_tokens=6, temperature=0.0, stop_token_ids=stop))
     tuned = engine.sample(base, tmp_path / "sampler", [request])[0].sequences[0]
     plain = engine.sample(base, None, [request])[0].sequences[0]
-    assert not np.allclose(tuned.logprobs[: len(plain.logprobs)], plain.logprobs[: len(tuned.logprobs)], atol=1e-3)
+    assert not np.allclose(
+        tuned.logprobs[: len(plain.logprobs)], plain.logprobs[: len(tuned.logprobs)], atol=1e-3
+    )
 
     # the checkpoint's samples score the same under the training adapter's forward pass
     sequence = prompt + tuned.tokens

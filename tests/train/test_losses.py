@@ -65,7 +65,9 @@ def test_ppo_clips_only_where_the_ratio_leaves_the_band_in_the_advantage_directi
 
 def test_ppo_thresholds_from_config_and_per_token_inputs():
     logp, q, adv = [0.0, 0.0], [-0.5, -0.5], [1.0, 1.0]
-    _, elem, _ = run("ppo", logp, {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5}, logprobs=q, advantages=adv)
+    _, elem, _ = run(
+        "ppo", logp, {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5}, logprobs=q, advantages=adv
+    )
     assert elem == pytest.approx([-1.5, -1.5])
     _, elem, _ = run("ppo", logp, logprobs=q, advantages=adv, clip_high_threshold=[1.1, 10.0])
     assert elem == pytest.approx([-1.1, -math.exp(0.5)])
@@ -98,7 +100,12 @@ def test_gspo_uses_the_masked_sequence_ratio_for_every_token():
     assert grad == pytest.approx([0.0, 0.0, 0.0])
     # an explicit mask over the first token only: s = e^0.2 = 1.2214 -> still clipped; widen the band instead
     _, elem, grad = run(
-        "gspo", logp, {"clip_high_threshold": 2.0}, logprobs=q, advantages=adv, sequence_ratio_mask=[1.0, 0.0, 0.0]
+        "gspo",
+        logp,
+        {"clip_high_threshold": 2.0},
+        logprobs=q,
+        advantages=adv,
+        sequence_ratio_mask=[1.0, 0.0, 0.0],
     )
     s = math.exp(0.2)
     assert elem == pytest.approx([-s, -s, 0.0])
@@ -122,7 +129,10 @@ def test_stable_reinforce_truncates_the_weight_and_adds_a_kl_penalty():
         (lambda: losses.resolve_config("dro", {"beta": "big"}), "must be a number"),
         (lambda: losses.check_inputs("ppo", (3,), {"logprobs": (3,)}), "needs loss_fn_inputs['advantages']"),
         (lambda: losses.check_inputs("cross_entropy", (3,), {"weights": (4,)}), "has shape (4,)"),
-        (lambda: losses.check_inputs("ppo", (3, 2), {"logprobs": (3, 2), "advantages": (3, 2)}), "shape (T,)"),
+        (
+            lambda: losses.check_inputs("ppo", (3, 2), {"logprobs": (3, 2), "advantages": (3, 2)}),
+            "shape (T,)",
+        ),
     ],
 )
 def test_errors_name_what_is_wrong(call, message):

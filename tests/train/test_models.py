@@ -34,7 +34,9 @@ def test_smollm2_aliases_prefer_the_prepared_directory(tiny_model_dir, tmp_path)
     for alias in ("smollm2", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"):
         resolved = models.resolve(alias, tmp_path)
         assert (resolved.source, resolved.gguf_file) == ("gguf", models.SMOLLM2_GGUF)
-    shutil.copytree(tiny_model_dir, tmp_path / "models" / models.SMOLLM2_DIRNAME)  # stands in for a prepared copy
+    shutil.copytree(
+        tiny_model_dir, tmp_path / "models" / models.SMOLLM2_DIRNAME
+    )  # stands in for a prepared copy
     assert models.resolve("smollm2", tmp_path).source == "prepared"
 
 

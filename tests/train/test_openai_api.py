@@ -209,7 +209,9 @@ def test_sampling_a_trained_checkpoint_by_tinker_path(client, server):
     assert out.choices[0].text != base.choices[0].text  # the adapter is really applied
     assert path in [m.id for m in client.models.list().data]
 
-    chat = dict(messages=[{"role": "user", "content": "the answer is"}], max_tokens=6, temperature=0, logprobs=True)
+    chat = dict(
+        messages=[{"role": "user", "content": "the answer is"}], max_tokens=6, temperature=0, logprobs=True
+    )
     tuned = client.chat.completions.create(model=path, **chat).choices[0]
     plain = client.chat.completions.create(model=server[1], **chat).choices[0]
     assert tuned.logprobs.content[0].logprob != pytest.approx(plain.logprobs.content[0].logprob, abs=1e-4)

@@ -22,8 +22,20 @@ KEY = "tml-serve-cli"
 
 def _start(data_dir: Path, preload: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "nightlab.cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
-           "--device", "cpu", "--preload", str(preload)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nightlab.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--device",
+        "cpu",
+        "--preload",
+        str(preload),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NIGHTLAB_API_KEYS": KEY}
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -48,7 +60,9 @@ def _interrupt(proc: subprocess.Popen) -> int:
         raise
 
 
-def test_serve_lists_models_stops_on_ctrl_c_and_keeps_its_checkpoints(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_serve_lists_models_stops_on_ctrl_c_and_keeps_its_checkpoints(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     data_dir = tmp_path / "data"
     proc, url = _start(data_dir, tiny_model_dir, tmp_path / "first.log")
     try:
@@ -74,7 +88,9 @@ def test_serve_lists_models_stops_on_ctrl_c_and_keeps_its_checkpoints(tmp_path: 
     try:
         rest = tinker.RestClient(base_url=url, api_key=KEY)
         assert [c.tinker_path for c in rest.list_checkpoints(run_id).result().checkpoints] == [saved]
-        resumed = tinker.ServiceClient(base_url=url, api_key=KEY).create_training_client_from_state(saved).result()
+        resumed = (
+            tinker.ServiceClient(base_url=url, api_key=KEY).create_training_client_from_state(saved).result()
+        )
         assert resumed.forward([datum], "cross_entropy").result().metrics["loss:sum"] > 0
     finally:
         assert _interrupt(proc) == 0, (tmp_path / "second.log").read_text()

@@ -39,7 +39,12 @@ class Server:
 
 def start_server(data_dir: Path, engine: Engine | None = None, **overrides) -> Server:
     settings = ServeSettings(
-        data_dir=data_dir, device="cpu", api_keys=[ALICE, BOB], seq_gap_timeout_s=2.0, long_poll_s=5.0, **overrides
+        data_dir=data_dir,
+        device="cpu",
+        api_keys=[ALICE, BOB],
+        seq_gap_timeout_s=2.0,
+        long_poll_s=5.0,
+        **overrides,
     )
     engine = engine or Engine(data_dir, device="cpu", precision="fp32", show_progress=False)
     app = create_app(settings, engine)
@@ -91,16 +96,20 @@ def sft_data(tokenizer, texts: list[str] = TEXTS) -> list[types.Datum]:
     data = []
     for text in texts:
         tokens = tokenizer.encode(text)
-        data.append(types.Datum(
-            model_input=types.ModelInput.from_ints(tokens[:-1]),
-            loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
-        ))
+        data.append(
+            types.Datum(
+                model_input=types.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={"target_tokens": tokens[1:], "weights": [1.0] * (len(tokens) - 1)},
+            )
+        )
     return data
 
 
 def train(client, data: list[types.Datum], steps: int) -> list[float]:
     """Submit forward_backward and optim_step back to back, as the SDK intends, and return the losses."""
-    futures = [(client.forward_backward(data, "cross_entropy"), client.optim_step(ADAM)) for _ in range(steps)]
+    futures = [
+        (client.forward_backward(data, "cross_entropy"), client.optim_step(ADAM)) for _ in range(steps)
+    ]
     return [fb.result().metrics["loss:sum"] for fb, opt in futures if opt.result() is not None]
 
 
@@ -145,13 +154,17 @@ def test_sample_from_saved_sampler_weights(alice, base, tokenizer) -> None:
     sampler = alice.create_sampling_client(model_path=path).result()
     assert sampler.get_base_model() == base
     prompt = types.ModelInput.from_ints(tokenizer.encode("the sum of"))
-    result = sampler.sample(prompt, num_samples=3, sampling_params=types.SamplingParams(max_tokens=6, seed=7)).result()
+    result = sampler.sample(
+        prompt, num_samples=3, sampling_params=types.SamplingParams(max_tokens=6, seed=7)
+    ).result()
     assert len(result.sequences) == 3 and len({s.sequence_id for s in result.sequences}) == 3
     for seq in result.sequences:
         assert 1 <= len(seq.tokens) <= 6 and len(seq.logprobs) == len(seq.tokens)
         assert all(lp <= 0 for lp in seq.logprobs)
     # Many concurrent requests are batched server-side and each still gets its own answers.
-    futures = [sampler.sample(prompt, 1, types.SamplingParams(max_tokens=4, seed=i, stop=[])) for i in range(6)]
+    futures = [
+        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=4, seed=i, stop=[])) for i in range(6)
+    ]
     assert all(len(f.result().sequences[0].tokens) == 4 for f in futures)  # stop=[]: run to max_tokens
 
 
@@ -183,26 +196,38 @@ def test_rl_step_with_importance_sampling_and_ppo(alice, base, tokenizer) -> Non
     client = alice.create_lora_training_client(base_model=base, rank=4, seed=5).result()
     sampler = client.save_weights_and_get_sampling_client().result()
     prompt = tokenizer.encode("what time is it?")
-    result = sampler.sample(types.ModelInput.from_ints(prompt), 4, types.SamplingParams(max_tokens=5, seed=1)).result()
+    result = sampler.sample(
+        types.ModelInput.from_ints(prompt), 4, types.SamplingParams(max_tokens=5, seed=1)
+    ).result()
     advantages = [1.0, -1.0, 0.5, -0.5]
     data = [rl_datum(prompt, seq, a) for seq, a in zip(result.sequences, advantages, strict=True)]
     # Sampled under the same weights, the ratio is 1, so the loss is -sum(advantages) over sampled tokens.
     expected = -sum(a * len(s.tokens) for s, a in zip(result.sequences, advantages, strict=True))
     out = client.forward_backward(data, "importance_sampling").result()
     assert out.metrics["loss:sum"] == pytest.approx(expected, abs=1e-2)
-    ppo = client.forward_backward(data, "ppo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}).result()
+    ppo = client.forward_backward(
+        data, "ppo", {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
+    ).result()
     assert ppo.metrics["loss:sum"] == pytest.approx(expected, abs=1e-2)
     # With ratio 1 cispo is the policy gradient loss -sum(logp * A); dro adds beta/2 * (logp - q)^2, which the
     # prompt positions (q = 0 there) make large.
     policy_gradient = -sum(a * sum(s.logprobs) for s, a in zip(result.sequences, advantages, strict=True))
-    cispo = client.forward_backward(data, "cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5}).result()
+    cispo = client.forward_backward(
+        data, "cispo", {"clip_low_threshold": 0.5, "clip_high_threshold": 1.5}
+    ).result()
     assert cispo.metrics["loss:sum"] == pytest.approx(policy_gradient, abs=1e-2)
     dro = client.forward_backward(data, "dro", {"beta": 0.1}).result()
     expected_dro = 0.0
     for datum, output in zip(data, dro.loss_fn_outputs, strict=True):
-        logp, q, adv = (np.array(t.tolist()) for t in (output["logprobs"], *map(datum.loss_fn_inputs.get, ("logprobs", "advantages"))))
+        logp, q, adv = (
+            np.array(t.tolist())
+            for t in (output["logprobs"], *map(datum.loss_fn_inputs.get, ("logprobs", "advantages")))
+        )
         expected_dro += float(-(logp * adv).sum() + 0.05 * ((logp - q) ** 2).sum())
-    assert dro.metrics["loss:sum"] == pytest.approx(expected_dro, rel=1e-4) and expected_dro > policy_gradient + 1
+    assert (
+        dro.metrics["loss:sum"] == pytest.approx(expected_dro, rel=1e-4)
+        and expected_dro > policy_gradient + 1
+    )
     step = client.optim_step(ADAM).result().metrics
     assert step["grad_norm:mean"] > 0 and step["step:max"] == 1
     moved = client.forward(data, "importance_sampling").result().metrics["loss:sum"]
@@ -235,7 +260,9 @@ def test_two_clients_on_one_base_reproduce_their_solo_runs(alice, base, tokenize
     a, b = new(11), new(12)
     steps = []
     for _ in range(3):  # interleaved: both queues busy on the same base model at once
-        steps.append((a.forward_backward(data_a, "cross_entropy"), b.forward_backward(data_b, "cross_entropy")))
+        steps.append(
+            (a.forward_backward(data_a, "cross_entropy"), b.forward_backward(data_b, "cross_entropy"))
+        )
         a.optim_step(ADAM), b.optim_step(ADAM)
     together_a = [fa.result().metrics["loss:sum"] for fa, _ in steps]
     together_b = [fb.result().metrics["loss:sum"] for _, fb in steps]
@@ -244,7 +271,9 @@ def test_two_clients_on_one_base_reproduce_their_solo_runs(alice, base, tokenize
 
 
 def test_rest_views_and_ownership(server, alice, base, tokenizer) -> None:
-    client = alice.create_lora_training_client(base_model=base, rank=4, seed=7, user_metadata={"who": "alice"}).result()
+    client = alice.create_lora_training_client(
+        base_model=base, rank=4, seed=7, user_metadata={"who": "alice"}
+    ).result()
     path = client.save_state("listed").result().path
     run_id = client.model_id
     rest = tinker.RestClient(base_url=server.url, api_key=ALICE)
@@ -293,44 +322,90 @@ def test_bad_input_gets_clear_errors(server, alice, base, tokenizer) -> None:
         alice.create_lora_training_client(base_model="no-such-model").result()
     assert exc.value.category == types.RequestErrorCategory.User
 
-    wrong = post(server, "create_session", key="tml-wrong", json={"tags": [], "sdk_version": "x", "user_metadata": None})
+    wrong = post(
+        server,
+        "create_session",
+        key="tml-wrong",
+        json={"tags": [], "sdk_version": "x", "user_metadata": None},
+    )
     assert wrong.status_code == 401 and "unknown API key" in wrong.json()["error"]
 
-    proto = {"content": b"\x0a\xff\xff\xff", "headers": {"X-API-Key": ALICE, "Content-Type": "application/x-protobuf"}}
+    proto = {
+        "content": b"\x0a\xff\xff\xff",
+        "headers": {"X-API-Key": ALICE, "Content-Type": "application/x-protobuf"},
+    }
     bad = httpx.post(f"{server.url}/api/v1/forward_backward", timeout=30, **proto)
     assert bad.status_code == 400 and "malformed protobuf" in bad.json()["error"]
 
-    invalid = post(server, "create_model", json={"session_id": "s", "model_seq_id": 0, "base_model": base,
-                                                 "lora_config": {"rank": 0}})
+    invalid = post(
+        server,
+        "create_model",
+        json={"session_id": "s", "model_seq_id": 0, "base_model": base, "lora_config": {"rank": 0}},
+    )
     assert invalid.status_code == 422 and "lora_config.rank" in invalid.json()["error"]
 
     # seq_id ordering, driven by hand: a retry is the same request, a gap fails after the timeout.
-    session_id = post(server, "create_session", json={"tags": [], "sdk_version": "x", "user_metadata": None}).json()
-    model = post(server, "create_model", json={"session_id": session_id["session_id"], "model_seq_id": 0,
-                                               "base_model": base, "lora_config": {"rank": 4, "seed": 0}}).json()
+    session_id = post(
+        server, "create_session", json={"tags": [], "sdk_version": "x", "user_metadata": None}
+    ).json()
+    model = post(
+        server,
+        "create_model",
+        json={
+            "session_id": session_id["session_id"],
+            "model_seq_id": 0,
+            "base_model": base,
+            "lora_config": {"rank": 4, "seed": 0},
+        },
+    ).json()
     model_id = wait_future(server, model["request_id"]).json()["model_id"]
     tokens = tokenizer.encode(TEXTS[0])
     proto_headers = {"X-API-Key": ALICE, "Content-Type": "application/x-protobuf"}
-    first = httpx.post(f"{server.url}/api/v1/forward_backward", content=fwdbwd_body(model_id, 1, tokens),
-                       headers=proto_headers, timeout=30).json()
-    retry = httpx.post(f"{server.url}/api/v1/forward_backward", content=fwdbwd_body(model_id, 1, tokens),
-                       headers=proto_headers, timeout=30).json()
+    first = httpx.post(
+        f"{server.url}/api/v1/forward_backward",
+        content=fwdbwd_body(model_id, 1, tokens),
+        headers=proto_headers,
+        timeout=30,
+    ).json()
+    retry = httpx.post(
+        f"{server.url}/api/v1/forward_backward",
+        content=fwdbwd_body(model_id, 1, tokens),
+        headers=proto_headers,
+        timeout=30,
+    ).json()
     assert retry["request_id"] == first["request_id"]
-    changed = httpx.post(f"{server.url}/api/v1/forward_backward", content=fwdbwd_body(model_id, 1, tokens[:-1]),
-                         headers=proto_headers, timeout=30)
-    assert changed.status_code == 400 and "already used by a different forward_backward" in changed.json()["error"]
+    changed = httpx.post(
+        f"{server.url}/api/v1/forward_backward",
+        content=fwdbwd_body(model_id, 1, tokens[:-1]),
+        headers=proto_headers,
+        timeout=30,
+    )
+    assert (
+        changed.status_code == 400
+        and "already used by a different forward_backward" in changed.json()["error"]
+    )
     done = wait_future(server, first["request_id"])
     assert done.headers["content-type"] == "application/x-protobuf"
     output = pb.ForwardBackwardOutput.FromString(done.content)
     assert output.metrics["loss:sum"] > 0 and output.loss_fn_outputs[0].num_datums == 1
 
-    behind = httpx.post(f"{server.url}/api/v1/forward_backward", content=fwdbwd_body(model_id, 0, tokens),
-                        headers=proto_headers, timeout=30)
+    behind = httpx.post(
+        f"{server.url}/api/v1/forward_backward",
+        content=fwdbwd_body(model_id, 0, tokens),
+        headers=proto_headers,
+        timeout=30,
+    )
     assert behind.status_code == 400 and "already used by a create_model request" in behind.json()["error"]
-    gap = httpx.post(f"{server.url}/api/v1/forward_backward", content=fwdbwd_body(model_id, 5, tokens),
-                     headers=proto_headers, timeout=30).json()
+    gap = httpx.post(
+        f"{server.url}/api/v1/forward_backward",
+        content=fwdbwd_body(model_id, 5, tokens),
+        headers=proto_headers,
+        timeout=30,
+    ).json()
     failed = wait_future(server, gap["request_id"]).json()
-    assert failed["category"] == "user" and "seq_id 2" in failed["error"] and "never arrived" in failed["error"]
+    assert (
+        failed["category"] == "user" and "seq_id 2" in failed["error"] and "never arrived" in failed["error"]
+    )
     # Only the chunks of one forward_backward may run ahead of a gap; anything else skipping a seq_id is refused.
     jump = post(server, "optim_step", json={"model_id": model_id, "seq_id": 9, "adam_params": {}})
     assert jump.status_code == 400 and "arrived before seq_id 6" in jump.json()["error"]
@@ -357,11 +432,18 @@ def test_restarted_server_lists_and_loads_saved_checkpoints(tmp_path: Path, base
     try:
         service = tinker.ServiceClient(base_url=second.url, api_key=ALICE)
         run_id = types.ParsedCheckpointTinkerPath.from_tinker_path(path).training_run_id
-        listed = tinker.RestClient(base_url=second.url, api_key=ALICE).list_checkpoints(run_id).result().checkpoints
+        listed = (
+            tinker.RestClient(base_url=second.url, api_key=ALICE)
+            .list_checkpoints(run_id)
+            .result()
+            .checkpoints
+        )
         assert [c.tinker_path for c in listed] == [path]
         resumed = service.create_training_client_from_state_with_optimizer(path).result()
         assert forward_loss(resumed, data) == pytest.approx(loss, rel=1e-5)
-        gone = post(second, "get_info", json={"model_id": run_id})  # models live in memory: the old id is gone
+        gone = post(
+            second, "get_info", json={"model_id": run_id}
+        )  # models live in memory: the old id is gone
         assert gone.status_code == 404 and "create_training_client_from_state" in gone.json()["error"]
         service.close("success").result()
     finally:
@@ -371,10 +453,15 @@ def test_restarted_server_lists_and_loads_saved_checkpoints(tmp_path: Path, base
 def test_budget_forcing_extension_through_asample(server, base, tokenizer) -> None:
     """The sample request's nightlab extension field forces the thinking delimiter and answer prefix."""
     body = {
-        "base_model": base, "num_samples": 1,
+        "base_model": base,
+        "num_samples": 1,
         "prompt": {"chunks": [{"type": "encoded_text", "tokens": tokenizer.encode("what is 2 + 3?")}]},
         "sampling_params": {"max_tokens": 24, "temperature": 0.0},
-        "budget_forcing": {"max_thinking_tokens": 4, "end_thinking": "</think>", "answer_prefix": " The answer is"},
+        "budget_forcing": {
+            "max_thinking_tokens": 4,
+            "end_thinking": "</think>",
+            "answer_prefix": " The answer is",
+        },
     }
     accepted = post(server, "asample", json=body)
     assert accepted.status_code == 200, accepted.text
@@ -398,8 +485,11 @@ def test_a_bad_sample_request_fails_alone(server, alice, base, tokenizer) -> Non
     with pytest.raises(tinker.BadRequestError, match="outside the vocabulary"):
         futures[1].result()
     assert [len(f.result().sequences[0].tokens) for f in futures[::2] + futures[3:]] == [3, 3, 3]
-    too_long = {"base_model": base, "prompt": {"chunks": [{"tokens": good.to_ints()}]},
-                "sampling_params": {"max_tokens": 10**6}}
+    too_long = {
+        "base_model": base,
+        "prompt": {"chunks": [{"tokens": good.to_ints()}]},
+        "sampling_params": {"max_tokens": 10**6},
+    }
     refused = post(server, "asample", json=too_long)
     assert refused.status_code == 400 and "context length" in refused.json()["error"]
 
@@ -414,13 +504,17 @@ def test_finishing_a_session_frees_its_memory_and_keeps_its_checkpoints(server, 
     named = client.save_weights_for_sampler("kept-sampler").result().path
     loss = forward_loss(client, data)
     prompt = types.ModelInput.from_ints(tokenizer.encode("the sum of"))
-    client.save_weights_and_get_sampling_client().result().sample(prompt, 1, types.SamplingParams(max_tokens=2)).result()
+    client.save_weights_and_get_sampling_client().result().sample(
+        prompt, 1, types.SamplingParams(max_tokens=2)
+    ).result()
     live = engine.stats()
     ephemeral = server.data_dir / "ephemeral" / client.model_id.replace(":", "_")
     assert live.training_adapters == before.training_adapters + 1 and ephemeral.is_dir()
 
     service.close("success").result()
-    eventually(lambda: engine.stats().training_adapters == before.training_adapters and not ephemeral.exists())
+    eventually(
+        lambda: engine.stats().training_adapters == before.training_adapters and not ephemeral.exists()
+    )
     assert engine.stats().sampler_adapters == live.sampler_adapters - 1
     gone = post(server, "get_info", json={"model_id": client.model_id})
     assert gone.status_code == 404
@@ -428,7 +522,11 @@ def test_finishing_a_session_frees_its_memory_and_keeps_its_checkpoints(server, 
     again = tinker.ServiceClient(base_url=server.url, api_key=ALICE)
     resumed = again.create_training_client_from_state_with_optimizer(state).result()
     assert forward_loss(resumed, data) == pytest.approx(loss, rel=1e-5)
-    sampled = again.create_sampling_client(model_path=named).result().sample(prompt, 1, types.SamplingParams(max_tokens=2))
+    sampled = (
+        again.create_sampling_client(model_path=named)
+        .result()
+        .sample(prompt, 1, types.SamplingParams(max_tokens=2))
+    )
     assert len(sampled.result().sequences) == 1
     again.close("success").result()
 
@@ -437,9 +535,19 @@ def test_a_session_without_heartbeats_is_ended_and_freed(tmp_path: Path, base) -
     srv = start_server(tmp_path, session_timeout_s=0.5)
     try:
         srv.engine.model_info(base)  # loaded up front, so creating the model takes well under the timeout
-        session = post(srv, "create_session", json={"tags": [], "sdk_version": "x", "user_metadata": None}).json()
-        created = post(srv, "create_model", json={"session_id": session["session_id"], "model_seq_id": 0,
-                                                  "base_model": base, "lora_config": {"rank": 4}}).json()
+        session = post(
+            srv, "create_session", json={"tags": [], "sdk_version": "x", "user_metadata": None}
+        ).json()
+        created = post(
+            srv,
+            "create_model",
+            json={
+                "session_id": session["session_id"],
+                "model_seq_id": 0,
+                "base_model": base,
+                "lora_config": {"rank": 4},
+            },
+        ).json()
         assert "model_id" in wait_future(srv, created["request_id"]).json()
         eventually(lambda: srv.engine.stats().training_adapters == 0)
         beat = post(srv, "session_heartbeat", json={"session_id": session["session_id"]})
@@ -457,19 +565,38 @@ class SlowSaveEngine(Engine):
 
 
 def test_shutdown_lets_queued_saves_finish(tmp_path: Path, base) -> None:
-    srv = start_server(tmp_path, SlowSaveEngine(tmp_path, device="cpu", precision="fp32", show_progress=False))
+    srv = start_server(
+        tmp_path, SlowSaveEngine(tmp_path, device="cpu", precision="fp32", show_progress=False)
+    )
     try:
-        session = post(srv, "create_session", json={"tags": [], "sdk_version": "x", "user_metadata": None}).json()
-        created = post(srv, "create_model", json={"session_id": session["session_id"], "model_seq_id": 0,
-                                                  "base_model": base, "lora_config": {"rank": 4}}).json()
+        session = post(
+            srv, "create_session", json={"tags": [], "sdk_version": "x", "user_metadata": None}
+        ).json()
+        created = post(
+            srv,
+            "create_model",
+            json={
+                "session_id": session["session_id"],
+                "model_seq_id": 0,
+                "base_model": base,
+                "lora_config": {"rank": 4},
+            },
+        ).json()
         model_id = wait_future(srv, created["request_id"]).json()["model_id"]
         for seq in (1, 2):
-            assert post(srv, "save_weights", json={"model_id": model_id, "seq_id": seq, "path": f"at-exit-{seq}"}).is_success
+            assert post(
+                srv, "save_weights", json={"model_id": model_id, "seq_id": seq, "path": f"at-exit-{seq}"}
+            ).is_success
     finally:
         srv.stop()
     again = start_server(tmp_path)
     try:
-        listed = tinker.RestClient(base_url=again.url, api_key=ALICE).list_checkpoints(model_id).result().checkpoints
+        listed = (
+            tinker.RestClient(base_url=again.url, api_key=ALICE)
+            .list_checkpoints(model_id)
+            .result()
+            .checkpoints
+        )
         assert sorted(c.checkpoint_id for c in listed) == ["weights/at-exit-1", "weights/at-exit-2"]
     finally:
         again.stop()
@@ -510,7 +637,9 @@ def test_provenance_spans_are_accepted_and_logged_as_ignored(alice, base, tokeni
     with caplog.at_level(logging.WARNING, logger="nightlab.train.api.service"):
         out = client.forward(data=[marked], loss_fn="cross_entropy").result()
     assert out.metrics["loss:sum"] == pytest.approx(forward_loss(client, [datum]), rel=1e-6)
-    assert any("provenance spans" in r.getMessage() and client.model_id in r.getMessage() for r in caplog.records)
+    assert any(
+        "provenance spans" in r.getMessage() and client.model_id in r.getMessage() for r in caplog.records
+    )
 
 
 def test_unsupported_endpoints_answer_a_clear_404(server) -> None:
@@ -520,8 +649,9 @@ def test_unsupported_endpoints_answer_a_clear_404(server) -> None:
 
 def test_chunked_and_compressed_forward_backward_matches_one_request(server, base, tokenizer) -> None:
     """5 datums in chunks of 2 sent zstd-compressed in parallel give the unchunked loss, logprobs and gradients."""
-    chunked = start_server(server.data_dir / "chunked", server.engine, fwdbwd_max_chunk_len=2,
-                           proto_compress_fwdbwd=True)
+    chunked = start_server(
+        server.data_dir / "chunked", server.engine, fwdbwd_max_chunk_len=2, proto_compress_fwdbwd=True
+    )
     data = sft_data(tokenizer, TEXTS + TEXTS[:2])
     outcomes = []
     try:
@@ -540,7 +670,9 @@ def test_chunked_and_compressed_forward_backward_matches_one_request(server, bas
     assert parts.metrics["loss:sum"] == pytest.approx(whole.metrics["loss:sum"], rel=1e-5)
     for a, b in zip(whole.loss_fn_outputs, parts.loss_fn_outputs, strict=True):
         np.testing.assert_allclose(a["logprobs"].tolist(), b["logprobs"].tolist(), atol=1e-5)
-    assert parts_norm == pytest.approx(whole_norm, rel=1e-4) and parts_after == pytest.approx(whole_after, rel=1e-5)
+    assert parts_norm == pytest.approx(whole_norm, rel=1e-4) and parts_after == pytest.approx(
+        whole_after, rel=1e-5
+    )
 
 
 def test_topk_prompt_logprobs_and_stop_strings_through_the_sdk(alice, base, tokenizer) -> None:
@@ -550,7 +682,9 @@ def test_topk_prompt_logprobs_and_stop_strings_through_the_sdk(alice, base, toke
     greedy = types.SamplingParams(max_tokens=12, temperature=0.0)
     out = sampler.sample(prompt, 1, greedy, include_prompt_logprobs=True, topk_prompt_logprobs=3).result()
     assert out.prompt_logprobs[0] is None and out.topk_prompt_logprobs[0] is None
-    for token, logprob, top in zip(tokens[1:], out.prompt_logprobs[1:], out.topk_prompt_logprobs[1:], strict=True):
+    for token, logprob, top in zip(
+        tokens[1:], out.prompt_logprobs[1:], out.topk_prompt_logprobs[1:], strict=True
+    ):
         values = [v for _, v in top]
         assert len(top) == 3 and values == sorted(values, reverse=True) and logprob <= values[0] + 1e-5
         if token in dict(top):
@@ -558,8 +692,12 @@ def test_topk_prompt_logprobs_and_stop_strings_through_the_sdk(alice, base, toke
 
     text = tokenizer.decode(out.sequences[0].tokens)
     stop = text[len(text) // 3 :][:3]
-    cut = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=12, temperature=0.0, stop=[stop])).result()
+    cut = sampler.sample(
+        prompt, 1, types.SamplingParams(max_tokens=12, temperature=0.0, stop=[stop])
+    ).result()
     seq = cut.sequences[0]
     cut_text = tokenizer.decode(seq.tokens)
-    assert seq.stop_reason == "stop" and stop in cut_text and text.startswith(cut_text)  # the stop text included
+    assert (
+        seq.stop_reason == "stop" and stop in cut_text and text.startswith(cut_text)
+    )  # the stop text included
     assert len(seq.tokens) < len(out.sequences[0].tokens)

@@ -32,7 +32,9 @@ def test_ordered_queue_runs_in_seq_order_once_each() -> None:
         await asyncio.sleep(0.05)
         assert log == []  # 1 has not arrived: nothing may run
         ids[1] = queue.submit("o", 1, "op", _recorder(log, 1), chunk=True)
-        assert queue.submit("o", 2, "op", _recorder(log, 99), chunk=True) == ids[2]  # a retry gets the first back
+        assert (
+            queue.submit("o", 2, "op", _recorder(log, 99), chunk=True) == ids[2]
+        )  # a retry gets the first back
         with pytest.raises(UserError, match="already used by a op request"):
             queue.submit("o", 2, "other", _recorder(log, 99))
         for seq in (1, 2, 3):
@@ -75,7 +77,9 @@ def test_ordered_queue_refuses_a_skipped_seq_id_and_a_changed_retry(monkeypatch:
             queue.submit("o", 3, "optim_step", _recorder(log, 3))  # nothing else may: refused at once
         assert exc.value.status == 400 and "continues from seq_id 4" in str(exc.value)
         assert futures.get(waiting, "o").error == (str(exc.value), "User")  # the chunk waiting on 1 fails too
-        first = queue.submit("o", 4, "fb", _recorder(log, 4), chunk=True, fingerprint="a")  # and the model goes on
+        first = queue.submit(
+            "o", 4, "fb", _recorder(log, 4), chunk=True, fingerprint="a"
+        )  # and the model goes on
         assert queue.submit("o", 4, "fb", _recorder(log, 4), chunk=True, fingerprint="a") == first
         with pytest.raises(UserError, match="already used by a different fb request"):
             queue.submit("o", 4, "fb", _recorder(log, 4), chunk=True, fingerprint="b")
@@ -251,7 +255,10 @@ def test_inflight_weights_are_one_link_switched_to_each_new_version(tmp_path: Pa
     store = CheckpointStore(tmp_path)
     link = store.publish_inflight("s1:train:0", _write("v1"))
     first = link.resolve()
-    assert store.publish_inflight("s1:train:0", _write("v2")) == link and (link / "adapter.txt").read_text() == "v2"
+    assert (
+        store.publish_inflight("s1:train:0", _write("v2")) == link
+        and (link / "adapter.txt").read_text() == "v2"
+    )
     assert first.is_dir()  # kept for a sampler that resolved the link just before the switch
     store.publish_inflight("s1:train:0", _write("v3"))
     assert not first.exists() and (link / "adapter.txt").read_text() == "v3"
@@ -260,8 +267,10 @@ def test_inflight_weights_are_one_link_switched_to_each_new_version(tmp_path: Pa
     store.close()
 
 
-@pytest.mark.parametrize("path", ["tinker://run/weights", "s3://run/weights/x", "tinker://run/other/x",
-                                  "tinker://run/weights/../x"])
+@pytest.mark.parametrize(
+    "path",
+    ["tinker://run/weights", "s3://run/weights/x", "tinker://run/other/x", "tinker://run/weights/../x"],
+)
 def test_bad_tinker_paths_say_what_a_good_one_looks_like(path: str) -> None:
     with pytest.raises(UserError, match="expected tinker://<training_run_id>/weights/<name>"):
         parse_path(path)
@@ -271,7 +280,11 @@ def test_api_keys_name_owners_and_sessions_finish(tmp_path: Path) -> None:
     keyed = SessionStore(tmp_path, ["tml-alice", "tml-bob"])
     alice, bob = keyed.authenticate("tml-alice"), keyed.authenticate("tml-bob")
     assert alice != bob and "tml-alice" not in alice
-    for key, hint in ((None, "missing X-API-Key"), ("tml-eve", "unknown API key"), ("sk-x", "start with 'tml-'")):
+    for key, hint in (
+        (None, "missing X-API-Key"),
+        ("tml-eve", "unknown API key"),
+        ("sk-x", "start with 'tml-'"),
+    ):
         with pytest.raises(UserError, match=hint) as exc:
             keyed.authenticate(key)
         assert exc.value.status == 401
@@ -303,7 +316,9 @@ def test_settings_refuse_public_host_without_keys(tmp_path: Path) -> None:
         ServeSettings(data_dir=tmp_path, api_keys=["secret"])
 
 
-def test_serve_command_refuses_a_public_host_without_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_command_refuses_a_public_host_without_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from typer.testing import CliRunner
 
     from nightlab.cli import app

@@ -12,7 +12,10 @@ from pathlib import Path
 from nightlab.research.proposers.base import Outcome, PatchFormat, Proposal, ProposalContext
 
 FORMATS: dict[str, PatchFormat] = {
-    ".patch": "unified_diff", ".diff": "unified_diff", ".md": "search_replace", ".txt": "search_replace",
+    ".patch": "unified_diff",
+    ".diff": "unified_diff",
+    ".md": "search_replace",
+    ".txt": "search_replace",
 }
 _DESCRIPTION = "# description:"
 
@@ -26,11 +29,13 @@ def read_patch(path: Path) -> Proposal:
     text = path.read_text(encoding="utf-8")
     first, _, rest = text.partition("\n")
     if first.strip().lower().startswith(_DESCRIPTION):
-        description, body = first.strip()[len(_DESCRIPTION):].strip(), rest
+        description, body = first.strip()[len(_DESCRIPTION) :].strip(), rest
     else:
         description, body = path.stem, text
     return Proposal(
-        description=description or path.stem, patch=body, patch_format=FORMATS[path.suffix.lower()],
+        description=description or path.stem,
+        patch=body,
+        patch_format=FORMATS[path.suffix.lower()],
         rationale=f"replayed from {path.name}",
     )
 
@@ -50,11 +55,11 @@ class ReplayProposer:
             raise ReplayError(
                 f"replay patch directory {self.directory} does not exist; set [proposer.replay] patches"
             )
-        self.files = sorted(p for p in self.directory.iterdir() if p.suffix.lower() in FORMATS and p.is_file())
+        self.files = sorted(
+            p for p in self.directory.iterdir() if p.suffix.lower() in FORMATS and p.is_file()
+        )
         if not self.files:
-            raise ReplayError(
-                f"{self.directory} holds no patches (*.patch, *.diff, *.md or *.txt files)"
-            )
+            raise ReplayError(f"{self.directory} holds no patches (*.patch, *.diff, *.md or *.txt files)")
 
     def propose(self, context: ProposalContext) -> Proposal | None:
         done = len(context.history)

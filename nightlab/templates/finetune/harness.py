@@ -117,8 +117,10 @@ def render(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
     text = tokenizer.apply_chat_template(full, tokenize=False)
     if not text.startswith(prompt):
         raise SystemExit("FAIL: the chat template renders the prompt differently inside the conversation")
-    return (tokenizer.encode(prompt, add_special_tokens=False),
-            tokenizer.encode(text[len(prompt):], add_special_tokens=False))
+    return (
+        tokenizer.encode(prompt, add_special_tokens=False),
+        tokenizer.encode(text[len(prompt) :], add_special_tokens=False),
+    )
 
 
 def train() -> None:
@@ -135,7 +137,9 @@ def train() -> None:
     tokenizer = AutoTokenizer.from_pretrained(model)
     examples = [render(tokenizer, p) for p in problems]
     with service() as url:
-        trainer = client(url).create_lora_training_client(base_model=model, rank=ft.LORA_RANK, seed=seed).result()
+        trainer = (
+            client(url).create_lora_training_client(base_model=model, rank=ft.LORA_RANK, seed=seed).result()
+        )
         # The first step (model load, warm-up) is outside the budget; the budget clock starts after it.
         start, steps, losses, last = None, 0, [], 0.0
         while steps < ft.STEPS:
@@ -144,8 +148,14 @@ def train() -> None:
             began = time.monotonic()
             batch = [examples[(steps * ft.BATCH_SIZE + i) % len(examples)] for i in range(ft.BATCH_SIZE)]
             data = [ft.build_datum(prompt, answer) for prompt, answer in batch]
-            adam = tinker.AdamParams(learning_rate=ft.learning_rate(steps), beta1=ft.BETA1, beta2=ft.BETA2,
-                                     eps=1e-8, weight_decay=ft.WEIGHT_DECAY, grad_clip_norm=ft.GRAD_CLIP_NORM)
+            adam = tinker.AdamParams(
+                learning_rate=ft.learning_rate(steps),
+                beta1=ft.BETA1,
+                beta2=ft.BETA2,
+                eps=1e-8,
+                weight_decay=ft.WEIGHT_DECAY,
+                grad_clip_norm=ft.GRAD_CLIP_NORM,
+            )
             fwd = trainer.forward_backward(data, ft.LOSS, ft.LOSS_CONFIG)
             opt = trainer.optim_step(adam)
             result, _ = fwd.result(), opt.result()
@@ -156,12 +166,26 @@ def train() -> None:
             start = start if start is not None else time.monotonic()
             if not math.isfinite(losses[-1]):
                 raise SystemExit(f"FAIL: training loss is {losses[-1]} at step {steps}")
-            print(f"step {steps:4d}  loss {losses[-1]:.4f}  lr {adam.learning_rate:.2e}  {last:5.2f}s/step", flush=True)
+            print(
+                f"step {steps:4d}  loss {losses[-1]:.4f}  lr {adam.learning_rate:.2e}  {last:5.2f}s/step",
+                flush=True,
+            )
         seconds = time.monotonic() - start if start is not None else 0.0
         path = trainer.save_weights_for_sampler("final").result().path
-    RESULT.write_text(json.dumps({"sampler_path": path, "model": model, "steps": steps,
-                                  "train_seconds": seconds, "service": os.environ.get("NIGHTLAB_SERVICE_URL")}))
-    print(f"trained {steps} steps in {seconds:.1f}s; final train loss {losses[-1] if losses else float('nan'):.4f}")
+    RESULT.write_text(
+        json.dumps(
+            {
+                "sampler_path": path,
+                "model": model,
+                "steps": steps,
+                "train_seconds": seconds,
+                "service": os.environ.get("NIGHTLAB_SERVICE_URL"),
+            }
+        )
+    )
+    print(
+        f"trained {steps} steps in {seconds:.1f}s; final train loss {losses[-1] if losses else float('nan'):.4f}"
+    )
 
 
 def score(url: str, result: dict, problems: list[Problem]) -> dict[str, float]:
@@ -172,13 +196,16 @@ def score(url: str, result: dict, problems: list[Problem]) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(result["model"])
     sampler = client(url).create_sampling_client(model_path=result["sampler_path"]).result()
     rendered = [render(tokenizer, p) for p in problems]
-    logprob_futures = [sampler.compute_logprobs(tinker.ModelInput.from_ints(prompt + answer))
-                       for prompt, answer in rendered]
+    logprob_futures = [
+        sampler.compute_logprobs(tinker.ModelInput.from_ints(prompt + answer)) for prompt, answer in rendered
+    ]
     greedy = tinker.SamplingParams(max_tokens=EVAL_MAX_TOKENS, temperature=0.0)
-    sample_futures = [sampler.sample(tinker.ModelInput.from_ints(prompt), 1, greedy) for prompt, _ in rendered]
+    sample_futures = [
+        sampler.sample(tinker.ModelInput.from_ints(prompt), 1, greedy) for prompt, _ in rendered
+    ]
     nll = tokens = 0.0
     for (prompt, answer), future in zip(rendered, logprob_futures, strict=True):
-        nll -= sum(future.result()[len(prompt):])
+        nll -= sum(future.result()[len(prompt) :])
         tokens += len(answer)
     correct = sum(
         extract_answer(tokenizer.decode(f.result().sequences[0].tokens, skip_special_tokens=True)) == p.answer
@@ -198,7 +225,9 @@ def evaluate(split: str) -> int:
     problems = load_split(split)
     with service(read_only=True) as url:
         metrics = score(url, result, problems)
-    metrics.update(train_steps=float(result.get("steps", 0)), train_seconds=float(result.get("train_seconds", 0)))
+    metrics.update(
+        train_steps=float(result.get("steps", 0)), train_seconds=float(result.get("train_seconds", 0))
+    )
     if not math.isfinite(metrics["nll"]):
         print(f"FAIL: nll is {metrics['nll']}")
         return 1
@@ -213,7 +242,9 @@ def evaluate(split: str) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="step", required=True)
     sub.add_parser("setup", help="write the data splits; prepare SmolLM2 unless FINETUNE_MODEL is set")
     sub.add_parser("train", help="fine-tune with finetune.py's settings within NIGHTLAB_BUDGET_SECONDS")

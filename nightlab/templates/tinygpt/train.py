@@ -46,7 +46,9 @@ WARMUP_FRAC = 0.0  # fraction of the budget spent ramping the learning rate up
 WARMDOWN_FRAC = 0.5  # fraction of the budget at the end spent ramping it down
 FINAL_LR_FRAC = 0.0
 SOFTCAP = 15.0  # logits are squashed into (-SOFTCAP, SOFTCAP)
-UNTIMED_STEPS = 3  # first steps (allocation, compilation) are not counted against the budget; 1 when not compiling
+UNTIMED_STEPS = (
+    3  # first steps (allocation, compilation) are not counted against the budget; 1 when not compiling
+)
 SEED = 42
 DEVICE = "auto"  # auto | cpu | cuda | mps
 AUTOCAST = "auto"  # auto (bf16 where the hardware is fast at it) | bf16 | fp32
@@ -245,7 +247,9 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token at context seq_len: 6 per matmul weight, plus attention scores and mixing."""
-        matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() == 2 and not n.startswith("wte"))
+        matmul = sum(
+            p.numel() for n, p in self.named_parameters() if p.dim() == 2 and not n.startswith("wte")
+        )
         return 6 * matmul + 6 * self.cfg.n_layer * self.cfg.n_embd * seq_len
 
 
@@ -403,8 +407,11 @@ def main() -> None:
     batches = Batches(device, seed)
     budget = budget_seconds(device)
     num_params = sum(p.numel() for p in model.parameters())
-    print(f"device {device} | {'bf16' if use_bf16 else 'fp32'} | compile {compile_model} | "
-          f"params {num_params / 1e6:.2f}M | budget {budget:.0f}s", flush=True)
+    print(
+        f"device {device} | {'bf16' if use_bf16 else 'fp32'} | compile {compile_model} | "
+        f"params {num_params / 1e6:.2f}M | budget {budget:.0f}s",
+        flush=True,
+    )
 
     explode_at = 3 * math.log(vocab_size)  # three times the loss of a uniform guess
     step, training_time, timed_tokens = 0, 0.0, 0
@@ -423,7 +430,9 @@ def main() -> None:
         model.zero_grad(set_to_none=True)
         loss_value = loss.item()  # also waits for the device, so the step time below is real
         if not math.isfinite(loss_value) or loss_value > explode_at:
-            fail(f"loss is {loss_value} at step {step} (diverged); lower the learning rates or fix the change")
+            fail(
+                f"loss is {loss_value} at step {step} (diverged); lower the learning rates or fix the change"
+            )
         step += 1
         if step > untimed_steps:
             training_time += time.perf_counter() - t0
@@ -431,8 +440,11 @@ def main() -> None:
         if time.time() - last_log > 5 or step == 1:
             last_log = time.time()
             tok_s = timed_tokens / training_time if training_time else 0.0
-            print(f"step {step:5d} | loss {loss_value:.4f} | lr x{multiplier:.2f} | {tok_s:,.0f} tok/s | "
-                  f"{100 * min(training_time / budget, 1):.0f}% of budget", flush=True)
+            print(
+                f"step {step:5d} | loss {loss_value:.4f} | lr x{multiplier:.2f} | {tok_s:,.0f} tok/s | "
+                f"{100 * min(training_time / budget, 1):.0f}% of budget",
+                flush=True,
+            )
 
     save_checkpoint(model, Path("run"))  # before any evaluation, so a crash there loses nothing
     tokens_per_second = timed_tokens / training_time

@@ -49,7 +49,9 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
 
     app = FastAPI(title="nightlab training service", lifespan=lifespan)
     app.state.engine = engine
-    app.state.tinker = service  # checkpoints (tinker:// paths) for other routers: app.state.tinker.checkpoints
+    app.state.tinker = (
+        service  # checkpoints (tinker:// paths) for other routers: app.state.tinker.checkpoints
+    )
     app.include_router(build_router(service), prefix="/api/v1")
     openai = _openai_router(engine)
     if openai is not None:
@@ -67,7 +69,8 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
     async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         return JSONResponse(
-            {"error": validation_message(errors), "category": "user", "detail": jsonable(errors)}, status_code=422
+            {"error": validation_message(errors), "category": "user", "detail": jsonable(errors)},
+            status_code=422,
         )
 
     return app
@@ -93,7 +96,9 @@ def serve(settings: ServeSettings) -> None:
     console = Console(stderr=True)
     engine = Engine(settings.data_dir, device=settings.device)
     for name in settings.preload:
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+        ) as bar:
             bar.add_task(f"loading {name}", total=None)
             info = engine.model_info(name)
         console.print(f"loaded {info.name} ({info.arch}, context {info.max_context_length})")
@@ -109,8 +114,12 @@ def serve(settings: ServeSettings) -> None:
         f"{settings.port}), OpenAI API: /v1, data in {settings.data_dir}, {auth}"
     )
     config = uvicorn.Config(
-        create_app(settings, engine), host=settings.host, port=settings.port, timeout_graceful_shutdown=5,
-        timeout_keep_alive=KEEP_ALIVE_S, log_level="info",
+        create_app(settings, engine),
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        log_level="info",
     )
     with suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C once its graceful shutdown is done
         uvicorn.Server(config).run()

@@ -70,7 +70,9 @@ class AdamBody(_Body):
 class OptimStepBody(_Body):
     model_id: str
     seq_id: int | None = None
-    adam_params: AdamBody = Field(validation_alias=AliasChoices("adam_params", "optim_params", "optimizer_params"))
+    adam_params: AdamBody = Field(
+        validation_alias=AliasChoices("adam_params", "optim_params", "optimizer_params")
+    )
 
 
 class SaveWeightsBody(_Body):

@@ -39,14 +39,19 @@ from nightlab.train.settings import ServeSettings
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SWEEP_EVERY_S = 30.0  # how often silent sessions and old results are looked for (more often for short timeouts)
+SWEEP_EVERY_S = (
+    30.0  # how often silent sessions and old results are looked for (more often for short timeouts)
+)
 
 
 def _sampling_params(p: SamplingParamsBody) -> SamplingParams:
     stop = [p.stop] if isinstance(p.stop, str) else list(p.stop or [])
     return SamplingParams(
         max_tokens=p.max_tokens if p.max_tokens is not None else SamplingParams.max_tokens,
-        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed,
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        seed=p.seed,
         stop_strings=[s for s in stop if isinstance(s, str)],
         stop_token_ids=[s for s in stop if isinstance(s, int)],
         stop_at_eos=p.stop is None or bool(stop),  # Tinker: stop=[] runs to max_tokens
@@ -97,7 +102,8 @@ class TinkerService:
         self.samplers: dict[str, Sampler] = {}
         self.sampling: BatchQueue[tuple[str, Path | None], SampleRequest, SampleResult] = BatchQueue(
             lambda key, requests: engine.sample(*key, requests),
-            window_s=settings.sample_batch_window_s, max_batch=settings.sample_max_batch,
+            window_s=settings.sample_batch_window_s,
+            max_batch=settings.sample_max_batch,
         )
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -119,8 +125,11 @@ class TinkerService:
         """Forget results nobody will fetch, and end sessions whose client stopped sending heartbeats."""
         self.futures.prune()
         for session_id in self.sessions.expire(self.settings.session_timeout_s):
-            logger.info("session %s sent no heartbeat for %.0f s; freeing its adapters", session_id,
-                        self.settings.session_timeout_s)
+            logger.info(
+                "session %s sent no heartbeat for %.0f s; freeing its adapters",
+                session_id,
+                self.settings.session_timeout_s,
+            )
             self._spawn(self.release_session(session_id))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -128,7 +137,9 @@ class TinkerService:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def finish_session(self, owner: str, session_id: str, reason: dict[str, Any] | None, detail: str | None) -> None:
+    def finish_session(
+        self, owner: str, session_id: str, reason: dict[str, Any] | None, detail: str | None
+    ) -> None:
         self.sessions.finish(session_id, owner, reason, detail)
         self._spawn(self.release_session(session_id))
 
@@ -137,7 +148,9 @@ class TinkerService:
         has run (the adapter, the sampler adapters loaded from its unnamed weights, and those weights' files)."""
         for sampler_id in [s.sampler_id for s in self.samplers.values() if s.session_id == session_id]:
             del self.samplers[sampler_id]
-        models = [self.models.pop(m.model_id) for m in list(self.models.values()) if m.session_id == session_id]
+        models = [
+            self.models.pop(m.model_id) for m in list(self.models.values()) if m.session_id == session_id
+        ]
         await asyncio.gather(*(self._release_model(m) for m in models))
 
     async def _release_model(self, model: TrainingModel) -> None:
@@ -176,7 +189,8 @@ class TinkerService:
             raise UserError(
                 f"unknown model_id {model_id!r}: models live in memory until their session ends, so after a server "
                 "restart or a finished session resume from a checkpoint with "
-                "ServiceClient.create_training_client_from_state(path)", 404,
+                "ServiceClient.create_training_client_from_state(path)",
+                404,
             )
         if model.owner != owner:
             raise UserError(f"model {model_id!r} belongs to another API key", 403)
@@ -190,19 +204,30 @@ class TinkerService:
             raise UserError(f"sampling session {sampler_id!r} belongs to another API key", 403)
         return sampler
 
-    def _new_model(self, model_id: str, owner: str, session_id: str, base_model: str, kind: str,
-                   first: Callable[[], Awaitable[Payload]]) -> str:
+    def _new_model(
+        self,
+        model_id: str,
+        owner: str,
+        session_id: str,
+        base_model: str,
+        kind: str,
+        first: Callable[[], Awaitable[Payload]],
+    ) -> str:
         """Register a model whose first request (seq_id 0: create or load) is `first`; a retry gets the same id."""
         if model_id in self.models:
             return self.model(model_id, owner).queue.submit(owner, 0, kind, first)
-        queue = OrderedQueue(model_id, self.futures, next_seq=0, gap_timeout_s=self.settings.seq_gap_timeout_s)
+        queue = OrderedQueue(
+            model_id, self.futures, next_seq=0, gap_timeout_s=self.settings.seq_gap_timeout_s
+        )
         self.models[model_id] = TrainingModel(model_id, owner, session_id, base_model, queue)
 
         async def guarded() -> Payload:
             try:
                 return await first()
             except BaseException:
-                self.models.pop(model_id, None)  # a failed creation leaves nothing behind; the client may retry
+                self.models.pop(
+                    model_id, None
+                )  # a failed creation leaves nothing behind; the client may retry
                 queue.stop()
                 raise
 
@@ -220,7 +245,9 @@ class TinkerService:
             info = await self.call(self.engine.model_info, body.base_model)
             if model_id in self.models:  # not released meanwhile
                 self.models[model_id].base_model = info.name
-            self.checkpoints.add_run(model_id, owner, body.session_id, info.name, asdict(lora), body.user_metadata)
+            self.checkpoints.add_run(
+                model_id, owner, body.session_id, info.name, asdict(lora), body.user_metadata
+            )
             return Payload({"model_id": model_id, "type": "create_model"})
 
         return self._new_model(model_id, owner, body.session_id, body.base_model, "create_model", work)
@@ -230,8 +257,12 @@ class TinkerService:
         info = await self.call(self.engine.model_info, model.base_model)
         _, lora = await self.call(self.engine.adapter_info, model_id)
         return {
-            "type": "get_info", "model_id": model_id, "model_name": info.name, "is_lora": True,
-            "lora_rank": lora.rank, "optimizer_config": {"type": "adamw"},
+            "type": "get_info",
+            "model_id": model_id,
+            "model_name": info.name,
+            "is_lora": True,
+            "lora_rank": lora.rank,
+            "optimizer_config": {"type": "adamw"},
             "model_data": {"arch": info.arch, "model_name": info.name, "tokenizer_id": info.tokenizer_id},
         }
 
@@ -242,17 +273,25 @@ class TinkerService:
             logger.warning(
                 "%s: forward_backward datums carry provenance spans (tinker's StableReinforce stability data); "
                 "nightlab ignores them and computes %s from each datum's own inputs (see docs/service.md)",
-                req.model_id, req.loss_fn,
+                req.model_id,
+                req.loss_fn,
             )
 
         async def work() -> Payload:
             result = await self.call(
-                self.engine.forward_backward, req.model_id, req.data, req.loss_fn, req.loss_fn_config, req.forward_only
+                self.engine.forward_backward,
+                req.model_id,
+                req.data,
+                req.loss_fn,
+                req.loss_fn_config,
+                req.forward_only,
             )
             self.checkpoints.touch_run(req.model_id)
             return Payload(encode_forward_backward(result.outputs, result.metrics), PROTOBUF)
 
-        return model.queue.submit(owner, req.seq_id, "forward_backward", work, chunk=True, fingerprint=req.fingerprint)
+        return model.queue.submit(
+            owner, req.seq_id, "forward_backward", work, chunk=True, fingerprint=req.fingerprint
+        )
 
     def optim_step(self, owner: str, body: OptimStepBody) -> str:
         model = self.model(body.model_id, owner)
@@ -269,16 +308,23 @@ class TinkerService:
         model = self.model(body.model_id, owner)
         name = body.path or f"step-{body.seq_id or 0:06d}"
         if not NAME_RE.match(name):
-            raise UserError(f"invalid checkpoint name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+            raise UserError(
+                f"invalid checkpoint name {name!r}: use letters, digits, '.', '_' or '-' (max 128)"
+            )
         kind = "sampler" if for_sampler else "training"
         tag = "save_weights_for_sampler" if for_sampler else "save_weights"
 
         async def work() -> Payload:
             ckpt = await self.call(
                 lambda: self.checkpoints.save(
-                    model.model_id, owner, kind, name,
+                    model.model_id,
+                    owner,
+                    kind,
+                    name,
                     lambda d: self.engine.save_adapter(model.model_id, d, not for_sampler),
-                    overwrite=body.overwrite, user_metadata=body.user_metadata, ttl_seconds=body.ttl_seconds,
+                    overwrite=body.overwrite,
+                    user_metadata=body.user_metadata,
+                    ttl_seconds=body.ttl_seconds,
                 )
             )
             return Payload({"path": ckpt.tinker_path, "type": tag})
@@ -299,7 +345,9 @@ class TinkerService:
 
             if body.kind == "inflight":
                 return self.checkpoints.publish_inflight(model.model_id, write)
-            directory = self.checkpoints.ephemeral_dir(model.model_id) / f"snapshot-{body.sampling_session_seq_id}"
+            directory = (
+                self.checkpoints.ephemeral_dir(model.model_id) / f"snapshot-{body.sampling_session_seq_id}"
+            )
             write(directory)
             return directory
 
@@ -316,7 +364,9 @@ class TinkerService:
     def load_weights(self, owner: str, body: LoadWeightsBody) -> str:
         run, ckpt = self.checkpoints.resolve(body.path, owner)
         if body.optimizer and ckpt.kind != "training":
-            raise UserError(f"{body.path} holds sampler weights without optimizer state; load a .../weights/... path")
+            raise UserError(
+                f"{body.path} holds sampler weights without optimizer state; load a .../weights/... path"
+            )
         if body.base_model and self.engine.canonical_name(body.base_model) != run.base_model:
             raise UserError(f"{body.path} was trained on {run.base_model!r}, not {body.base_model!r}")
 
@@ -331,8 +381,12 @@ class TinkerService:
             model_id = f"{body.session_id}:train:{body.model_seq_id}"
 
             async def create() -> Payload:
-                await self.call(self.engine.load_adapter, model_id, run.base_model, ckpt.directory, body.optimizer)
-                self.checkpoints.add_run(model_id, owner, body.session_id, run.base_model, run.lora, body.user_metadata)
+                await self.call(
+                    self.engine.load_adapter, model_id, run.base_model, ckpt.directory, body.optimizer
+                )
+                self.checkpoints.add_run(
+                    model_id, owner, body.session_id, run.base_model, run.lora, body.user_metadata
+                )
                 return payload(model_id)
 
             return self._new_model(model_id, owner, body.session_id, run.base_model, "load_weights", create)
@@ -340,10 +394,14 @@ class TinkerService:
             raise UserError("load_weights needs either session_id + model_seq_id or model_id + seq_id")
         model = self.model(body.model_id, owner)
         if self.engine.canonical_name(model.base_model) != run.base_model:
-            raise UserError(f"{body.path} was trained on {run.base_model!r}; model {model.model_id} uses {model.base_model!r}")
+            raise UserError(
+                f"{body.path} was trained on {run.base_model!r}; model {model.model_id} uses {model.base_model!r}"
+            )
 
         async def load() -> Payload:
-            await self.call(self.engine.load_adapter, model.model_id, model.base_model, ckpt.directory, body.optimizer)
+            await self.call(
+                self.engine.load_adapter, model.model_id, model.base_model, ckpt.directory, body.optimizer
+            )
             return payload(model.model_id)
 
         return model.queue.submit(owner, body.seq_id, "load_weights", load)
@@ -359,7 +417,9 @@ class TinkerService:
             base, adapter_dir = (await self.call(self.engine.model_info, body.base_model)).name, None
         else:
             raise UserError("create_sampling_session needs model_path or base_model")
-        self.samplers[sampler_id] = Sampler(sampler_id, owner, body.session_id, base, body.model_path, adapter_dir)
+        self.samplers[sampler_id] = Sampler(
+            sampler_id, owner, body.session_id, base, body.model_path, adapter_dir
+        )
         return sampler_id
 
     async def asample(self, owner: str, body: SampleBody) -> dict[str, Any]:
@@ -378,15 +438,20 @@ class TinkerService:
         tokens: list[int] = []
         for chunk in body.prompt.chunks:
             if chunk.type != "encoded_text":
-                raise UserError(f"{chunk.type} chunks are not supported here; send token chunks (encoded_text)")
+                raise UserError(
+                    f"{chunk.type} chunks are not supported here; send token chunks (encoded_text)"
+                )
             tokens.extend(chunk.tokens)
         if not tokens:
             raise UserError("the prompt has no tokens")
         if body.prompt_logprobs_last_n is not None and not 1 <= body.prompt_logprobs_last_n < len(tokens):
             raise UserError(f"prompt_logprobs_last_n must be between 1 and {len(tokens) - 1} for this prompt")
         request = SampleRequest(
-            prompt_tokens=tokens, params=_sampling_params(body.sampling_params), num_samples=body.num_samples,
-            prompt_logprobs=bool(body.prompt_logprobs), topk_prompt_logprobs=body.topk_prompt_logprobs,
+            prompt_tokens=tokens,
+            params=_sampling_params(body.sampling_params),
+            num_samples=body.num_samples,
+            prompt_logprobs=bool(body.prompt_logprobs),
+            topk_prompt_logprobs=body.topk_prompt_logprobs,
             topk_sample_logprobs=body.topk_sample_logprobs,
             budget_forcing=BudgetForcing(**body.budget_forcing.model_dump()) if body.budget_forcing else None,
         )
@@ -397,16 +462,28 @@ class TinkerService:
             return Payload(encode_sample(result, body.prompt_logprobs_last_n), PROTOBUF)
 
         request_id = self.futures.start(owner, work)
-        return {"request_id": request_id, "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)]}
+        return {
+            "request_id": request_id,
+            "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],
+        }
 
     # -- REST views --
     def training_run_json(self, run_id: str, owner: str) -> dict[str, Any]:
         run = self.checkpoints.run(run_id, owner)
         ckpts = self.checkpoints.checkpoints(run_id, owner)
-        last = {kind: next((c.to_json() for c in reversed(ckpts) if c.kind == kind), None) for kind in ("training", "sampler")}
+        last = {
+            kind: next((c.to_json() for c in reversed(ckpts) if c.kind == kind), None)
+            for kind in ("training", "sampler")
+        }
         return {
-            "training_run_id": run.run_id, "base_model": run.base_model, "model_owner": run.owner, "is_lora": True,
-            "corrupted": False, "lora_rank": run.lora.get("rank"), "last_request_time": iso(run.last_request_time),
-            "last_checkpoint": last["training"], "last_sampler_checkpoint": last["sampler"],
+            "training_run_id": run.run_id,
+            "base_model": run.base_model,
+            "model_owner": run.owner,
+            "is_lora": True,
+            "corrupted": False,
+            "lora_rank": run.lora.get("rank"),
+            "last_request_time": iso(run.last_request_time),
+            "last_checkpoint": last["training"],
+            "last_sampler_checkpoint": last["sampler"],
             "user_metadata": {k: str(v) for k, v in run.user_metadata.items()} if run.user_metadata else None,
         }

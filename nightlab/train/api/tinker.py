@@ -80,7 +80,9 @@ def build_router(service: TinkerService) -> APIRouter:
 
     @router.post("/create_session")
     async def create_session(body: CreateSessionBody, who: str = Owner) -> dict[str, Any]:
-        session = service.sessions.create(who, body.tags, body.user_metadata, body.display_name, body.sdk_version)
+        session = service.sessions.create(
+            who, body.tags, body.user_metadata, body.display_name, body.sdk_version
+        )
         return {"type": "create_session", "session_id": session.session_id}
 
     @router.post("/session_heartbeat")
@@ -104,16 +106,27 @@ def build_router(service: TinkerService) -> APIRouter:
         runs, _ = service.checkpoints.runs(who, limit=10_000, session_id=session_id)
         samplers = [s.sampler_id for s in service.samplers.values() if s.session_id == session_id]
         metadata = {k: str(v) for k, v in session.user_metadata.items()} if session.user_metadata else None
-        return {"training_run_ids": [r.run_id for r in runs], "sampler_ids": samplers, "user_metadata": metadata,
-                "display_name": session.display_name}
+        return {
+            "training_run_ids": [r.run_id for r in runs],
+            "sampler_ids": samplers,
+            "user_metadata": metadata,
+            "display_name": session.display_name,
+        }
 
     @router.get("/get_server_capabilities")
     async def capabilities(who: str = Owner) -> dict[str, Any]:
         models = await service.call(service.engine.models)
-        return {"supported_models": [
-            {"model_name": m.name, "max_context_length": m.max_context_length, "trainable": True, "sampleable": True}
-            for m in models
-        ]}
+        return {
+            "supported_models": [
+                {
+                    "model_name": m.name,
+                    "max_context_length": m.max_context_length,
+                    "trainable": True,
+                    "sampleable": True,
+                }
+                for m in models
+            ]
+        }
 
     @router.post("/create_model")
     async def create_model(body: CreateModelBody, who: str = Owner) -> dict[str, Any]:
@@ -126,7 +139,9 @@ def build_router(service: TinkerService) -> APIRouter:
     @router.post("/forward_backward")
     async def forward_backward(request: Request, who: str = Owner) -> dict[str, Any]:
         if PROTOBUF not in request.headers.get("content-type", ""):
-            raise UserError(f"forward_backward takes a protobuf body ({PROTOBUF}), as the tinker SDK sends", 415)
+            raise UserError(
+                f"forward_backward takes a protobuf body ({PROTOBUF}), as the tinker SDK sends", 415
+            )
         req = decode_forward_backward(await request.body(), request.headers.get("content-encoding"))
         return _future(service.forward_backward(who, req), req.model_id)
 
@@ -148,7 +163,10 @@ def build_router(service: TinkerService) -> APIRouter:
 
     @router.post("/create_sampling_session")
     async def create_sampling_session(body: CreateSamplerBody, who: str = Owner) -> dict[str, Any]:
-        return {"type": "create_sampling_session", "sampling_session_id": await service.create_sampler(who, body)}
+        return {
+            "type": "create_sampling_session",
+            "sampling_session_id": await service.create_sampler(who, body),
+        }
 
     @router.get("/samplers/{sampler_id}")
     async def get_sampler(sampler_id: str, who: str = Owner) -> dict[str, Any]:
@@ -178,15 +196,23 @@ def build_router(service: TinkerService) -> APIRouter:
     async def weights_info(body: WeightsInfoBody, who: str = Owner) -> dict[str, Any]:
         run, _ = service.checkpoints.resolve(body.tinker_path, who)
         lora = run.lora
-        return {"base_model": run.base_model, "is_lora": True, "lora_rank": lora.get("rank"),
-                "train_unembed": lora.get("train_unembed"), "train_mlp": lora.get("train_mlp"),
-                "train_attn": lora.get("train_attn"), "optimizer_config": {"type": "adamw"}}
+        return {
+            "base_model": run.base_model,
+            "is_lora": True,
+            "lora_rank": lora.get("rank"),
+            "train_unembed": lora.get("train_unembed"),
+            "train_mlp": lora.get("train_mlp"),
+            "train_attn": lora.get("train_attn"),
+            "optimizer_config": {"type": "adamw"},
+        }
 
     @router.get("/training_runs")
     async def list_training_runs(limit: int = 20, offset: int = 0, who: str = Owner) -> dict[str, Any]:
         runs, total = service.checkpoints.runs(who, limit, offset)
-        return {"training_runs": [service.training_run_json(r.run_id, who) for r in runs],
-                "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+        return {
+            "training_runs": [service.training_run_json(r.run_id, who) for r in runs],
+            "cursor": {"offset": offset, "limit": limit, "total_count": total},
+        }
 
     @router.get("/training_runs/{run_id}")
     async def get_training_run(run_id: str, who: str = Owner) -> dict[str, Any]:
@@ -204,14 +230,20 @@ def build_router(service: TinkerService) -> APIRouter:
     @router.get("/checkpoints")
     async def list_user_checkpoints(limit: int = 100, offset: int = 0, who: str = Owner) -> dict[str, Any]:
         ckpts, total = service.checkpoints.user_checkpoints(who, limit, offset)
-        return {"checkpoints": [c.to_json() for c in ckpts],
-                "cursor": {"offset": offset, "limit": limit, "total_count": total}}
+        return {
+            "checkpoints": [c.to_json() for c in ckpts],
+            "cursor": {"offset": offset, "limit": limit, "total_count": total},
+        }
 
-    @router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    @router.api_route(
+        "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False
+    )
     async def unsupported(path: str, request: Request) -> JSONResponse:
         """Endpoints of the hosted service that nightlab does not implement (publish, cancel, ...): a clear 404."""
-        message = (f"{request.method} /api/v1/{path} is not supported by nightlab serve; docs/service.md lists what "
-                   "is")
+        message = (
+            f"{request.method} /api/v1/{path} is not supported by nightlab serve; docs/service.md lists what "
+            "is"
+        )
         return JSONResponse({"error": message, "category": "user"}, status_code=404)
 
     return router
@@ -228,7 +260,9 @@ def error_response(exc: Exception) -> JSONResponse:
         return JSONResponse({"error": str(exc), "category": "user"}, status_code=exc.status)
     assert isinstance(exc, EngineError)
     user = getattr(exc, "category", "Server") == "User"
-    return JSONResponse({"error": str(exc), "category": wire_category(exc.category)}, status_code=400 if user else 500)
+    return JSONResponse(
+        {"error": str(exc), "category": wire_category(exc.category)}, status_code=400 if user else 500
+    )
 
 
 def validation_message(errors: list[dict[str, Any]]) -> str:

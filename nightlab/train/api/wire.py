@@ -32,7 +32,9 @@ def _tensor(name: str, t: pb.Tensor) -> np.ndarray:
             crow = np.frombuffer(t.sparse_csr.crow_indices, np.int64)
             col = np.frombuffer(t.sparse_csr.col_indices, np.int64)
             if len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values):
-                raise ValueError("sparse tensor needs a 2-D shape, rows+1 row pointers and one column per value")
+                raise ValueError(
+                    "sparse tensor needs a 2-D shape, rows+1 row pointers and one column per value"
+                )
             dense = np.zeros(shape, dtype=values.dtype)
             rows = np.repeat(np.arange(shape[0]), np.diff(crow))
             dense[rows, col] = values
@@ -48,7 +50,9 @@ def _datum(i: int, d: pb.Datum) -> Datum:
     for chunk in d.model_input:
         kind = chunk.WhichOneof("chunk")
         if kind != "encoded_text":
-            raise UserError(f"datum {i}: {kind} chunks are not supported here; send token chunks (encoded_text)")
+            raise UserError(
+                f"datum {i}: {kind} chunks are not supported here; send token chunks (encoded_text)"
+            )
         if len(chunk.encoded_text.tokens) % 4:
             raise UserError(f"datum {i}: token bytes are not a whole number of int32 values")
         tokens.extend(np.frombuffer(chunk.encoded_text.tokens, np.int32).tolist())
@@ -89,8 +93,11 @@ def decode_forward_backward(body: bytes, content_encoding: str | None) -> FwdBwd
     for k, v in msg.loss_fn_config_v2.items():
         config[k] = v.text if v.WhichOneof("value") == "text" else v.number
     return FwdBwdRequest(
-        model_id=msg.model_id, seq_id=msg.seq_id, loss_fn=msg.loss_fn or "cross_entropy",
-        loss_fn_config=config or None, forward_only=msg.forward_only,
+        model_id=msg.model_id,
+        seq_id=msg.seq_id,
+        loss_fn=msg.loss_fn or "cross_entropy",
+        loss_fn_config=config or None,
+        forward_only=msg.forward_only,
         data=[_datum(i, d) for i, d in enumerate(msg.data)],
         fingerprint=hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest(),
         has_provenance=any(d.model_input_spans or d.loss_fn_input_spans for d in msg.data),
@@ -103,14 +110,18 @@ def _batched(arrays: list[np.ndarray]) -> pb.BatchedTensor:
     blobs = [np.ascontiguousarray(a, dtype=dtype).tobytes() for a in arrays]
     offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
     return pb.BatchedTensor(
-        data=b"".join(blobs), offsets=offsets.tobytes(), dtype=pb.DTYPE_FLOAT32 if is_float else pb.DTYPE_INT64,
+        data=b"".join(blobs),
+        offsets=offsets.tobytes(),
+        dtype=pb.DTYPE_FLOAT32 if is_float else pb.DTYPE_INT64,
         trailing_shape=list(arrays[0].shape[1:]),
     )
 
 
 def encode_forward_backward(outputs: list[dict[str, np.ndarray]], metrics: dict[str, float]) -> bytes:
     """ForwardBackwardOutput: one ArrayRecord per run of datums whose fields share trailing shapes."""
-    msg = pb.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", metrics={k: float(v) for k, v in metrics.items()})
+    msg = pb.ForwardBackwardOutput(
+        loss_fn_output_type="ArrayRecord", metrics={k: float(v) for k, v in metrics.items()}
+    )
     outputs = [{k: np.asarray(v) for k, v in o.items()} for o in outputs]
 
     def signature(o: dict[str, np.ndarray]) -> tuple:
