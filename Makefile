@@ -34,10 +34,12 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check nightlab tests benchmarks
+	$(BIN)/ruff format --check nightlab tests benchmarks
 	$(BIN)/python -m pytest -m "not slow" -q
 
 lint: setup
 	$(BIN)/ruff check nightlab tests benchmarks
+	$(BIN)/ruff format --check nightlab tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

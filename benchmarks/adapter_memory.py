@@ -86,8 +86,9 @@ def main() -> None:
     state_mb = lora_params * 4 * 3 / 2**20  # fp32 weights + Adam's two moments: what an adapter must hold
     console.print(
         f"{args.adapters} adapters / 1 adapter = {many / one:.3f}x (goal < 1.2x); "
-        f"{(many - one) / (args.adapters - 1):.1f} MB per extra adapter, of which {state_mb:.1f} MB is its own "
-        f"state ({lora_params / 1e6:.2f}M LoRA parameters x 3 fp32 tensors)"
+        f"{(many - one) / (args.adapters - 1):.1f} MB per extra adapter, "
+        f"of which {state_mb:.1f} MB is its own state "
+        f"({lora_params / 1e6:.2f}M LoRA parameters x 3 fp32 tensors)"
     )
     console.print(
         f"{args.adapters} separate processes (one base each) would hold about {args.adapters * one:.0f} MB: "

@@ -22,7 +22,6 @@ and compares the two modes. Goals: the sandbox adds under 0.3 s per experiment, 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import tempfile
@@ -87,14 +86,14 @@ def measure(root: Path, mode: str, seconds: float, turn: int) -> Timing:
     journal.close()
     cycles, phases, works = [], [], []
     candidates = [
-        (before, row) for before, row in zip(rows, rows[1:], strict=False) if row["kind"] == "candidate"
+        (before, row) for before, row in zip(rows, rows[1:], strict=False) if row.kind == "candidate"
     ]
     for i, (before, row) in enumerate(candidates):
         if i % turn == 0:
             continue  # the first of a turn: its time includes resuming the run
-        cycles.append(row["finished_at"] - before["finished_at"])
-        phases.append(sum(json.loads(row["timings_json"] or "{}").values()))
-        works.append(seconds * len(json.loads(row["metric_runs_json"] or "[0]")))  # re-runs train again
+        cycles.append(row.finished_at - before.finished_at)
+        phases.append(sum(row.timings.values()))
+        works.append(seconds * len(row.metric_runs))  # re-runs train again
     return Timing(
         mode,
         len(cycles),

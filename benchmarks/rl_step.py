@@ -1,15 +1,15 @@
-"""Time per RL step, split into sampling and training: nightlab's service vs raw transformers + PEFT, same run.
+"""Time per RL step, split into sampling and training: nightlab's service vs raw transformers + PEFT.
 
-    python benchmarks/rl_step.py --model /path/to/prepared/smollm2   # `nightlab models prepare smollm2` prints it
-    python benchmarks/rl_step.py --tiny                              # the tiny random model, seconds not minutes
+    python benchmarks/rl_step.py --model /path/to/prepared/smollm2  # from `nightlab models prepare smollm2`
+    python benchmarks/rl_step.py --tiny                             # the tiny random model, in seconds
 
-Both sides do the same work per step: `prompts` x `group_size` completions of up to `max_tokens` tokens from the
-current LoRA weights, rewards from the arithmetic environment, group-relative advantages, and one
-importance-sampling step on a LoRA of the same rank over all linear layers, on the completions of the groups the
-recipe trains on (`trains_on`: flat-reward groups are dropped on both sides). The samples differ between the sides,
-so the number of datums trained per step is printed beside the times. The service side goes through HTTP and the
-tinker client (snapshot weights, sample, forward_backward, optim_step); the raw side calls `generate` and a
-training step in process. The first step of each side is a warm-up and is not timed.
+Both sides do the same work per step: `prompts` x `group_size` completions of up to `max_tokens` tokens from
+the current LoRA weights, rewards from the arithmetic environment, group-relative advantages, and one
+importance-sampling step on a LoRA of the same rank over all linear layers, on the completions of the groups
+the recipe trains on (`trains_on`: flat-reward groups are dropped on both sides). The samples differ between
+the sides, so the number of datums trained per step is printed beside the times. The service side goes through
+HTTP and the tinker client (snapshot weights, sample, forward_backward, optim_step); the raw side calls
+`generate` and a training step in process. The first step of each side is a warm-up and is not timed.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from nightlab.recipes.chat_format import chat_prompt
+from nightlab.recipes.common.chat_format import chat_prompt
+from nightlab.recipes.common.rl_envs import ArithmeticEnv
 from nightlab.recipes.rl import RLConfig, RLRun, group_advantages, trains_on
-from nightlab.recipes.rl_envs import ArithmeticEnv
 from nightlab.train.api.background import BackgroundServer, serve_in_thread
 
 
@@ -53,7 +53,7 @@ class RawRL:
         from peft import LoraConfig, get_peft_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from nightlab.train.engine import pick_autocast
+        from nightlab.train.forward import pick_autocast
 
         torch.manual_seed(cfg.seed)
         self.cfg = cfg
@@ -127,7 +127,7 @@ class RawRL:
         logprobs = (
             torch.log_softmax(logits.float(), -1).gather(-1, completions[rows].unsqueeze(-1)).squeeze(-1)
         )
-        # padding after EOS may have -inf sampler scores (top-k masks them): leave it out before exp, not after
+        # padding after EOS may have -inf sampler scores (top-k masks them): drop it before exp, not after
         live = mask[rows] > 0
         ratio = torch.exp(torch.where(live, logprobs - old_logprobs[rows], 0.0))
         loss = -(ratio * torch.tensor(advantages)[rows, None] * live).sum()
@@ -190,7 +190,8 @@ def report(model: str, cfg: RLConfig, results: dict[str, list[Timing]]) -> None:
     samples = cfg.prompts_per_step * cfg.group_size
     print(
         f"model {model}; per step: {samples} completions of <= {cfg.max_tokens} tokens, LoRA rank "
-        f"{cfg.lora_rank}; median of {cfg.steps} steps after a warm-up; torch threads {torch.get_num_threads()}"
+        f"{cfg.lora_rank}; median of {cfg.steps} steps after a warm-up; "
+        f"torch threads {torch.get_num_threads()}"
     )
     print(f"{'side':<20}{'sample s':>10}{'train s':>10}{'step s':>10}{'datums':>10}  (datums per timed step)")
     medians = {}

@@ -1,10 +1,10 @@
 """One LoRA SFT step through the training service vs a hand-written transformers + PEFT loop.
 
-The service path is the official tinker SDK (forward_backward + optim_step, sent back to back as the SDK intends)
-against `nightlab serve`'s app started in-process on 127.0.0.1; the engine path calls the engine directly, which
-shows what the HTTP + protobuf layer costs. Same model, batch, LoRA rank and targets, same autocast choice; the
-paths run in turn in one process so a busy machine slows them alike. Prints seconds per step and the ratio
-service / hand-written (goal <= 1.10).
+The service path is the official tinker SDK (forward_backward + optim_step, sent back to back as the SDK
+intends) against `nightlab serve`'s app started in-process on 127.0.0.1; the engine path calls the engine
+directly, which shows what the HTTP + protobuf layer costs. Same model, batch, LoRA rank and targets, same
+autocast choice; the paths run in turn in one process so a busy machine slows them alike. Prints seconds per
+step and the ratio service / hand-written (goal <= 1.10).
 
     .venv/bin/python benchmarks/sft_step.py                       # SmolLM2 (prepared dir or offline GGUF)
     .venv/bin/python benchmarks/sft_step.py --model tiny --batch 4 --seq 64
@@ -28,7 +28,9 @@ from rich.table import Table
 from nightlab.train import models
 from nightlab.train.api.app import create_app
 from nightlab.train.api.background import BackgroundServer, serve_in_thread
-from nightlab.train.engine import LORA_ALPHA, AdamParams, Datum, Engine, LoraSpec, pick_autocast
+from nightlab.train.engine import AdamParams, Datum, Engine, LoraSpec
+from nightlab.train.forward import pick_autocast
+from nightlab.train.lora import LORA_ALPHA
 from nightlab.train.settings import ServeSettings
 
 KEY = "tml-benchmark"
@@ -70,7 +72,7 @@ def hand_written_step(model, optimizer, input_ids, autocast) -> float:
 def service_step(
     engine: Engine, name: str, rank: int, tokens: np.ndarray, data_dir: Path
 ) -> tuple[Callable[[], None], BackgroundServer]:
-    """A training client of the service (on the engine's loaded base, its records in `data_dir`) and one step."""
+    """A training client of the service (on the engine's loaded base, records in `data_dir`) and one step."""
     os.environ.setdefault("TINKER_TELEMETRY", "0")
     import tinker
     from tinker import types

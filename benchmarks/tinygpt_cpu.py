@@ -74,7 +74,8 @@ def _ours(ws: Path, env: dict[str, str], repeat: int, console: Console) -> dict[
     )
     console.print(
         f"[bold]tinygpt #{repeat + 1}[/]: val_bpb {result['val_bpb']:.4f}, "
-        f"{result['tokens_per_second']:,.0f} tok/s, {result['num_steps']:.0f} steps; prepare {prepare_s:.1f}s, "
+        f"{result['tokens_per_second']:,.0f} tok/s, {result['num_steps']:.0f} steps; "
+        f"prepare {prepare_s:.1f}s, "
         f"train {train_s:.1f}s, evaluate {eval_s:.1f}s"
     )
     return result
@@ -163,7 +164,8 @@ def main() -> None:
         f"({ref['val_bpb'] - mine['val_bpb']:+.4f} better)"
     )
     console.print(
-        f"one experiment after the first prepare: {mine['total_seconds']:.0f}s (prepare {mine['prepare_s']:.1f}s, "
+        f"one experiment after the first prepare: {mine['total_seconds']:.0f}s "
+        f"(prepare {mine['prepare_s']:.1f}s, "
         f"train {mine['train_s']:.1f}s, evaluate {mine['eval_s']:.1f}s = "
         f"{100 * mine['eval_s'] / args.budget:.1f}% of the budget)"
     )

@@ -1,14 +1,16 @@
-"""The `nightlab` command: every user-facing entry point, each a thin wrapper over a module that does the work."""
+"""The `nightlab` command: every user-facing entry point, each a thin wrapper over the module at work."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
 from nightlab import __version__
+from nightlab.console import fail as _fail
+from nightlab.errors import NightlabError
+from nightlab.recipes.cli import recipe_app
 
 app = typer.Typer(
     name="nightlab",
@@ -41,45 +43,17 @@ WORKSPACE_OPTION = typer.Option(
 )
 
 
-def _research_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean "the user's setup needs a fix": shown as one clear line, no traceback."""
-    from nightlab.config import ConfigError
-    from nightlab.research.journal import ChainError
-    from nightlab.research.loop import LoopError
-    from nightlab.research.proposers.replay import ReplayError
-    from nightlab.research.report import ReportError
-    from nightlab.research.workspace import WorkspaceError
-
-    return ConfigError, ChainError, LoopError, ReplayError, ReportError, WorkspaceError
-
-
-def _setup_errors() -> tuple[type[BaseException], ...]:
-    """Also the proposers' and the sandbox's configuration errors (imported only when something failed)."""
-    from nightlab.research.proposers.llm import LLMError
-    from nightlab.research.sandbox import SandboxUnavailable
-
-    return (*_research_errors(), LLMError, SandboxUnavailable)
-
-
-def _fail(exc: BaseException) -> NoReturn:
-    from rich.console import Console
-    from rich.text import Text
-
-    Console(stderr=True, soft_wrap=True).print(Text("error: ", style="bold red") + Text(str(exc)))
-    raise typer.Exit(1)
-
-
 @app.command()
 def init(
     directory: Annotated[Path, typer.Argument(help="New (or empty) directory for the workspace.")],
     template: str = typer.Option("tinygpt", "--template", "-t", help="Built-in template to copy."),
 ) -> None:
     """Create a workspace from a built-in template: a git repo with nightlab.toml and its first commit."""
-    from nightlab.research.workspace import WorkspaceError, init_workspace
+    from nightlab.research.workspace import init_workspace
 
     try:
         dest = init_workspace(template, directory)
-    except WorkspaceError as exc:
+    except NightlabError as exc:
         _fail(exc)
     typer.echo(f"created {dest} from template {template}; next: cd {directory} && nightlab run")
 
@@ -98,7 +72,9 @@ def run_command(
     max_cost: float | None = typer.Option(
         None, min=0, help="Stop before LLM spend (USD, whole run) would pass this."
     ),
-    proposer: str | None = typer.Option(None, help="auto, llm, tune or replay (default: nightlab.toml)."),
+    proposer: str | None = typer.Option(
+        None, help="auto, or a registered proposer: llm, tune, replay, ... (default: nightlab.toml)."
+    ),
     budget: float | None = typer.Option(None, help="Override experiment.budget_seconds."),
     workspace: Path = WORKSPACE_OPTION,
 ) -> None:
@@ -115,7 +91,7 @@ def run_command(
     options = RunOptions(tag, max_experiments, hours, max_cost, proposer, budget)
     try:
         state = ResearchLoop(workspace, options, observer=make_view()).run_loop()
-    except _setup_errors() as exc:
+    except NightlabError as exc:
         _fail(exc)
     typer.echo(f"see `nightlab status` and `nightlab report` (branch {state.branch})")
 
@@ -139,32 +115,31 @@ def status(
     try:
         journal.verify_chain()
         run = find_run(journal, tag)
-        rows = journal.experiments(run.id)
+        records = journal.experiments(run.id)
         pending = journal.pending(run.id)
-    except _research_errors() as exc:
+    except NightlabError as exc:
         _fail(exc)
     finally:
         journal.close()
     table = Table(title=f"run {run.tag} ({run.branch})")
     for col in ("#", "decision", run.metric_name, "margin/noise", "seconds", "description"):
         table.add_column(col, justify="right" if col in ("#", "seconds") else "left")
-    for r in rows:
-        timings = json.loads(r["timings_json"] or "{}")
+    for e in records:
         table.add_row(
-            str(r["number"]),
-            f"[{DECISION_STYLE.get(r['decision'], '')}]{r['decision']}[/]",
-            "-" if r["metric"] is None else f"{r['metric']:.6g}",
-            "-" if r["sigmas"] is None else f"{r['sigmas']:+.1f}",
-            f"{sum(timings.values()):.1f}",
-            "baseline" if r["kind"] == "baseline" else (r["description"] or "")[:70],
+            str(e.number),
+            f"[{DECISION_STYLE.get(e.decision, '')}]{e.decision}[/]",
+            "-" if e.metric is None else f"{e.metric:.6g}",
+            "-" if e.sigmas is None else f"{e.sigmas:+.1f}",
+            f"{sum(e.timings.values()):.1f}",
+            "baseline" if e.kind == "baseline" else e.description[:70],
         )
     for p in pending:
-        table.add_row(str(p["number"]), "[cyan]running[/]", "-", "-", "-", p.get("description", "")[:70])
+        table.add_row(str(p.number), "[cyan]running[/]", "-", "-", "-", p.experiment.description[:70])
     console = Console()
     console.print(table)
-    kept = [r for r in rows if r["kind"] == "candidate" and r["decision"] == "keep"]
-    done = sum(r["kind"] == "candidate" for r in rows)
-    console.print(f"{done} experiments, {len(kept)} kept")
+    candidates = [e for e in records if e.kind == "candidate"]
+    kept = sum(e.decision == "keep" for e in candidates)
+    console.print(f"{len(candidates)} experiments, {kept} kept")
 
 
 @app.command()
@@ -193,7 +168,7 @@ def report(
                 journal.close()
             ResearchLoop(workspace, RunOptions(tag=run.tag), observer=make_view()).final_heldout()
         files = build_report(workspace, tag, out)
-    except _setup_errors() as exc:
+    except NightlabError as exc:
         _fail(exc)
     typer.echo(f"wrote {files.report}\nwrote {files.plot}\nwrote {files.tsv}")
 
@@ -224,9 +199,8 @@ def serve(
         list[str] | None, typer.Option("--preload", help="A base model to load before serving, repeatable.")
     ] = None,
 ) -> None:
-    """Serve the Tinker training API (/api/v1) and an OpenAI-compatible API (/v1): LoRA fine-tuning on this machine."""
+    """Serve the Tinker training API (/api/v1) and an OpenAI-compatible API (/v1): LoRA fine-tuning here."""
     from nightlab.train.api.app import serve as run_service
-    from nightlab.train.engine import EngineError
     from nightlab.train.settings import ServeSettings, default_data_dir, keys_from_env
 
     try:
@@ -240,7 +214,7 @@ def serve(
         )
         settings.check_exposure()
         run_service(settings)
-    except (ValueError, EngineError) as exc:
+    except (ValueError, NightlabError) as exc:
         _fail(exc)
     except KeyboardInterrupt:
         typer.echo("interrupted before the server started; nothing was written")
@@ -281,7 +255,7 @@ def _prepare(name: str, data_dir: Path | None) -> None:
 
     try:
         path = models.prepare_model(name, data_dir or models.default_data_dir())
-    except (models.UnknownModelError, ValueError, OSError) as exc:
+    except (NightlabError, ValueError, OSError) as exc:
         _fail(exc)
     typer.echo(f"prepared {path}\nuse it as model_name: {path}")
 
@@ -293,7 +267,7 @@ def models_prepare(
     ],
     data_dir: Path | None = MODELS_DATA_DIR,
 ) -> None:
-    """Convert a model into a regular Hugging Face directory under the data dir (tokenizer checked and fixed)."""
+    """Convert a model into a regular Hugging Face directory in the data dir (tokenizer checked and fixed)."""
     _prepare(name, data_dir)
 
 
@@ -309,217 +283,7 @@ def models_pull(
 
 
 # --- recipe commands: s1, rl (post-training through the training service's public API) ---
-recipe_app = typer.Typer(
-    help="Post-training recipes run through `nightlab serve`: s1, rl.", no_args_is_help=True
-)
 app.add_typer(recipe_app, name="recipe")
-SERVICE_URL = typer.Option(
-    "http://127.0.0.1:8000",
-    "--base-url",
-    envvar="TINKER_BASE_URL",
-    help="The training service (nightlab serve).",
-)
-SERVICE_KEY = typer.Option(
-    None, "--api-key", envvar="TINKER_API_KEY", help="The service's API key (tml-...)."
-)
-MODEL_NAME = typer.Option(
-    ..., "--model", help="Base model on the service, as `nightlab models list` prints it."
-)
-
-
-def _recipe_errors() -> tuple[type[BaseException], ...]:
-    import httpx
-    import openai
-    import tinker
-
-    from nightlab.recipes.s1 import S1Error
-    from nightlab.recipes.service import ServiceUnreachable
-
-    return (
-        S1Error,
-        ServiceUnreachable,
-        ValueError,
-        OSError,
-        tinker.TinkerError,
-        openai.OpenAIError,
-        httpx.TransportError,
-    )
-
-
-def _recipe_fail(exc: BaseException, base_url: str) -> NoReturn:
-    """A lost connection says how to start the service at `base_url`; other errors are shown as they are."""
-    import httpx
-    import openai
-
-    from nightlab.recipes.service import unreachable_message
-
-    if isinstance(exc, openai.APIConnectionError | httpx.TransportError):
-        _fail(RuntimeError(unreachable_message(base_url, exc)))
-    _fail(exc)
-
-
-def _csv_ints(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise typer.BadParameter("give at least one budget, each >= 1")
-    return values
-
-
-@recipe_app.command("s1")
-def recipe_s1(
-    step: Annotated[
-        str, typer.Argument(help="collect, curate, train, evaluate, or all (each skips finished work).")
-    ],
-    workdir: Annotated[
-        Path, typer.Option("--workdir", "-w", help="Where every step reads and writes its files.")
-    ],
-    model: str = MODEL_NAME,
-    base_url: str = SERVICE_URL,
-    api_key: str | None = SERVICE_KEY,
-    teacher: str = typer.Option(
-        "api",
-        help="collect: api (a model behind --teacher-base-url) or builtin (the "
-        "problem generator's worked solutions; offline, built-in questions only).",
-    ),
-    teacher_base_url: str = typer.Option(
-        "", help="collect: the teacher's OpenAI-compatible base URL (.../v1)."
-    ),
-    teacher_model: str = typer.Option("", help="collect: the teacher model name."),
-    teacher_api_key: str | None = typer.Option(
-        None, envvar="OPENAI_API_KEY", help="collect: the teacher's key."
-    ),
-    teacher_max_tokens: int = typer.Option(2048, min=1, help="collect: longest teacher reply, in tokens."),
-    questions: Annotated[
-        Path | None,
-        typer.Option(
-            help="collect: jsonl with question + integer answer "
-            "(default: built-in arithmetic and word problems)."
-        ),
-    ] = None,
-    num_questions: int = typer.Option(60, min=1, help="collect: how many built-in questions."),
-    size: int = typer.Option(1000, min=1, help="curate: examples to keep."),
-    difficulty_samples: int = typer.Option(
-        1, min=0, help="curate: base-model attempts per question (0: no difficulty filter)."
-    ),
-    difficulty_max_tokens: int = typer.Option(
-        96, min=1, help="curate: the base model's thinking budget before its answer is forced."
-    ),
-    epochs: int = typer.Option(3, min=1, help="train: passes over the curated set."),
-    batch_size: int = typer.Option(8, min=1, help="train: examples per optimizer step."),
-    learning_rate: float = typer.Option(2e-4, min=0, help="train: Adam learning rate."),
-    lora_rank: int = typer.Option(16, min=1, help="train: LoRA rank."),
-    max_length: int = typer.Option(
-        2048, min=2, help="train: longest example in tokens (longer ones are skipped)."
-    ),
-    eval_questions: Annotated[
-        Path | None,
-        typer.Option(
-            help="evaluate: jsonl of held-out questions (default: built-in ones not used in training)."
-        ),
-    ] = None,
-    num_eval_questions: int = typer.Option(24, min=1, help="evaluate: how many built-in held-out questions."),
-    budgets: str = typer.Option("16,32,64", help="evaluate: thinking budgets in tokens, comma-separated."),
-    answer_tokens: int = typer.Option(
-        16, min=1, help="curate, evaluate: tokens for the answer after thinking."
-    ),
-    checkpoint: str | None = typer.Option(
-        None, help="evaluate: a tinker:// sampler path or base model name (default: the trained weights)."
-    ),
-    seed: int = typer.Option(0, help="Seed for the built-in questions, shuffling and the LoRA init."),
-) -> None:
-    """s1: collect teacher traces, curate, LoRA SFT with thinking, evaluate accuracy vs thinking budget."""
-    from nightlab.recipes import s1
-
-    steps = {"collect": s1.collect, "curate": s1.curate, "train": s1.train, "all": s1.run_all}
-    if step not in (*steps, "evaluate"):
-        _fail(ValueError(f"unknown step {step!r}: use collect, curate, train, evaluate or all"))
-    cfg = s1.S1Config(
-        workdir,
-        base_url=base_url,
-        model=model,
-        api_key=api_key,
-        teacher=teacher,
-        teacher_base_url=teacher_base_url,
-        teacher_model=teacher_model,
-        teacher_api_key=teacher_api_key,
-        questions=questions,
-        num_questions=num_questions,
-        teacher_max_tokens=teacher_max_tokens,
-        size=size,
-        difficulty_samples=difficulty_samples,
-        difficulty_max_tokens=difficulty_max_tokens,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        lora_rank=lora_rank,
-        max_length=max_length,
-        eval_questions=eval_questions,
-        num_eval_questions=num_eval_questions,
-        budgets=_csv_ints(budgets),
-        answer_tokens=answer_tokens,
-        seed=seed,
-    )
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        if step == "evaluate":
-            s1.evaluate(cfg, model=checkpoint)
-        else:
-            steps[step](cfg)
-    except _recipe_errors() as exc:
-        _recipe_fail(exc, base_url)
-
-
-@recipe_app.command("rl")
-def recipe_rl(
-    log_dir: Annotated[Path, typer.Option("--log-dir", help="New directory for metrics.jsonl and the plot.")],
-    model: str = MODEL_NAME,
-    base_url: str = SERVICE_URL,
-    api_key: str | None = SERVICE_KEY,
-    env: str = typer.Option(
-        "arithmetic", help="Environment: arithmetic, or package.module:factory for your own."
-    ),
-    steps: int = typer.Option(10, min=1, help="Optimizer steps."),
-    prompts_per_step: int = typer.Option(4, min=1, help="Prompts (groups) per step."),
-    group_size: int = typer.Option(
-        4, min=2, help="Samples per prompt; advantages are relative to the group."
-    ),
-    max_tokens: int = typer.Option(16, min=1, help="Longest completion."),
-    temperature: float = typer.Option(1.0, min=0, help="Sampling temperature."),
-    learning_rate: float = typer.Option(3e-4, min=0, help="Adam learning rate."),
-    lora_rank: int = typer.Option(16, min=1, help="LoRA rank."),
-    loss: str = typer.Option("importance_sampling", help="importance_sampling or ppo."),
-    kl_coef: float = typer.Option(0.0, min=0, help="Per-token KL penalty to the base model (0: off)."),
-    seed: int = typer.Option(0, help="Seed for prompts and the LoRA init."),
-) -> None:
-    """GRPO-style RL with LoRA: groups of samples from the latest weights, group-relative advantages."""
-    from nightlab.recipes.rl import PLOT_FILE, RLConfig, run_rl
-
-    cfg = RLConfig(
-        base_url,
-        model,
-        log_dir,
-        env=env,
-        api_key=api_key,
-        steps=steps,
-        prompts_per_step=prompts_per_step,
-        group_size=group_size,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        learning_rate=learning_rate,
-        lora_rank=lora_rank,
-        loss=loss,
-        kl_coef=kl_coef,
-        seed=seed,  # type: ignore[arg-type]
-    )
-    try:
-        rows = run_rl(cfg)
-    except _recipe_errors() as exc:
-        _recipe_fail(exc, base_url)
-    first, last = rows[0]["reward_mean"], rows[-1]["reward_mean"]
-    typer.echo(f"reward {first:.3f} -> {last:.3f} over {len(rows)} steps; see {log_dir / PLOT_FILE}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The `nightlab.toml` schema: what a workspace declares, validated so that every error names its key."""
+"""The `nightlab.toml` schema: what a workspace declares, validated so that every error names its key.
+
+The `[proposer.<name>]` tables are the exception: each proposer declares its own in its module
+(nightlab/research/proposers/), and `ProposerSection` validates them with the registered models.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,14 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from nightlab.errors import NightlabError
 
 CONFIG_NAME = "nightlab.toml"
 
 
-class ConfigError(ValueError):
+class ConfigError(NightlabError, ValueError):
     """A workspace config that cannot be used; the message names the file and the offending key."""
 
 
@@ -53,8 +60,8 @@ class ExperimentSection(_Section):
     startup_allowance_seconds: float = Field(
         5.0,
         ge=0,
-        description="seconds a training phase may take beyond the baseline's slowest one (or the budget, if longer) "
-        "plus budget_tolerance * budget",
+        description="seconds a training phase may take beyond the baseline's slowest one (or the budget, if "
+        "longer) plus budget_tolerance * budget",
     )
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for every phase")
 
@@ -123,52 +130,75 @@ class DecideSection(_Section):
         return runs
 
 
-class LLMSection(_Section):
-    base_url: str | None = None
-    model: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    max_retries: int = Field(3, ge=0, description="re-asks after a malformed answer")
-    temperature: float = 0.7
-    input_price_per_mtok: float = Field(0.0, ge=0)
-    output_price_per_mtok: float = Field(0.0, ge=0)
-    history_limit: int = Field(30, ge=1)
+def _proposer_settings() -> dict[str, type[BaseModel]]:
+    """Each registered proposer's own section model, by name. Imported here rather than at the top: the
+    proposers package reads this module."""
+    from nightlab.research.proposers import registered
+
+    return {name: proposer.settings for name, proposer in registered().items()}
 
 
-class KnobRange(_Section):
-    low: float
-    high: float
-    log: bool = False
-    integer: bool = False
-
-    @model_validator(mode="after")
-    def _ordered(self) -> KnobRange:
-        if self.low >= self.high:
-            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
-        if self.log and self.low <= 0:
-            raise ValueError("a log-scaled range needs low > 0")
-        return self
-
-
-class TuneSection(_Section):
-    knobs: dict[str, KnobRange] = Field(
-        default_factory=dict,
-        description="NAME -> range; empty means every top-level UPPER_CASE numeric constant of the editable files",
-    )
-    seed: int = 0
-
-
-class ReplaySection(_Section):
-    patches: str = "patches"
+def _nested(name: str, err: ValidationError) -> list[InitErrorDetails]:
+    """The errors of one proposer's table, located under its name so that the message names the key."""
+    return [
+        InitErrorDetails(type=e["type"], loc=(name, *e["loc"]), input=e["input"], ctx=e.get("ctx", {}))
+        for e in err.errors()
+    ]
 
 
 class ProposerSection(_Section):
-    kind: Literal["auto", "llm", "tune", "replay"] = "auto"
+    """`[proposer]`: which proposer runs, and the keys every proposer shares.
+
+    Each `[proposer.<name>]` table belongs to the proposer registered under that name, whose module declares
+    the table's model (nightlab/research/proposers/). Once loaded, every registered proposer's table is here,
+    with its defaults where nightlab.toml has none: `section(name)`, or `config.proposer.<name>`.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: str = Field(
+        "auto", description="a registered proposer's name, or auto: llm when a model is configured, else tune"
+    )
     outage_seconds: float = Field(
         1800.0, ge=0, description="how long the loop retries a proposer whose service is down before it stops"
     )
-    llm: LLMSection = Field(default_factory=LLMSection)
-    tune: TuneSection = Field(default_factory=TuneSection)
-    replay: ReplaySection = Field(default_factory=ReplaySection)
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, kind: str) -> str:
+        names = ["auto", *_proposer_settings()]
+        if kind not in names:
+            raise ValueError(f"unknown proposer {kind!r}; choose one of {', '.join(names)}")
+        return kind
+
+    @model_validator(mode="after")
+    def _own_sections(self) -> ProposerSection:
+        """Validate each table with its proposer's model, and fill in the tables nightlab.toml leaves out."""
+        models = _proposer_settings()
+        given = self.__pydantic_extra__ or {}
+        unknown = PydanticCustomError(
+            "unknown_proposer",
+            "unknown key; [proposer] holds kind, outage_seconds and a table for each registered proposer "
+            "({names})",
+            {"names": ", ".join(models)},
+        )
+        errors = [
+            InitErrorDetails(type=unknown, loc=(key,), input=given[key]) for key in given if key not in models
+        ]
+        sections: dict[str, BaseModel] = {}
+        for name, model in models.items():
+            try:
+                sections[name] = model.model_validate(given.get(name, {}))
+            except ValidationError as exc:
+                errors += _nested(name, exc)
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        self.__pydantic_extra__ = sections
+        return self
+
+    def section(self, name: str) -> BaseModel:
+        """The validated `[proposer.<name>]` table of a registered proposer."""
+        return (self.__pydantic_extra__ or {})[name]
 
 
 class SandboxSection(_Section):
@@ -178,16 +208,18 @@ class SandboxSection(_Section):
     network: bool = Field(False, description="network in train/evaluate/heldout/checks; setup always has it")
     read_only: list[str] = Field(
         default_factory=list,
-        description="host data paths visible read-only (writable, and created, in the setup phase that prepares them)",
+        description="host data paths visible read-only (writable, and created, in the setup phase that "
+        "prepares them)",
     )
     setup_read_only: list[str] = Field(
         default_factory=list,
-        description="host paths visible read-only to the setup phase only (e.g. a raw corpus holding the val/test text)",
+        description="host paths visible read-only to the setup phase only (e.g. a raw corpus holding the "
+        "val/test text)",
     )
     writable: list[str] = Field(
         default_factory=list,
-        description="host directories the setup and train phases may write (data and compile caches), read-only "
-        "in the others; created when missing",
+        description="host directories the setup and train phases may write (data and compile caches), "
+        "read-only in the others; created when missing",
     )
     train_hidden: list[str] = Field(
         default_factory=list, description="host paths hidden during `command` (e.g. the validation split)"

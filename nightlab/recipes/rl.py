@@ -4,9 +4,8 @@ Each step: snapshot the current weights into a sampling client, draw a group of 
 them with the environment, turn rewards into group-relative advantages (reward minus the group's mean, so a
 group's advantages sum to zero and a group where every sample scored the same carries no reward signal: it is
 dropped, unless a KL penalty still has something to teach on it), optionally subtract a per-token KL penalty
-against the base model, and take one policy-gradient step with the
-`importance_sampling` or `ppo` loss on datums that carry the sampler's own logprobs. One JSONL row of metrics
-per step; a plot of them at the end.
+against the base model, and take one policy-gradient step with the `importance_sampling` or `ppo` loss on
+datums that carry the sampler's own logprobs. One JSONL row of metrics per step; a plot of them at the end.
 """
 
 from __future__ import annotations
@@ -14,55 +13,61 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import typing
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import tinker
+from pydantic import dataclasses as pydantic_dataclasses
+from pydantic import field_validator
 
-from nightlab.recipes.chat_format import chat_prompt
-from nightlab.recipes.rl_envs import Environment, Reward, Task, load_env
-from nightlab.recipes.service import connect
+from nightlab.recipes.common.chat_format import chat_prompt
+from nightlab.recipes.common.rl_envs import Environment, Reward, Task, load_env
+from nightlab.recipes.common.service import connect
+from nightlab.recipes.common.settings import MODEL_NAME, SERVICE_KEY, SERVICE_URL, setting
 
 LossName = Literal["importance_sampling", "ppo"]
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "rl_metrics.png"
 
 
-@dataclass
+@pydantic_dataclasses.dataclass
 class RLConfig:
-    """Everything one RL run needs; defaults run a few CPU steps of the built-in environment."""
+    """Everything one RL run needs, declared once: the CLI's options are made from these fields. Defaults run
+    a few CPU steps of the built-in environment."""
 
-    base_url: str
-    model: str
-    log_dir: Path
-    env: str = "arithmetic"
-    api_key: str | None = None
-    steps: int = 10
-    prompts_per_step: int = 4
-    group_size: int = 4
-    max_tokens: int = 16
-    temperature: float = 1.0
-    learning_rate: float = 3e-4
-    lora_rank: int = 16
-    loss: LossName = "importance_sampling"
-    kl_coef: float = 0.0
-    measure_kl: bool = True  # reference logprobs cost one prefill per sample; the penalty needs them too
-    seed: int = 0
+    base_url: Annotated[str, SERVICE_URL]
+    model: Annotated[str, MODEL_NAME]
+    log_dir: Annotated[Path, setting("New directory for metrics.jsonl and the plot.", cli_required=True)]
+    env: Annotated[str, setting("Environment: arithmetic, or package.module:factory for your own.")] = (
+        "arithmetic"
+    )
+    api_key: Annotated[str | None, SERVICE_KEY] = None
+    steps: Annotated[int, setting("Optimizer steps.", ge=1)] = 10
+    prompts_per_step: Annotated[int, setting("Prompts (groups) per step.", ge=1)] = 4
+    group_size: Annotated[int, setting("Samples per prompt; advantages are relative to the group.", ge=2)] = 4
+    max_tokens: Annotated[int, setting("Longest completion.", ge=1)] = 16
+    temperature: Annotated[float, setting("Sampling temperature.", ge=0)] = 1.0
+    learning_rate: Annotated[float, setting("Adam learning rate.", ge=0)] = 3e-4
+    lora_rank: Annotated[int, setting("LoRA rank.", ge=1)] = 16
+    loss: Annotated[LossName, setting("importance_sampling or ppo.")] = "importance_sampling"
+    kl_coef: Annotated[float, setting("Per-token KL penalty to the base model (0: off).", ge=0)] = 0.0
+    measure_kl: Annotated[
+        bool,
+        setting("Measure the KL to the base model (one prefill per sample; the penalty needs it too)."),
+    ] = True
+    seed: Annotated[int, setting("Seed for prompts and the LoRA init.")] = 0
 
-    def check(self) -> None:
-        if self.loss not in ("importance_sampling", "ppo"):
-            raise ValueError(f"loss must be importance_sampling or ppo, not {self.loss!r}")
-        if self.group_size < 2:
-            raise ValueError("group_size must be at least 2: advantages are relative to the group")
-        for name in ("steps", "prompts_per_step", "max_tokens", "lora_rank"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.kl_coef < 0:
-            raise ValueError("kl_coef must be >= 0")
+    @field_validator("loss", mode="before")
+    @classmethod
+    def _known_loss(cls, value: object) -> object:
+        if value not in typing.get_args(LossName):
+            raise ValueError(f"loss must be importance_sampling or ppo, not {value!r}")
+        return value
 
 
 @dataclass
@@ -90,14 +95,16 @@ def group_advantages(rewards: Sequence[float]) -> list[float]:
 
 
 def trains_on(advantages: Sequence[float], kl_coef: float) -> bool:
-    """Whether a group becomes datums: it has a reward spread, or the KL penalty applies to its tokens anyway."""
+    """Whether a group becomes datums: it has a reward spread, or the KL penalty applies to its tokens
+    anyway."""
     return kl_coef > 0 or any(abs(a) > 1e-9 for a in advantages)
 
 
 def rl_datum(
     prompt: list[int], completion: list[int], logprobs: list[float], advantages: list[float]
 ) -> tinker.Datum:
-    """A policy-gradient datum: prompt positions carry zero advantage, completion positions the sampler's logprobs."""
+    """A policy-gradient datum: prompt positions carry zero advantage, completion positions the sampler's
+    logprobs."""
     if not completion or not (len(completion) == len(logprobs) == len(advantages)):
         raise ValueError("a completion needs at least one token and one logprob and advantage per token")
     tokens = prompt + completion
@@ -193,11 +200,11 @@ def build_batch(groups: list[Group], kl_coef: float) -> tuple[list[tinker.Datum]
 class RLRun:
     """One RL run against a service: holds the clients so steps can be driven (and timed) one by one.
 
-    Use it as a context manager: the session is closed as success, errored or interrupted with the block's outcome.
+    Use it as a context manager: the session is closed as success, errored or interrupted with the block's
+    outcome.
     """
 
     def __init__(self, cfg: RLConfig) -> None:
-        cfg.check()
         self.cfg = cfg
         self.env = load_env(cfg.env)
         self.service = connect(cfg.base_url, cfg.api_key)
@@ -245,9 +252,8 @@ def run_rl(cfg: RLConfig, show_progress: bool = True) -> list[dict[str, float]]:
     """Run `cfg.steps` steps; append each step's metrics to `log_dir/metrics.jsonl`; plot them."""
     from rich.progress import Progress
 
-    from nightlab.recipes.plots import plot_rl_metrics
+    from nightlab.recipes.common.plots import plot_rl_metrics
 
-    cfg.check()
     log = cfg.log_dir / METRICS_FILE
     if log.exists() and log.stat().st_size:
         raise ValueError(f"{log} already holds a run's metrics; pick a new log directory")

@@ -1,13 +1,13 @@
 """s1: teach a small model to reason from a small curated set of traces, then control its thinking length.
 
-Four steps, each a function of files in one work directory, each resumable (append-only jsonl; rerunning a step
-skips what its output already holds):
+Four steps, each a function of files in one work directory, each resumable (append-only jsonl; rerunning a
+step skips what its output already holds):
 
 1. `collect`: a teacher writes a `<think>` trace and an answer per question: a model behind any
    OpenAI-compatible API, or the offline `builtin` teacher (the problem generator's worked solutions).
 2. `curate`: keep traces whose answer is right and format intact (quality), whose question the base model gets
-   wrong when sampled through the service with its thinking cut at a budget and its answer forced (difficulty),
-   balanced across problem types (diversity).
+   wrong when sampled through the service with its thinking cut at a budget and its answer forced
+   (difficulty), balanced across problem types (diversity).
 3. `train`: LoRA SFT through the tinker client, loss on the assistant part only; saves sampler weights.
 4. `evaluate`: accuracy against thinking budget, with and without budget forcing (the service's sampler takes
    back an early `</think>` and writes "Wait", and forces `</think>` + the answer prefix at the budget; it is
@@ -22,16 +22,19 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import openai
 import tinker
+from pydantic import PositiveInt
+from pydantic import dataclasses as pydantic_dataclasses
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from nightlab.recipes.budget_forcing import budget_forcing
-from nightlab.recipes.chat_format import (
+from nightlab.errors import NightlabError
+from nightlab.recipes.common.budget_forcing import budget_forcing
+from nightlab.recipes.common.chat_format import (
     THINK_CLOSE,
     THINK_OPEN,
     chat_prompt,
@@ -39,10 +42,17 @@ from nightlab.recipes.chat_format import (
     reasoning_example,
     to_datum,
 )
-from nightlab.recipes.plots import plot_scaling
-from nightlab.recipes.problems import Problem, check_answer, generate_problems, read_problems
-from nightlab.recipes.service import connect
-from nightlab.recipes.teachers import TeacherError, make_teacher
+from nightlab.recipes.common.plots import plot_scaling
+from nightlab.recipes.common.problems import Problem, check_answer, generate_problems, read_problems
+from nightlab.recipes.common.service import connect
+from nightlab.recipes.common.settings import (
+    DEFAULT_SERVICE_URL,
+    MODEL_NAME,
+    SERVICE_KEY,
+    SERVICE_URL,
+    setting,
+)
+from nightlab.recipes.common.teachers import TeacherError, make_teacher
 
 COLLECTED, BASE_CHECKS, CURATED = "collected.jsonl", "base_checks.jsonl", "curated.jsonl"
 TRAIN_LOG, EVAL_LOG, SCALING_PNG, SCALING_MD = "train.jsonl", "eval.jsonl", "scaling.png", "scaling.md"
@@ -53,56 +63,82 @@ BROKEN, WRONG, EASY = (
     "base model already right",
 )
 FILTER_HINTS = {
-    BROKEN: f"the teacher's replies lack {THINK_OPEN}...{THINK_CLOSE} (see collected.jsonl); ask another teacher or "
-    "use --teacher builtin",
-    WRONG: "the teacher's answers do not match the verified ones; use a stronger teacher or --teacher builtin",
-    EASY: "the base model already solves these questions; use harder ones (--questions) or --difficulty-samples 0",
+    BROKEN: f"the teacher's replies lack {THINK_OPEN}...{THINK_CLOSE} (see collected.jsonl); ask another "
+    "teacher or use --teacher builtin",
+    WRONG: "the teacher's answers do not match the verified ones; use a stronger teacher or "
+    "--teacher builtin",
+    EASY: "the base model already solves these questions; use harder ones (--questions) or "
+    "--difficulty-samples 0",
 }
 
 
-class S1Error(Exception):
+class S1Error(NightlabError):
     """A step cannot go on; the message says what is saved and what to do next."""
 
 
-@dataclass
+@pydantic_dataclasses.dataclass
 class S1Config:
-    """All settings of the pipeline. Defaults are CPU-sized; docs/recipes.md gives GPU and SmolLM2 settings."""
+    """All settings of the pipeline, declared once: the CLI's options are made from these fields. Defaults are
+    CPU-sized; docs/recipes.md gives GPU and SmolLM2 settings."""
 
-    workdir: Path
-    # the training service (Tinker API at base_url/api/v1, OpenAI-compatible at base_url/v1) and its base model
-    base_url: str = "http://127.0.0.1:8000"
-    model: str = ""
-    api_key: str | None = None
-    # collect: questions from a jsonl file, else `num_questions` built-in ones; teacher "api" or "builtin"
-    teacher: str = "api"
-    teacher_base_url: str = ""
-    teacher_model: str = ""
-    teacher_api_key: str | None = None
-    questions: Path | None = None
-    num_questions: int = 60
-    teacher_max_tokens: int = 2048
-    # curate
-    size: int = 1000
-    difficulty_samples: int = 1  # 0 skips the difficulty filter
-    difficulty_max_tokens: int = 96  # the base model's thinking budget; then its answer is forced
-    # train
-    epochs: int = 3
-    batch_size: int = 8
-    learning_rate: float = 2e-4
-    lora_rank: int = 16
-    max_length: int = 2048
-    # evaluate: questions disjoint from the training ones
-    eval_questions: Path | None = None
-    num_eval_questions: int = 24
-    budgets: list[int] = field(default_factory=lambda: [16, 32, 64])
-    answer_tokens: int = 16  # room after the thinking for the answer line (difficulty checks and evaluate)
-    seed: int = 0
+    workdir: Annotated[Path, setting("Where every step reads and writes its files.", flags=("-w",))]
+    base_url: Annotated[str, SERVICE_URL] = DEFAULT_SERVICE_URL
+    model: Annotated[str, MODEL_NAME] = ""
+    api_key: Annotated[str | None, SERVICE_KEY] = None
+    teacher: Annotated[
+        str,
+        setting(
+            "collect: api (a model behind --teacher-base-url) or builtin (the problem generator's worked "
+            "solutions; offline, built-in questions only)."
+        ),
+    ] = "api"
+    teacher_base_url: Annotated[
+        str, setting("collect: the teacher's OpenAI-compatible base URL (.../v1).")
+    ] = ""
+    teacher_model: Annotated[str, setting("collect: the teacher model name.")] = ""
+    teacher_api_key: Annotated[
+        str | None, setting("collect: the teacher's key.", envvar="OPENAI_API_KEY")
+    ] = None
+    questions: Annotated[
+        Path | None,
+        setting(
+            "collect: jsonl with question + integer answer (default: built-in arithmetic and word problems)."
+        ),
+    ] = None
+    num_questions: Annotated[int, setting("collect: how many built-in questions.", ge=1)] = 60
+    teacher_max_tokens: Annotated[int, setting("collect: longest teacher reply, in tokens.", ge=1)] = 2048
+    size: Annotated[int, setting("curate: examples to keep.", ge=1)] = 1000
+    difficulty_samples: Annotated[
+        int, setting("curate: base-model attempts per question (0: no difficulty filter).", ge=0)
+    ] = 1
+    difficulty_max_tokens: Annotated[
+        int, setting("curate: the base model's thinking budget before its answer is forced.", ge=1)
+    ] = 96
+    epochs: Annotated[int, setting("train: passes over the curated set.", ge=1)] = 3
+    batch_size: Annotated[int, setting("train: examples per optimizer step.", ge=1)] = 8
+    learning_rate: Annotated[float, setting("train: Adam learning rate.", ge=0)] = 2e-4
+    lora_rank: Annotated[int, setting("train: LoRA rank.", ge=1)] = 16
+    max_length: Annotated[
+        int, setting("train: longest example in tokens (longer ones are skipped).", ge=2)
+    ] = 2048
+    eval_questions: Annotated[
+        Path | None,
+        setting("evaluate: jsonl of held-out questions (default: built-in ones not used in training)."),
+    ] = None
+    num_eval_questions: Annotated[int, setting("evaluate: how many built-in held-out questions.", ge=1)] = 24
+    budgets: Annotated[
+        list[PositiveInt], setting("evaluate: thinking budgets in tokens, comma-separated.")
+    ] = field(default_factory=lambda: [16, 32, 64])
+    answer_tokens: Annotated[
+        int, setting("curate, evaluate: tokens for the answer after thinking.", ge=1)
+    ] = 16
+    seed: Annotated[int, setting("Seed for the built-in questions, shuffling and the LoRA init.")] = 0
 
     def path(self, name: str) -> Path:
         return Path(self.workdir) / name
 
 
-# --- jsonl -----------------------------------------------------------------------------------------------------
+# --- jsonl --------------------------------------------------------------------------------------------------
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -131,7 +167,7 @@ def append_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
         fh.flush()
 
 
-# --- 1. collect --------------------------------------------------------------------------------------------------
+# --- 1. collect ---------------------------------------------------------------------------------------------
 
 
 def training_problems(cfg: S1Config) -> list[Problem]:
@@ -157,7 +193,8 @@ def split_trace(content: str, reasoning: str | None = None) -> tuple[str, str] |
 
 
 def collect(cfg: S1Config, console: Console | None = None) -> Path:
-    """Ask the teacher about every question not yet in collected.jsonl; one row per answer, written at once."""
+    """Ask the teacher about every question not yet in collected.jsonl; one row per answer, written at
+    once."""
     console = console or Console(stderr=True)
     out = cfg.path(COLLECTED)
     done = {row["id"] for row in read_jsonl(out)}
@@ -203,11 +240,12 @@ def collect(cfg: S1Config, console: Console | None = None) -> Path:
     return out
 
 
-# --- sampling through the service ------------------------------------------------------------------------------
+# --- sampling through the service ---------------------------------------------------------------------------
 
 
 class ServiceSampler:
-    """Batched completions of token prompts from the service's `/v1`, with nightlab's `budget_forcing` field."""
+    """Batched completions of token prompts from the service's `/v1`, with nightlab's `budget_forcing`
+    field."""
 
     def __init__(self, cfg: S1Config) -> None:
         self.client = openai.OpenAI(base_url=cfg.base_url.rstrip("/") + "/v1", api_key=cfg.api_key or "local")
@@ -233,7 +271,8 @@ class ServiceSampler:
 
 
 def service_tokenizer(cfg: S1Config):
-    """The base model's tokenizer as the tinker client resolves it (what the server reports as tokenizer_id)."""
+    """The base model's tokenizer as the tinker client resolves it (what the server reports as
+    tokenizer_id)."""
     with connect(cfg.base_url, cfg.api_key) as service:
         return service.create_sampling_client(base_model=cfg.model).result().get_tokenizer()
 
@@ -243,7 +282,7 @@ def chunks(items: list, size: int) -> Iterable[list]:
         yield items[i : i + size]
 
 
-# --- 2. curate ---------------------------------------------------------------------------------------------------
+# --- 2. curate ----------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -270,8 +309,8 @@ class CurateReport:
 def check_difficulty(cfg: S1Config, rows: list[dict[str, Any]], console: Console) -> dict[str, int]:
     """How often the base model answers each question right, sampled through the service; cached per id.
 
-    A base model rarely closes its thinking by itself, so its thinking is cut at `difficulty_max_tokens` and the
-    answer prefix forced (budget forcing), which makes it commit to an answer that can be graded.
+    A base model rarely closes its thinking by itself, so its thinking is cut at `difficulty_max_tokens` and
+    the answer prefix forced (budget forcing), which makes it commit to an answer that can be graded.
     """
     cache = cfg.path(BASE_CHECKS)
     correct = {r["id"]: r["correct"] for r in read_jsonl(cache)}
@@ -301,7 +340,8 @@ def check_difficulty(cfg: S1Config, rows: list[dict[str, Any]], console: Console
 
 
 def balance(rows: list[dict[str, Any]], size: int, seed: int) -> list[dict[str, Any]]:
-    """Round-robin over problem types, longest thinking first within a type (s1: longer traces, harder problems)."""
+    """Round-robin over problem types, longest thinking first within a type (s1: longer traces, harder
+    problems)."""
     by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_type[row["type"]].append(row)
@@ -318,7 +358,8 @@ def balance(rows: list[dict[str, Any]], size: int, seed: int) -> list[dict[str, 
 
 
 def curate(cfg: S1Config, console: Console | None = None) -> CurateReport | None:
-    """Filter collected.jsonl into curated.jsonl; None when curated.jsonl already exists (delete it to redo)."""
+    """Filter collected.jsonl into curated.jsonl; None when curated.jsonl already exists (delete it to
+    redo)."""
     console = console or Console(stderr=True)
     out = cfg.path(CURATED)
     if out.is_file():
@@ -364,7 +405,7 @@ def curate(cfg: S1Config, console: Console | None = None) -> CurateReport | None
     return report
 
 
-# --- 3. train ----------------------------------------------------------------------------------------------------
+# --- 3. train -----------------------------------------------------------------------------------------------
 
 
 def trained_sampler_path(cfg: S1Config) -> str | None:
@@ -374,7 +415,8 @@ def trained_sampler_path(cfg: S1Config) -> str | None:
 
 
 def train(cfg: S1Config, console: Console | None = None) -> str:
-    """LoRA SFT on curated.jsonl; state is saved every epoch so a killed run resumes there. Returns sampler path."""
+    """LoRA SFT on curated.jsonl; state is saved every epoch so a killed run resumes there. Returns sampler
+    path."""
     console = console or Console(stderr=True)
     finished = trained_sampler_path(cfg)
     if finished:
@@ -442,11 +484,12 @@ def run_epochs(
             append_jsonl(log, [{"event": "saved", "epoch": epoch, "path": path}])
 
 
-# --- 4. evaluate -------------------------------------------------------------------------------------------------
+# --- 4. evaluate --------------------------------------------------------------------------------------------
 
 
 def evaluation_problems(cfg: S1Config) -> list[Problem]:
-    """Held-out questions: from a file, else built-in ones with a different seed and no question seen in training."""
+    """Held-out questions: from a file, else built-in ones with a different seed and no question seen in
+    training."""
     if cfg.eval_questions:
         return list(read_problems(cfg.eval_questions))
     seen = {p.question for p in training_problems(cfg)}

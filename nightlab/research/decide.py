@@ -2,7 +2,8 @@
 
 Greedy "lower is better" loops keep lucky seeds. Here the noise floor is the spread of repeated runs of the
 same code (each with another seed offset): the baseline repeats, pooled with every candidate that was re-run,
-so an estimate from a few baseline runs that came out too small grows as the run goes on.
+so an estimate from a few baseline runs that came out too small grows as the run goes on. The rule works on
+numbers alone; which journal records count as repeats is `state.repeat_groups`.
 
 A candidate's first run must beat the best by more than max(min_delta, z * noise) to be considered at all.
 It is then re-run with other seeds (up to `confirm_runs` times), and kept only when the mean of the re-runs,
@@ -17,12 +18,10 @@ passes the test on its own is kept without re-runs.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import statistics
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from nightlab.config import DecideSection
 
@@ -92,17 +91,6 @@ def t_quantile(p: float, dof: int) -> float:
     return high
 
 
-def repeat_groups(rows: Iterable[Mapping[str, Any]]) -> list[list[float]]:
-    """From journal experiment rows: the measured baseline runs, then every candidate measured more than once."""
-    base = [r["metric"] for r in rows if r["kind"] == "baseline" and r["decision"] == "keep"]
-    repeats = [
-        runs
-        for r in rows
-        if r["kind"] == "candidate" and len(runs := json.loads(r["metric_runs_json"] or "[]")) >= 2
-    ]
-    return ([base] if base else []) + repeats
-
-
 def gain(candidate: float, best: float, goal: Goal) -> float:
     """How much better the candidate is than the best, positive when better, in the metric's units."""
     return best - candidate if goal == "minimize" else candidate - best
@@ -114,7 +102,8 @@ def bar(noise: float, rule: DecideSection) -> float:
 
 
 def critical_margin(noise: float, dof: int, runs: int, best_runs: int, alpha: float) -> float:
-    """The margin a mean of `runs` unselected runs must exceed to beat the best at level alpha (one-sided t)."""
+    """The margin a mean of `runs` unselected runs must exceed to beat the best at level alpha (one-sided
+    t)."""
     return t_quantile(1.0 - alpha, dof) * noise * math.sqrt(1.0 / runs + 1.0 / best_runs)
 
 
@@ -138,7 +127,8 @@ def probability_better(margin: float, noise: float, n_candidate: int, n_best: in
 def judge(
     runs: list[float], best: float, best_runs: int, noise: float, dof: int, goal: Goal, rule: DecideSection
 ) -> Judgement:
-    """Decide on a candidate from its runs so far: keep, discard, or ask for another run (see the module docstring).
+    """Decide on a candidate from its runs so far: keep, discard, or ask for another run (see the module
+    docstring).
 
     `runs` holds the first run, then the re-runs; `noise` and `dof` are the pooled noise floor they are judged
     against, with the candidate's own spread in it once it has been re-run.
@@ -182,7 +172,8 @@ def judge_runs(
     goal: Goal,
     rule: DecideSection,
 ) -> tuple[Judgement, float]:
-    """`judge` with the noise pooled from `repeats` and, once re-run, the candidate's own runs; and that noise."""
+    """`judge` with the noise pooled from `repeats` and, once re-run, the candidate's own runs; and that
+    noise."""
     groups = [*repeats, runs] if len(runs) >= 2 else repeats
     noise = pooled_noise_floor(groups)
     return judge(runs, best, best_runs, noise, pooled_dof(groups), goal, rule), noise

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
+from nightlab.errors import NightlabError
+
 FORMAT_EXAMPLE = """path/to/file.py
 <<<<<<< SEARCH
 exact lines copied from the current file
@@ -30,7 +32,7 @@ _FENCE = re.compile(r"^\s*(```|~~~)")
 _FILENAME_LOOKBACK = 3
 
 
-class EditError(ValueError):
+class EditError(NightlabError, ValueError):
     """A patch that cannot be applied; the message says what is wrong and how to write it instead."""
 
 
@@ -140,8 +142,8 @@ def parse_search_replace(text: str) -> list[SearchReplace]:
         path = _filename_before(lines, i) or previous
         if path is None:
             raise EditError(
-                f"line {i + 1}: a SEARCH block without a file name; put the file's relative path alone on the "
-                f"line right before `<<<<<<< SEARCH`, like this:\n{FORMAT_EXAMPLE}"
+                f"line {i + 1}: a SEARCH block without a file name; put the file's relative path alone "
+                f"on the line right before `<<<<<<< SEARCH`, like this:\n{FORMAT_EXAMPLE}"
             )
         divider = _find_marker(lines, i + 1, _DIVIDER)
         if divider is None:

@@ -7,6 +7,9 @@ head of every chain (row count and last hash) is also written, after each commit
 the database; a journal shorter than its head, or different at the head's row, is refused. The only mutable
 table is `pending`: the marker of the experiment in flight, which lets a killed run resume without losing or
 duplicating an experiment.
+
+Rows leave this module only as typed records (`Run`, `Experiment`, `HeldoutResult`, `Pending`): the JSON
+columns are parsed here, once, so no caller handles a row dict or a JSON string.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import json
 import os
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from nightlab.errors import NightlabError
 
 STATE_DIR = ".nightlab"
 JOURNAL_NAME = "journal.sqlite"
@@ -88,8 +93,8 @@ HELDOUT_COLUMNS = [
     "sandbox_reason",
 ]
 CHAINED = {"runs": RUN_COLUMNS, "experiments": EXPERIMENT_COLUMNS, "heldout": HELDOUT_COLUMNS}
-# Columns added after journals were first written: an older database gets them on open, and a row's hash leaves
-# them out while they are NULL, so rows written before them still verify.
+# Columns added after journals were first written: an older database gets them on open, and a row's hash
+# leaves them out while they are NULL, so rows written before them still verify.
 ADDED_COLUMNS = {"experiments": ("train_limit",), "heldout": ("sandboxed", "sandbox_reason")}
 
 _TYPES = {
@@ -116,9 +121,9 @@ _TYPES = {
 }
 
 
-class ChainError(RuntimeError):
-    """The journal cannot be trusted as it is: a row was edited, inserted or removed outside nightlab, its head
-    record is missing, or it was written by a nightlab with another schema."""
+class ChainError(NightlabError, RuntimeError):
+    """The journal cannot be trusted as it is: a row was edited, inserted or removed outside nightlab, its
+    head record is missing, or it was written by a nightlab with another schema."""
 
 
 def _normalize(column: str, value: Any) -> Any:
@@ -141,7 +146,7 @@ def _canonical_hash(table: str, row: dict[str, Any], prev_hash: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
     """One `nightlab run` session series over a workspace (resumable by tag)."""
 
@@ -155,6 +160,144 @@ class Run:
     preserved: list[str]
     metric_name: str
     goal: str
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One row of the experiments table; each `<name>_json` column is the parsed field `<name>`.
+
+    A column stored as NULL reads back as the field's default: "" for the texts every row has, an empty list
+    or dict for the JSON columns, None for the rest (a commit that was never made, a number never measured).
+    """
+
+    run_id: int
+    number: int
+    kind: str  # baseline | candidate
+    decision: str = ""  # keep | discard | crash | timeout | invalid | overrun
+    reason: str = ""
+    commit_sha: str | None = None
+    parent_commit: str | None = None
+    patch: str | None = None
+    patch_format: str | None = None
+    diff: str | None = None
+    description: str = ""
+    rationale: str = ""
+    proposer: str = ""
+    params: dict[str, float] = field(default_factory=dict)
+    metric: float | None = None  # the mean of `metric_runs`
+    metric_runs: list[float] = field(default_factory=list)  # the first run, then the confirmation re-runs
+    extra: dict[str, float] = field(default_factory=dict)
+    margin: float | None = None
+    sigmas: float | None = None
+    probability: float | None = None
+    noise: float | None = None
+    best_before: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per phase, in the order they ran
+    exit_code: int | None = None
+    peak_rss_mb: float | None = None
+    log_path: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cost_usd: float | None = None
+    sandboxed: bool | None = None
+    sandbox_reason: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    train_limit: float | None = None
+
+
+@dataclass(frozen=True)
+class HeldoutResult:
+    """One row of the heldout table: a commit trained afresh, scored on validation and on the test split."""
+
+    run_id: int
+    commit_sha: str
+    label: str  # baseline | best
+    validation: float | None = None
+    test: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)  # {"reason": why a score is missing}
+    log_path: str | None = None
+    created_at: float | None = None
+    sandboxed: bool | None = None  # None in rows written before nightlab recorded it
+    sandbox_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Pending:
+    """The marker of the experiment in flight: its record as far as it is known before it ends (what it is,
+    not how it went), so that a resume can record it as interrupted."""
+
+    experiment: Experiment
+    pgid: int | None = None  # the running phase's process group, so that a resume can stop it
+    started_at: float = 0.0  # when the marker was last written; set by the journal
+
+    @property
+    def number(self) -> int:
+        return self.experiment.number
+
+
+R = TypeVar("R", Experiment, HeldoutResult)
+
+# The JSON columns and the fields they parse into; dicts are written with sorted keys except the timings,
+# whose order is the order the phases ran.
+_JSON_FIELDS = {
+    "params_json": "params",
+    "metric_runs_json": "metric_runs",
+    "extra_json": "extra",
+    "timings_json": "timings",
+}
+_JSON_COLUMNS = {name: column for column, name in _JSON_FIELDS.items()}
+_UNSORTED_JSON = {"timings_json"}
+
+
+def _to_columns(record: Experiment | HeldoutResult, columns: list[str]) -> dict[str, Any]:
+    """The row to store for a record: JSON columns serialised, flags as 0/1."""
+    row: dict[str, Any] = {}
+    for column in columns:
+        value = getattr(record, _JSON_FIELDS.get(column, column))
+        if column in _JSON_FIELDS:
+            value = json.dumps(value, sort_keys=column not in _UNSORTED_JSON)
+        elif isinstance(value, bool):
+            value = int(value)
+        row[column] = value
+    return row
+
+
+def _from_columns(cls: type[R], row: sqlite3.Row | dict[str, Any]) -> R:
+    """The record of a stored row (or of its columns in a marker); a NULL, or a column the row predates,
+    becomes the field's default (see `Experiment`)."""
+    values: dict[str, Any] = {}
+    have = set(row.keys())
+    for f in fields(cls):
+        column = _JSON_COLUMNS.get(f.name, f.name)
+        value = row[column] if column in have else None
+        if value is None:
+            continue  # the field's default
+        if column in _JSON_FIELDS:
+            value = json.loads(value)
+        elif f.name == "sandboxed":
+            value = bool(value)
+        values[f.name] = value
+    return cls(**values)
+
+
+def _pending_from(row: sqlite3.Row, run_id: int) -> Pending:
+    payload = json.loads(row["payload"])
+    if "experiment" in payload:
+        experiment = _from_columns(Experiment, payload["experiment"])
+    else:
+        experiment = _older_marker(run_id, row["number"], payload)
+    return Pending(experiment, pgid=payload.get("pgid"), started_at=row["started_at"])
+
+
+def _older_marker(run_id: int, number: int, payload: dict[str, Any]) -> Experiment:
+    """What a marker of an older nightlab announced: a few fields by other names, the spend under "usage"."""
+    renamed = {"commit": "commit_sha", "parent": "parent_commit"}
+    known = {f.name for f in fields(Experiment)}
+    values = {renamed.get(k, k): v for k, v in {**payload, **(payload.get("usage") or {})}.items()}
+    return Experiment(
+        run_id=run_id, number=number, **{k: v for k, v in values.items() if k in known and v is not None}
+    )
 
 
 class Journal:
@@ -200,8 +343,8 @@ class Journal:
             missing = [c for c in columns if c not in have]
             if missing:
                 raise ChainError(
-                    f"{self.path}: table {table} lacks column(s) {', '.join(missing)}: it was written by another "
-                    f"version of nightlab; move {self.path.parent} aside to start a new journal"
+                    f"{self.path}: table {table} lacks column(s) {', '.join(missing)}: it was written by "
+                    f"another version of nightlab; move {self.path.parent} aside to start a new journal"
                 )
 
     # --- chained inserts -------------------------------------------------------------------------------
@@ -274,16 +417,17 @@ class Journal:
         if head is None:
             if any(counts.values()):
                 raise ChainError(
-                    f"{self.head_path} is missing, so rows cut from the end of the journal could not be noticed; "
-                    "it was deleted, or the journal was written by an older nightlab"
+                    f"{self.head_path} is missing, so rows cut from the end of the journal could not be "
+                    "noticed; it was deleted, or the journal was written by an older nightlab"
                 )
             return
         for table in CHAINED:
             want, have = head[table], counts[table]
             if have < want["rows"]:
                 raise ChainError(
-                    f"journal chain broken at the end of {table}: it has {have} row(s) but {self.head_path.name} "
-                    f"records {want['rows']} ending at row id={want['last_id']}; rows were removed from the end"
+                    f"journal chain broken at the end of {table}: it has {have} row(s) but "
+                    f"{self.head_path.name} records {want['rows']} ending at row id={want['last_id']}; "
+                    "rows were removed from the end"
                 )
             if want["rows"]:
                 row = self.db.execute(
@@ -383,27 +527,30 @@ class Journal:
 
     # --- experiments -----------------------------------------------------------------------------------
 
-    def mark_pending(self, run_id: int, number: int, payload: dict[str, Any]) -> None:
+    def mark_pending(self, marker: Pending) -> None:
         """Record that an experiment is about to run, so a kill leaves a trace the resume can settle."""
+        payload = {"experiment": _to_columns(marker.experiment, EXPERIMENT_COLUMNS), "pgid": marker.pgid}
         self.db.execute(
             "INSERT OR REPLACE INTO pending (run_id, number, payload, started_at) VALUES (?, ?, ?, ?)",
-            (run_id, number, json.dumps(payload), time.time()),
+            (marker.experiment.run_id, marker.number, json.dumps(payload), time.time()),
         )
 
-    def pending(self, run_id: int) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM pending WHERE run_id=? ORDER BY number", (run_id,)).fetchall()
-        return [
-            {"number": r["number"], "started_at": r["started_at"], **json.loads(r["payload"])} for r in rows
-        ]
+    def pending(self, run_id: int) -> list[Pending]:
+        rows = self.db.execute("SELECT * FROM pending WHERE run_id=? ORDER BY number", (run_id,))
+        return [_pending_from(r, run_id) for r in rows]
 
-    def record_experiment(self, row: dict[str, Any]) -> int:
-        """Append a finished experiment and clear its pending marker in the same transaction."""
-        row = {**row, "finished_at": row.get("finished_at") or time.time()}
-        return self._append("experiments", row, delete_pending=(row["run_id"], row["number"]))
+    def record_experiment(self, experiment: Experiment) -> Experiment:
+        """Append a finished experiment and clear its pending marker in the same transaction; return it as
+        stored (with `finished_at`)."""
+        if experiment.finished_at is None:
+            experiment = replace(experiment, finished_at=time.time())
+        row = _to_columns(experiment, EXPERIMENT_COLUMNS)
+        self._append("experiments", row, delete_pending=(experiment.run_id, experiment.number))
+        return experiment
 
-    def experiments(self, run_id: int) -> list[dict[str, Any]]:
+    def experiments(self, run_id: int) -> list[Experiment]:
         rows = self.db.execute("SELECT * FROM experiments WHERE run_id=? ORDER BY number", (run_id,))
-        return [dict(r) for r in rows]
+        return [_from_columns(Experiment, r) for r in rows]
 
     def next_number(self, run_id: int) -> int:
         row = self.db.execute(
@@ -415,12 +562,15 @@ class Journal:
 
     # --- held-out ---------------------------------------------------------------------------------------
 
-    def record_heldout(self, row: dict[str, Any]) -> int:
-        return self._append("heldout", {**row, "created_at": time.time()})
+    def record_heldout(self, result: HeldoutResult) -> HeldoutResult:
+        """Append a held-out score; return it as stored (with `created_at`)."""
+        result = replace(result, created_at=time.time())
+        self._append("heldout", _to_columns(result, HELDOUT_COLUMNS))
+        return result
 
-    def heldout(self, run_id: int) -> list[dict[str, Any]]:
+    def heldout(self, run_id: int) -> list[HeldoutResult]:
         rows = self.db.execute("SELECT * FROM heldout WHERE run_id=? ORDER BY id", (run_id,))
-        return [dict(r) for r in rows]
+        return [_from_columns(HeldoutResult, r) for r in rows]
 
     # --- views -----------------------------------------------------------------------------------------
 
@@ -434,11 +584,10 @@ class Journal:
             out = csv.writer(f, delimiter="\t", lineterminator="\n")
             out.writerow(["commit", run.metric_name, "memory_gb", "status", "description"])
             for e in self.experiments(run.id):
-                metric = f"{e['metric']:.6f}" if e["metric"] is not None else "0.000000"
-                memory = f"{(e['peak_rss_mb'] or 0.0) / 1024:.1f}"
-                commit = (e["commit_sha"] or "-------")[:7]
-                description = " ".join((e["description"] or "").split())
-                out.writerow([commit, metric, memory, e["decision"], description])
+                metric = f"{e.metric:.6f}" if e.metric is not None else "0.000000"
+                memory = f"{(e.peak_rss_mb or 0.0) / 1024:.1f}"
+                commit = (e.commit_sha or "-------")[:7]
+                out.writerow([commit, metric, memory, e.decision, " ".join(e.description.split())])
         return path
 
     def _run_by_id(self, run_id: int) -> Run | None:

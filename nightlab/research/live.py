@@ -1,10 +1,13 @@
-"""What a person watching `nightlab run` sees: a rich Live panel on a terminal, plain log lines otherwise."""
+"""What a person watching `nightlab run` sees: a rich Live panel on a terminal, plain log lines otherwise.
+
+`Observer` is everything the loop tells a view; the loop knows its views only through it.
+"""
 
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any
+from typing import Protocol
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -12,7 +15,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from nightlab.research.loop import LoopState
+from nightlab.research.journal import Experiment
+from nightlab.research.state import LoopState
 
 DECISION_STYLE = {
     "keep": "bold green",
@@ -24,16 +28,33 @@ DECISION_STYLE = {
 }
 
 
+class Observer(Protocol):
+    """What a view of the loop hears about: the run starting and stopping, each phase and its output lines,
+    each recorded experiment, and messages."""
+
+    def started(self, state: LoopState, resumed: bool) -> None: ...
+    def phase_started(self, number: int | str, description: str, phase: str, limit: float) -> None: ...
+    def output(self, line: str) -> None: ...
+    def experiment_finished(self, experiment: Experiment, state: LoopState) -> None: ...
+    def message(self, text: str) -> None: ...
+    def finished(self, state: LoopState) -> None: ...
+
+
+class SilentView(Observer):
+    """Hears everything and shows nothing (the protocol's empty bodies), for runs without a view."""
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"
 
 
-def _describe_row(row: dict[str, Any], state: LoopState) -> str:
-    what = "baseline" if row["kind"] == "baseline" else (row["description"] or "")
-    metric = f"{state.metric_name}={_fmt(row['metric'])}"
-    sigma = f" ({row['sigmas']:+.1f} noise)" if row.get("sigmas") is not None else ""
-    reason = f": {row['reason']}" if row["decision"] not in ("keep",) and row.get("reason") else ""
-    return f"#{row['number']} {row['decision']} {metric}{sigma} {what}{reason}"
+def _describe(experiment: Experiment, state: LoopState) -> str:
+    e = experiment
+    what = "baseline" if e.kind == "baseline" else e.description
+    metric = f"{state.metric_name}={_fmt(e.metric)}"
+    sigma = f" ({e.sigmas:+.1f} noise)" if e.sigmas is not None else ""
+    reason = f": {e.reason}" if e.decision != "keep" and e.reason else ""
+    return f"#{e.number} {e.decision} {metric}{sigma} {what}{reason}"
 
 
 def _sandbox_words(state: LoopState) -> str:
@@ -64,8 +85,8 @@ class PlainView:
     def output(self, line: str) -> None:
         """The full output is in the experiment's log file; a plain view stays quiet."""
 
-    def experiment_finished(self, row: dict[str, Any], state: LoopState) -> None:
-        self._say(_describe_row(row, state))
+    def experiment_finished(self, experiment: Experiment, state: LoopState) -> None:
+        self._say(_describe(experiment, state))
         if state.best is not None:
             self._say(
                 f"best {state.metric_name}={_fmt(state.best)} noise={_fmt(state.noise)} "
@@ -139,9 +160,9 @@ class LiveView(PlainView):
         with self._lock:
             self._last_line = line
 
-    def experiment_finished(self, row: dict[str, Any], state: LoopState) -> None:
-        style = DECISION_STYLE.get(row["decision"], "")
-        self.console.print(Text(_describe_row(row, state), style=style))
+    def experiment_finished(self, experiment: Experiment, state: LoopState) -> None:
+        style = DECISION_STYLE.get(experiment.decision, "")
+        self.console.print(Text(_describe(experiment, state), style=style))
         with self._lock:
             self._state = state
 

@@ -2,12 +2,12 @@
 
 Two channels exist. `log` parses `name: value` lines from the run log (simple, but editable code can print
 anything). `harness` accepts only lines signed with a key that the loop hands to the evaluate step alone, so a
-number printed by the code under test is logged and otherwise ignored.
+number printed by the code under test is logged and otherwise ignored. Harnesses sign with
+`nightlab.harness.sign_metrics`; this module reads and verifies.
 """
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import math
@@ -15,13 +15,14 @@ import re
 from dataclasses import dataclass, field
 
 from nightlab.config import MetricSection
+from nightlab.errors import NightlabError
+from nightlab.harness import SIGNED_PREFIX, signature
 
-SIGNED_PREFIX = "NIGHTLAB_METRIC"
 _SIGNED_LINE = re.compile(rf"^{SIGNED_PREFIX} (\{{.*\}}) ([0-9a-f]{{64}})\s*$")
 _NUMBER = r"([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf|infinity))"
 
 
-class MetricError(ValueError):
+class MetricError(NightlabError, ValueError):
     """The output holds no usable metric; the message says what was missing or wrong."""
 
 
@@ -31,20 +32,6 @@ class Measurement:
 
     value: float
     extra: dict[str, float] = field(default_factory=dict)
-
-
-def _canonical(metrics: dict[str, float]) -> str:
-    return json.dumps(metrics, sort_keys=True, separators=(",", ":"))
-
-
-def _signature(payload: str, key: str) -> str:
-    return hmac.new(key.encode(), payload.encode(), hashlib.sha256).hexdigest()
-
-
-def sign_metrics(metrics: dict[str, float], key: str) -> str:
-    """The one line a harness prints to report metrics: `NIGHTLAB_METRIC <json> <hmac-sha256 hex>`."""
-    payload = _canonical({name: float(v) for name, v in metrics.items()})
-    return f"{SIGNED_PREFIX} {payload} {_signature(payload, key)}"
 
 
 def read_signed_metrics(text: str, key: str) -> dict[str, float]:
@@ -61,7 +48,7 @@ def read_signed_metrics(text: str, key: str) -> dict[str, float]:
             forged += line.startswith(SIGNED_PREFIX)
             continue
         payload, sig = m.groups()
-        if not hmac.compare_digest(sig, _signature(payload, key)):
+        if not hmac.compare_digest(sig, signature(payload, key)):
             forged += 1
             continue
         try:

@@ -3,34 +3,38 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+if TYPE_CHECKING:
+    from nightlab.research.journal import Experiment
+
 
 def plot_progress(
-    experiments: list[dict[str, Any]], metric_name: str, goal: str, path: Path, noise: float | None = None
+    experiments: Sequence[Experiment], metric_name: str, goal: str, path: Path, noise: float | None = None
 ) -> Path:
-    """Draw the run's progress from journal rows (baseline rows included) and save it as a PNG."""
+    """Draw the run's progress from its journal records (baselines included) and save it as a PNG."""
     fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
-    measured = [e for e in experiments if e["metric"] is not None]
-    others = [e for e in measured if e["decision"] != "keep"]
-    kept = [e for e in measured if e["decision"] == "keep"]
+    measured = [e for e in experiments if e.metric is not None]
+    others = [e for e in measured if e.decision != "keep"]
+    kept = [e for e in measured if e.decision == "keep"]
     ax.scatter(
-        [e["number"] for e in others],
-        [e["metric"] for e in others],
+        [e.number for e in others],
+        [e.metric for e in others],
         s=18,
         color="#9a9a9a",
         label="discarded",
         zorder=2,
     )
     ax.scatter(
-        [e["number"] for e in kept],
-        [e["metric"] for e in kept],
+        [e.number for e in kept],
+        [e.metric for e in kept],
         s=40,
         color="#1a9641",
         edgecolor="black",
@@ -38,24 +42,24 @@ def plot_progress(
         label="kept",
         zorder=3,
     )
-    failed = [e for e in experiments if e["metric"] is None]
+    failed = [e for e in experiments if e.metric is None]
     if failed and measured:
-        top = max(e["metric"] for e in measured) if goal == "minimize" else min(e["metric"] for e in measured)
+        top = max(e.metric for e in measured) if goal == "minimize" else min(e.metric for e in measured)
         ax.scatter(
-            [e["number"] for e in failed],
+            [e.number for e in failed],
             [top] * len(failed),
             marker="x",
             color="#d7191c",
             label="crash / invalid / timeout / overrun",
             zorder=2,
         )
-    base = [e["metric"] for e in kept if e["kind"] == "baseline"]
+    base = [e.metric for e in kept if e.kind == "baseline"]
     if base:
         xs, ys, best = [], [], statistics.fmean(base)
         for e in experiments:
-            if e["kind"] == "candidate" and e["decision"] == "keep":
-                best = e["metric"]
-            xs.append(e["number"])
+            if e.kind == "candidate" and e.decision == "keep":
+                best = e.metric
+            xs.append(e.number)
             ys.append(best)
         ax.step(xs, ys, where="post", color="#1a9641", linewidth=1.5, label="best so far", zorder=1)
         if noise:
@@ -71,7 +75,7 @@ def plot_progress(
             )
     ax.set_xlabel("experiment")
     ax.set_ylabel(f"{metric_name} ({'lower' if goal == 'minimize' else 'higher'} is better)")
-    keeps = sum(e["kind"] == "candidate" and e["decision"] == "keep" for e in experiments)
+    keeps = sum(e.kind == "candidate" and e.decision == "keep" for e in experiments)
     ax.set_title(f"nightlab: {len(experiments)} runs, {keeps} kept")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)

@@ -1,21 +1,25 @@
-"""`nightlab report`: report.md, progress.png and results.tsv for one run, all derived from the journal."""
+"""`nightlab report`: report.md, progress.png and results.tsv for one run, all derived from the journal.
+
+The summary numbers (baseline, best, noise floor, counts, spend) are the loop's own state rebuilt from the
+journal (`state.from_journal`), so the report and the run can never disagree about them.
+"""
 
 from __future__ import annotations
 
-import json
-import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from nightlab.config import NightlabConfig
+from nightlab.errors import NightlabError
 from nightlab.research import decide
-from nightlab.research.journal import STATE_DIR, Journal, Run
+from nightlab.research.journal import STATE_DIR, Experiment, HeldoutResult, Journal, Run
 from nightlab.research.plots import plot_progress
+from nightlab.research.state import LoopState, from_journal
 
 
-class ReportError(RuntimeError):
+class ReportError(NightlabError, RuntimeError):
     """Nothing to report (no journal, no such run)."""
 
 
@@ -46,69 +50,71 @@ def _cell(text: str | None, limit: int = 120) -> str:
 
 
 def overfit_suspected(val_gain: float, test_gain: float, bar: float) -> bool:
-    """A validation gain that test does not share: the gap is beyond the noise and under half of it carried over.
+    """A validation gain that test does not share: the gap is beyond the noise and under half of it carried
+    over.
 
-    Both conditions, because two splits rarely show a real gain at exactly the same size: a gap beyond the seed
-    noise alone would also flag honest gains measured on splits of different difficulty.
+    Both conditions, because two splits rarely show a real gain at exactly the same size: a gap beyond the
+    seed noise alone would also flag honest gains measured on splits of different difficulty.
     """
     return val_gain - test_gain > bar and test_gain < val_gain / 2
 
 
-def heldout_lines(rows: list[dict[str, Any]], goal: decide.Goal, bar: float) -> list[str]:
+def heldout_lines(results: list[HeldoutResult], goal: decide.Goal, bar: float) -> list[str]:
     """Validation vs test for the baseline and the best; flag a gain that did not carry over to test."""
-    by_label = {r["label"]: r for r in rows}
+    by_label = {r.label: r for r in results}
     lines = ["| | commit | validation | test | sandbox |", "|---|---|---|---|---|"]
     for label in ("baseline", "best"):
-        if label in by_label:
-            r = by_label[label]
+        if r := by_label.get(label):
             lines.append(
-                f"| {label} | `{r['commit_sha'][:7]}` | {_f(r['validation'])} | {_f(r['test'])} | "
-                f"{_sandbox_cell(r['sandboxed'])} |"
+                f"| {label} | `{r.commit_sha[:7]}` | {_f(r.validation)} | {_f(r.test)} | "
+                f"{_sandbox_cell(r.sandboxed)} |"
             )
     base, best = by_label.get("baseline"), by_label.get("best")
-    if base and best and None not in (base["validation"], base["test"], best["validation"], best["test"]):
-        val_gain = decide.gain(best["validation"], base["validation"], goal)
-        test_gain = decide.gain(best["test"], base["test"], goal)
+    if base and best and None not in (base.validation, base.test, best.validation, best.test):
+        val_gain = decide.gain(best.validation, base.validation, goal)
+        test_gain = decide.gain(best.test, base.test, goal)
         lines += ["", f"Gain over the baseline: validation {val_gain:+.6g}, test {test_gain:+.6g}."]
         if overfit_suspected(val_gain, test_gain, bar):
             lines.append(
-                f"\n**Warning: the validation gain exceeds the test gain by {val_gain - test_gain:.6g}, more "
-                f"than the noise bar ({bar:.6g}), and less than half of it carried over to the test split. The "
-                "kept changes may be fitting the validation split.**"
+                f"\n**Warning: the validation gain exceeds the test gain by {val_gain - test_gain:.6g}, "
+                f"more than the noise bar ({bar:.6g}), and less than half of it carried over to the test "
+                "split. The kept changes may be fitting the validation split.**"
             )
         else:
             lines.append(
-                f"\nThe gain carried over to the test split (its gap to the validation gain is within the noise "
-                f"bar {bar:.6g}, or at least half of the validation gain remains on test)."
+                "\nThe gain carried over to the test split (its gap to the validation gain is within the "
+                f"noise bar {bar:.6g}, or at least half of the validation gain remains on test)."
             )
-    failed = [r for r in rows if None in (r["validation"], r["test"])]
+    failed = [r for r in results if None in (r.validation, r.test)]
     if failed:
-        lines.append("\nA held-out scoring failed; see its log: " + ", ".join(r["log_path"] for r in failed))
+        lines.append(
+            "\nA held-out scoring failed; see its log: " + ", ".join(r.log_path or "" for r in failed)
+        )
     elif base and not best:
         lines.append("\nNothing was kept, so only the baseline was scored on the test split.")
     return lines
 
 
-def _sandbox_cell(sandboxed: int | None) -> str:
+def _sandbox_cell(sandboxed: bool | None) -> str:
     """A held-out row's sandbox flag; rows written before nightlab recorded it have none."""
     return "not recorded" if sandboxed is None else "on" if sandboxed else "**off**"
 
 
-def sandbox_lines(rows: list[dict[str, Any]]) -> list[str]:
+def sandbox_lines(records: Sequence[Experiment]) -> list[str]:
     """How the experiments ran, one line per sandbox state with its reason; unsandboxed runs stand out."""
     groups: dict[tuple[bool, str], int] = {}
-    for r in rows:
-        key = (bool(r["sandboxed"]), r["sandbox_reason"] or "")
+    for r in records:
+        key = (bool(r.sandboxed), r.sandbox_reason or "")
         groups[key] = groups.get(key, 0) + 1
     lines = []
     for (on, reason), count in sorted(groups.items(), reverse=True):
-        what = f"{count} of {len(rows)} journal rows"
+        what = f"{count} of {len(records)} journal rows"
         if on:
             lines.append(f"- sandbox: on for {what} ({reason or 'bubblewrap'})")
         else:
             lines.append(
-                f"- **sandbox: off for {what}: {reason or 'unsandboxed'}.** Those experiments ran as your user "
-                "and could reach the journal, the held-out split and the network (see docs/integrity.md)"
+                f"- **sandbox: off for {what}: {reason or 'unsandboxed'}.** Those experiments ran as your "
+                "user and could reach the journal, the held-out split and the network (see docs/integrity.md)"
             )
     return lines or ["- sandbox: no experiments yet"]
 
@@ -124,14 +130,12 @@ def build_report(root: Path, tag: str | None = None, out: Path | None = None) ->
         run = find_run(journal, tag)
         out = Path(out) if out else root / STATE_DIR / "reports" / run.tag
         out.mkdir(parents=True, exist_ok=True)
-        rows = journal.experiments(run.id)
+        records = journal.experiments(run.id)
         config = NightlabConfig.model_validate(run.config)
-        goal = config.metric.goal
-        base = [r["metric"] for r in rows if r["kind"] == "baseline" and r["decision"] == "keep"]
-        noise = decide.pooled_noise_floor(decide.repeat_groups(rows)) if base else None
-        plot = plot_progress(rows, run.metric_name, goal, out / "progress.png", noise)
+        state = from_journal(LoopState(), records, run.base_commit, config.experiment)
+        plot = plot_progress(records, run.metric_name, config.metric.goal, out / "progress.png", state.noise)
         tsv = journal.export_tsv(out / "results.tsv", run.id)
-        text = _markdown(run, config, rows, journal.heldout(run.id), base, noise)
+        text = _markdown(run, config, records, journal.heldout(run.id), state)
         report = out / "report.md"
         report.write_text(text, encoding="utf-8")
     finally:
@@ -142,30 +146,24 @@ def build_report(root: Path, tag: str | None = None, out: Path | None = None) ->
 def _markdown(
     run: Run,
     config: NightlabConfig,
-    rows: list[dict[str, Any]],
-    heldout: list[dict[str, Any]],
-    base: list[float],
-    noise: float | None,
+    records: list[Experiment],
+    heldout: list[HeldoutResult],
+    state: LoopState,
 ) -> str:
-    goal, name = config.metric.goal, run.metric_name
-    candidates = [r for r in rows if r["kind"] == "candidate"]
-    keeps = [r for r in candidates if r["decision"] == "keep"]
-    counts: dict[str, int] = {}
-    for r in candidates:
-        counts[r["decision"]] = counts.get(r["decision"], 0) + 1
-    baseline = statistics.fmean(base) if base else None
-    best = keeps[-1]["metric"] if keeps else baseline
-    total_gain = decide.gain(best, baseline, goal) if None not in (best, baseline) else None
-    cost = sum(r["cost_usd"] or 0 for r in rows)
-    tokens = sum((r["prompt_tokens"] or 0) + (r["completion_tokens"] or 0) for r in rows)
-    proposers = sorted({r["proposer"] for r in candidates if r["proposer"]})
-    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(rows[0]["started_at"])) if rows else "-"
+    goal, name, noise = config.metric.goal, run.metric_name, state.noise
+    candidates = [r for r in records if r.kind == "candidate"]
+    keeps = [r for r in candidates if r.decision == "keep"]
+    baseline, best = state.baseline, state.best
+    total_gain = decide.gain(best, baseline, goal) if best is not None and baseline is not None else None
+    tokens = sum((r.prompt_tokens or 0) + (r.completion_tokens or 0) for r in records)
+    proposers = sorted({r.proposer for r in candidates if r.proposer})
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(records[0].started_at)) if records else "-"
     lines = [
         f"# nightlab report: {config.workspace.name}, run `{run.tag}`",
         "",
         f"- branch `{run.branch}` from `{run.source_branch}` at `{run.base_commit[:7]}`; started {started}",
         f"- proposer: {', '.join(proposers) or '-'}",
-        *sandbox_lines(rows),
+        *sandbox_lines(records),
         f"- metric: `{name}` ({goal}), channel `{config.metric.channel}`; budget "
         f"{config.experiment.budget_seconds:g}s per experiment",
         "",
@@ -173,10 +171,10 @@ def _markdown(
         "",
         "| baseline | best | gain | noise floor (pooled) | experiments | kept | keep rate | LLM cost |",
         "|---|---|---|---|---|---|---|---|",
-        f"| {_f(baseline)} | {_f(best)} | {_f(total_gain)} | {_f(noise, 3)} | {len(candidates)} | {len(keeps)} | "
-        f"{(len(keeps) / len(candidates) if candidates else 0):.0%} | ${cost:.4f} ({tokens} tokens) |",
+        f"| {_f(baseline)} | {_f(best)} | {_f(total_gain)} | {_f(noise, 3)} | {state.experiments} | "
+        f"{state.keeps} | {state.keep_rate:.0%} | ${state.cost_usd:.4f} ({tokens} tokens) |",
         "",
-        "Decisions: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet"),
+        "Decisions: " + (", ".join(f"{k} {v}" for k, v in sorted(state.decisions.items())) or "none yet"),
         "",
         "![progress](progress.png)",
         "",
@@ -189,11 +187,10 @@ def _markdown(
             "|---|---|---|---|---|---|---|",
         ]
         for r in keeps:
-            runs = json.loads(r["metric_runs_json"] or "[]")
-            confirmed = " (confirmed)" if len(runs) > 1 else ""
+            confirmed = " (confirmed)" if len(r.metric_runs) > 1 else ""
             lines.append(
-                f"| {r['number']} | `{(r['commit_sha'] or '')[:7]}` | {_f(r['metric'])} | {_f(r['margin'])} | "
-                f"{_f(r['sigmas'], 3)}{confirmed} | {_f(r['probability'], 3)} | {_cell(r['description'])} |"
+                f"| {r.number} | `{(r.commit_sha or '')[:7]}` | {_f(r.metric)} | {_f(r.margin)} | "
+                f"{_f(r.sigmas, 3)}{confirmed} | {_f(r.probability, 3)} | {_cell(r.description)} |"
             )
     else:
         lines.append("No change beat the baseline by more than the noise.")
@@ -213,9 +210,9 @@ def _markdown(
         f"| # | decision | {name} | description | reason |",
         "|---|---|---|---|---|",
     ]
-    for r in rows:
-        what = "baseline" if r["kind"] == "baseline" else r["description"]
+    for r in records:
+        what = "baseline" if r.kind == "baseline" else r.description
         lines.append(
-            f"| {r['number']} | {r['decision']} | {_f(r['metric'])} | {_cell(what, 80)} | {_cell(r['reason'], 100)} |"
+            f"| {r.number} | {r.decision} | {_f(r.metric)} | {_cell(what, 80)} | {_cell(r.reason, 100)} |"
         )
     return "\n".join(lines) + "\n"

@@ -8,24 +8,29 @@ runner as its argv wrapper. docs/integrity.md says what this does and does not g
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
+import site
+import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from nightlab.config import NightlabConfig
+from nightlab.config import ConfigError, NightlabConfig
+from nightlab.errors import NightlabError
 from nightlab.paths import cache_dir, expand
 
 BWRAP_ENV = "NIGHTLAB_BWRAP"
 Phase = Literal["setup", "train", "evaluate", "heldout", "checks"]
 
-# The read-only system view; merged-/usr distributions make some of these symlinks, which are recreated as such.
+# The read-only system view; merged-/usr distributions make some of these symlinks, recreated as such.
 _SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 # Accelerator device nodes and the sysfs parts their drivers read; bound only where they exist.
 _DEVICE_GLOBS = ("nvidia*", "dri", "kfd")
@@ -33,9 +38,11 @@ _SYSFS_PATHS = ("/sys/bus", "/sys/class", "/sys/dev", "/sys/devices")
 # Never visible: the history (git) and nightlab's state (journal, keys, logs).
 _PRIVATE_DIRS = (".git", ".nightlab")
 _PROBE_TIMEOUT_S = 30.0
+# Where the running Python loads code from (sysconfig's names); `data` and `include` hold none.
+_CODE_SCHEMES = ("stdlib", "platstdlib", "purelib", "platlib", "scripts")
 
 
-class SandboxUnavailable(RuntimeError):
+class SandboxUnavailable(NightlabError, RuntimeError):
     """`[sandbox] mode = "required"` but bubblewrap cannot run here; the message says what to install."""
 
 
@@ -49,9 +56,26 @@ class SandboxStatus:
     version: str | None = None
 
 
+def interpreter_paths() -> list[Path]:
+    """What the Python running nightlab loads code from: its virtual environment and base installation, their
+    standard library, scripts and site-packages (whose `.pth` files run at every start), and nightlab itself.
+
+    No phase may write these, whatever `[sandbox] writable` says: the evaluate step and the unsandboxed loop
+    run this Python next, so a file planted there would run outside the jail."""
+    paths = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
+    paths.add(os.path.dirname(sys.executable))
+    paths.update(sysconfig.get_paths()[name] for name in _CODE_SCHEMES)
+    paths.update(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        paths.add(site.getusersitepackages())
+    paths.add(str(Path(__file__).resolve().parents[1]))
+    return sorted({Path(os.path.realpath(p)) for p in paths if p and os.path.exists(p)})
+
+
 @dataclass
 class SandboxSpec:
-    """What one jailed phase may see and write. Relative paths are taken from the workspace."""
+    """What one jailed phase may see and write. Relative paths are taken from the workspace; `protected`
+    paths stay read-only also inside a writable directory."""
 
     workspace: Path
     writable: list[Path] = field(default_factory=list)
@@ -60,6 +84,7 @@ class SandboxSpec:
     network: bool = False
     env: Mapping[str, str] = field(default_factory=dict)
     bwrap: str = "bwrap"
+    protected: list[Path] = field(default_factory=interpreter_paths)
 
     def wrap(self, argv: list[str]) -> list[str]:
         """`wrap_argv` bound to this spec: the `wrap=` callable the runner accepts."""
@@ -69,7 +94,10 @@ class SandboxSpec:
 def _install_hint() -> str:
     if sys.platform == "darwin":
         return "bubblewrap is Linux-only; on macOS experiments run unsandboxed"
-    return "install it with `apt-get install bubblewrap` (Debian/Ubuntu) or `dnf install bubblewrap` (Fedora/RHEL)"
+    return (
+        "install it with `apt-get install bubblewrap` (Debian/Ubuntu) or `dnf install bubblewrap` "
+        "(Fedora/RHEL)"
+    )
 
 
 def detect(bwrap: str | None = None) -> SandboxStatus:
@@ -82,7 +110,7 @@ def detect(bwrap: str | None = None) -> SandboxStatus:
 
 @functools.cache
 def _probe(path: str) -> SandboxStatus:
-    """Run `true` in the same kind of jail experiments get: user namespaces may be off even where bwrap exists."""
+    """Run `true` in a jail like the experiments': user namespaces may be off even where bwrap exists."""
     exe = shutil.which(path)
     if exe is None:
         return SandboxStatus(False, f"bwrap {path!r} not found or not executable; {_install_hint()}", path)
@@ -178,7 +206,8 @@ def wrap_argv(argv: list[str], spec: SandboxSpec) -> list[str]:
     args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
     home = os.path.normpath(spec.env.get("HOME", "/"))
     if os.path.isabs(home) and home != "/":
-        # An empty private home: tools that cache under ~ (triton, matplotlib) work, the real one stays unseen.
+        # An empty private home: tools that cache under ~ (triton, matplotlib) work, the real one stays
+        # unseen.
         args += ["--tmpfs", home]
     args += _system_args(spec.network)
     # Outside the workspace first, so that a writable cache enclosing it cannot make the harness writable;
@@ -191,11 +220,25 @@ def wrap_argv(argv: list[str], spec: SandboxSpec) -> list[str]:
     for p in writable:
         if p.is_relative_to(ws):
             args += ["--bind", str(p), str(p)]
+    args += _protect(spec.protected, writable)
     hidden = [ws / name for name in _PRIVATE_DIRS] + [p.resolve() for p in absolute(spec.hidden)]
     for p in hidden:
         if p.exists():
             args += _hide(p)
     args += ["--remount-ro", "/", "--chdir", str(ws), "--", *argv]
+    return args
+
+
+def _protect(protected: list[Path], writable: list[Path]) -> list[str]:
+    """Bind read-only again each protected path that a writable directory holds, where the jail sees it
+    through that directory; bwrap mounts in order, so this later mount wins over the writable one."""
+    real_protected = [p.resolve() for p in protected if p.exists()]
+    args: list[str] = []
+    for w in writable:
+        real = w.resolve()
+        for p in real_protected:
+            if p.is_relative_to(real):
+                args += ["--ro-bind", str(p), str(w / p.relative_to(real))]
     return args
 
 
@@ -245,22 +288,76 @@ def _inside(path: Path, workspace: Path, what: str) -> Path:
     full = Path(os.path.normpath(path if path.is_absolute() else workspace / path))
     rel = full.relative_to(workspace).parts if full.is_relative_to(workspace) else ()
     if not rel or rel[0] in _PRIVATE_DIRS:
-        raise ValueError(
+        raise ConfigError(
             f"{what} {path} must lie inside the workspace {workspace}, outside .git and .nightlab"
         )
     if full.is_symlink():
-        raise ValueError(f"{what} {path} is a symlink; a writable symlink could expose a harness file")
+        raise ConfigError(f"{what} {path} is a symlink; a writable symlink could expose a harness file")
     return full
 
 
 def _outside(entry: str, workspace: Path) -> Path:
-    """A `[sandbox] writable` directory: outside the workspace, whose writable parts are declared as scratch."""
+    """A writable directory outside the workspace, whose writable parts are declared as scratch."""
     path = _expand(entry, workspace)
     if Path(os.path.normpath(path)).is_relative_to(workspace):
-        raise ValueError(
-            f"[sandbox] writable entry {entry!r} is inside the workspace; list it under [workspace] scratch"
+        raise ConfigError(
+            f"[sandbox] entry {entry!r} is inside the workspace; list a writable place there under "
+            "[workspace] scratch"
         )
     return path
+
+
+def _refuse_interpreter_overlap(path: Path, what: str, protected: Sequence[Path]) -> None:
+    """Refuse a writable place inside the Python that runs nightlab, or holding hard links to its files (uv
+    links its cache into virtual environments): no read-only bind could cover those. A writable place that
+    merely holds that Python is fine; the jail binds the Python read-only again on top."""
+    real = Path(os.path.realpath(path))
+    protected = tuple(Path(os.path.realpath(p)) for p in protected)
+    for p in protected:
+        if real.is_relative_to(p):
+            raise ConfigError(
+                f"{what} ({real}) lies inside {p}, where the Python running nightlab loads code from: a file "
+                "written there would run outside the sandbox. Choose a directory outside it."
+            )
+    shared = _hard_link_into(real, protected) if real.is_dir() else None
+    if shared is not None:
+        raise ConfigError(
+            f"{what} holds {shared[0]}, a hard link to {shared[1]} of the Python running nightlab: writing "
+            "one changes the other. Narrow the entry to the cache the experiments need, or reinstall the "
+            "environment with copies (uv: UV_LINK_MODE=copy)."
+        )
+
+
+def _hard_link_into(directory: Path, protected: tuple[Path, ...]) -> tuple[Path, Path] | None:
+    """A file under `directory` (outside `protected`) that is a hard link of a protected file, with it."""
+    mine = _multiply_linked(directory, protected)
+    if not mine:
+        return None
+    for root in protected:
+        if any(root != other and root.is_relative_to(other) for other in protected):
+            continue  # scanned with the protected path that holds it
+        theirs = _multiply_linked(root, ())
+        for key in mine.keys() & theirs.keys():
+            return mine[key], theirs[key]
+    return None
+
+
+@functools.cache
+def _multiply_linked(root: Path, skip: tuple[Path, ...]) -> dict[tuple[int, int], Path]:
+    """(device, inode) -> path of each regular file under `root`, outside `skip`, with more than one link.
+
+    Scanned once per process: a jailed phase cannot link to an interpreter file, which lies on another
+    mount, so only a package manager run outside nightlab could make a new link."""
+    found: dict[tuple[int, int], Path] = {}
+    for top, dirs, files in os.walk(root):
+        here = Path(top)
+        dirs[:] = [d for d in dirs if here / d not in skip]
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(here / name)
+                if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
+                    found[(st.st_dev, st.st_ino)] = here / name
+    return found
 
 
 def _prepared(data: list[Path], workspace: Path) -> list[Path]:
@@ -297,6 +394,12 @@ def spec_for_phase(
     data = [_expand(r, ws) for r in box.read_only]
     setup_only = [_expand(r, ws) for r in box.setup_read_only]
     prepared = _prepared(data, ws) if rule.prepares else []
+    protected = interpreter_paths()
+    named = [(f"scratch path {s!r}", p) for s, p in zip(config.workspace.scratch, scratch, strict=True)]
+    named += [(f"[sandbox] writable entry {w!r}", p) for w, p in zip(box.writable, caches, strict=True)]
+    named += [(f"setup's data directory {p}", p) for p in prepared]
+    for what, d in named:
+        _refuse_interpreter_overlap(d, what, protected)
     for d in scratch + caches + prepared:
         if not d.exists():
             d.mkdir(parents=True)
@@ -312,4 +415,5 @@ def spec_for_phase(
         network=box.network if rule.network is None else rule.network,
         env=dict(env or {}),
         bwrap=detect().bwrap or "bwrap",
+        protected=protected,
     )

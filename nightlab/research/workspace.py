@@ -14,11 +14,12 @@ import subprocess
 from pathlib import Path
 
 from nightlab.config import CONFIG_NAME, NightlabConfig
+from nightlab.errors import NightlabError
 from nightlab.research.edits import is_editable
 from nightlab.research.journal import STATE_DIR
 
 
-class WorkspaceError(RuntimeError):
+class WorkspaceError(NightlabError, RuntimeError):
     """The workspace is not in a state the loop can work with; the message says how to fix it."""
 
 
@@ -122,7 +123,8 @@ class Workspace:
         return {s.strip("/").split("/")[0] for s in self.config.workspace.scratch}
 
     def strays(self, preserved: list[str]) -> list[str]:
-        """Untracked or ignored top-level names that are neither preserved nor scratch: written where no phase may."""
+        """Untracked or ignored top-level names that are neither preserved nor scratch: written where no phase
+        may."""
         allowed = set(preserved) | self._scratch_tops()
         return [name for name in self.untracked_entries() if name not in allowed]
 
@@ -155,8 +157,8 @@ class Workspace:
         return [f for f in self.git("ls-files", "-z").split("\0") if f]
 
     def editable_files(self) -> list[str]:
-        """Tracked files the agent may change; each must be a regular file inside the workspace, and none may be
-        the config, the agent's instructions or a file a harness step runs."""
+        """Tracked files the agent may change; each must be a regular file inside the workspace, and none may
+        be the config, the agent's instructions or a file a harness step runs."""
         files = [f for f in self.tracked_files() if is_editable(f, self.config.workspace.editable)]
         for rel in files:
             self.check_regular(rel)
@@ -179,8 +181,8 @@ class Workspace:
         for path, why in what.items():
             if rel == path or rel.startswith(path + "/"):
                 raise WorkspaceError(
-                    f"workspace.editable {self.config.workspace.editable} matches {rel}, {why}; the agent must not "
-                    "be able to change it: narrow the globs"
+                    f"workspace.editable {self.config.workspace.editable} matches {rel}, {why}; the agent "
+                    "must not be able to change it: narrow the globs"
                 )
 
     def check_regular(self, rel: str) -> Path:

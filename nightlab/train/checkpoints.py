@@ -1,4 +1,4 @@
-"""`tinker://` paths <-> checkpoint directories under the data dir, with run and checkpoint metadata in SQLite.
+"""`tinker://` paths <-> checkpoint directories under the data dir; run and checkpoint metadata in SQLite.
 
 A path reads `tinker://<training_run_id>/weights/<name>` (adapter + optimizer state, to resume training) or
 `tinker://<training_run_id>/sampler_weights/<name>` (adapter only, to sample). The database lets a restarted
@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from nightlab.train.futures import UserError
+from nightlab.train.errors import UserError
 
 SCHEME = "tinker://"
 Kind = Literal["training", "sampler"]
@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 
 
 def open_db(path: Path) -> sqlite3.Connection:
-    """One connection shared by the server's threads (guarded by the caller's lock); WAL keeps readers cheap."""
+    """One connection shared by the server's threads (guarded by the caller's lock); WAL keeps reads cheap."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     conn.row_factory = sqlite3.Row
@@ -112,7 +112,7 @@ def _dir_size(path: Path) -> int:
 
 
 class CheckpointStore:
-    """Training runs and their checkpoints, owned by API keys; the only code that touches checkpoint directories."""
+    """Training runs and their checkpoints, owned by API keys; the only code touching checkpoint dirs."""
 
     def __init__(self, data_dir: Path) -> None:
         self.root = Path(data_dir) / "checkpoints"
@@ -123,7 +123,7 @@ class CheckpointStore:
         self._sweep()
 
     def _sweep(self) -> None:
-        """Remove what an interrupted save left behind, and the previous process's ephemeral sampler weights."""
+        """Remove what an interrupted save left, and the previous process's ephemeral sampler weights."""
         shutil.rmtree(self.ephemeral_root, ignore_errors=True)
         self.ephemeral_root.mkdir(parents=True, exist_ok=True)
         with self._lock:
@@ -244,7 +244,8 @@ class CheckpointStore:
     def _expire(self) -> None:
         with self._lock:
             rows = self._db.execute(
-                "SELECT run_id, checkpoint_id, directory FROM checkpoints WHERE expires_at IS NOT NULL AND expires_at < ?",
+                "SELECT run_id, checkpoint_id, directory FROM checkpoints "
+                "WHERE expires_at IS NOT NULL AND expires_at < ?",
                 (time.time(),),
             ).fetchall()
             for r in rows:
@@ -334,16 +335,16 @@ class CheckpointStore:
         shutil.rmtree(ckpt.directory, ignore_errors=True)
 
     def ephemeral_dir(self, model_id: str) -> Path:
-        """Where a training model's unnamed sampler weights (save_weights_and_get_sampling_client) live: only as
-        long as the model, and never across a restart."""
+        """Where a training model's unnamed sampler weights (save_weights_and_get_sampling_client) live: only
+        as long as the model, and never across a restart."""
         return self.ephemeral_root / model_id.replace(":", "_")
 
     def publish_inflight(self, model_id: str, write: Callable[[Path], None]) -> Path:
-        """Write the model's shared `inflight` sampler weights and return the path every inflight sampler uses.
+        """Write the model's shared `inflight` sampler weights; return the path every inflight sampler uses.
 
-        That path is a symlink switched atomically to each new version, so samplers created by earlier inflight
-        saves sample the newest weights from their next batch on. The version before stays on disk until the
-        next save, for a sampler that resolved the link just before the switch.
+        That path is a symlink switched atomically to each new version, so samplers created by earlier
+        inflight saves sample the newest weights from their next batch on. The version before stays on disk
+        until the next save, for a sampler that resolved the link just before the switch.
         """
         root = self.ephemeral_dir(model_id)
         root.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """Request futures and queues, shaped by the Tinker protocol.
 
-Every long operation answers at once with a request id that the client polls (`retrieve_future`); the result is
-kept until it is fetched or expires. Training requests of one model run strictly in `seq_id` order, each exactly
-once even when the client retries; sampling requests for the same weights are gathered into batches, because a
-batch of generations costs little more than one on the same hardware.
+Every long operation answers at once with a request id that the client polls (`retrieve_future`); the result
+is kept until it is fetched or expires. Training requests of one model run strictly in `seq_id` order, each
+exactly once even when the client retries; sampling requests for the same weights are gathered into batches,
+because a batch of generations costs little more than one on the same hardware.
 """
 
 from __future__ import annotations
@@ -16,24 +16,16 @@ from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar
 
+from nightlab.train.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 Category = Literal["User", "Server"]
 FETCHED_KEEP_S = 60.0  # a fetched result stays this long, for a client whose read failed and that polls again
-SEEN_KEPT = (
-    4096  # seq_ids an OrderedQueue remembers behind the newest, to answer retries with the first request
-)
+SEEN_KEPT = 4096  # seq_ids an OrderedQueue remembers behind the newest, so a late retry gets its first id
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")
 T = TypeVar("T")
-
-
-class UserError(Exception):
-    """A request the client got wrong; `status` is the HTTP code when it is answered directly."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -87,7 +79,7 @@ async def settle(tasks: set[asyncio.Task[Any]], grace_s: float) -> None:
 
 
 class FutureStore:
-    """Holds every request's future until shortly after the client fetched it, or until it expires unfetched."""
+    """Holds every request's future until shortly after the client fetched it, or until it expires."""
 
     def __init__(self, ttl_s: float = 3600.0, fetched_keep_s: float = FETCHED_KEEP_S) -> None:
         self._ttl_s = ttl_s
@@ -102,7 +94,7 @@ class FutureStore:
         return future
 
     async def run(self, future: Future, work: Callable[[], Awaitable[Payload]]) -> None:
-        """Run `work` and record its outcome on `future`; never raises, the client learns of failures by polling."""
+        """Run `work` and record its outcome on `future`; never raises (the client polls for failures)."""
         try:
             future.finish(payload=await work())
         except asyncio.CancelledError:
@@ -123,8 +115,9 @@ class FutureStore:
         future = self._futures.get(request_id)
         if future is None:
             raise UserError(
-                f"unknown request_id {request_id!r} (results are kept {self._fetched_keep_s:.0f} s after they are "
-                f"fetched, {self._ttl_s:.0f} s if never fetched)",
+                f"unknown request_id {request_id!r} "
+                f"(results are kept {self._fetched_keep_s:.0f} s after they are fetched, "
+                f"{self._ttl_s:.0f} s if never fetched)",
                 404,
             )
         if future.owner != owner:
@@ -157,20 +150,21 @@ class FutureStore:
             del self._futures[key]
 
     async def close(self, grace_s: float) -> None:
-        """Let running work finish for up to `grace_s`, then cancel the rest so nothing runs half-way at exit."""
+        """Let running work finish for up to `grace_s`, then cancel the rest: none runs half-way at exit."""
         await settle(set(self._tasks), grace_s)
 
 
 class OrderedQueue:
     """Runs one model's requests one at a time in `seq_id` order, each exactly once.
 
-    The tinker SDK sends a model's requests one after another, each once the previous one was accepted, except the
-    chunks of one forward_backward, which it sends in parallel (the first chunk last). So only a request submitted
-    with `chunk=True` may arrive before an earlier seq_id. Any other request that skips a seq_id is refused at once,
-    and the queue moves past it (a client carrying on after a request the server refused is not stuck). A chunk
-    waits for its predecessors; if they do not arrive within `gap_timeout_s`, the waiting requests fail with a
-    message naming the missing seq_id, and the queue moves past them. A retried request (same seq_id, same
-    kind and fingerprint) gets the first request's id back and is never applied again; one that differs is refused.
+    The tinker SDK sends a model's requests one after another, each once the previous one was accepted, except
+    the chunks of one forward_backward, which it sends in parallel (the first chunk last). So only a request
+    submitted with `chunk=True` may arrive before an earlier seq_id. Any other request that skips a seq_id is
+    refused at once, and the queue moves past it (a client carrying on after a request the server refused is
+    not stuck). A chunk waits for its predecessors; if they do not arrive within `gap_timeout_s`, the waiting
+    requests fail with a message naming the missing seq_id, and the queue moves past them. A retried request
+    (same seq_id, kind and fingerprint) gets the first request's id back and is never applied again; one that
+    differs is refused.
     """
 
     def __init__(
@@ -200,7 +194,7 @@ class OrderedQueue:
         chunk: bool = False,
         fingerprint: str | None = None,
     ) -> str:
-        """Queue `work` (a `kind` request) at `seq_id` (None: after everything seen so far); return its request id."""
+        """Queue `work` (a `kind` request) at `seq_id` (None: after all seen so far); return its id."""
         if seq_id is None:
             seq_id = max([self._next - 1, *self._seen]) + 1
         if seq_id in self._seen:
@@ -217,13 +211,13 @@ class OrderedQueue:
         missing = next((s for s in range(self._next, seq_id) if s not in self._seen), None)
         if missing is not None and not chunk:
             message = (
-                f"seq_id {seq_id} of {self._name} arrived before seq_id {missing}, which can no longer come: requests "
-                "to one model carry consecutive seq_ids, and only the chunks of one forward_backward may arrive out "
-                f"of order. This request is refused; the model continues from seq_id {seq_id + 1}"
+                f"seq_id {seq_id} of {self._name} arrived before seq_id {missing}, which can no longer come: "
+                "requests to one model carry consecutive seq_ids, and only the chunks of one "
+                "forward_backward may arrive out of order. This request is refused; "
+                f"the model continues from seq_id {seq_id + 1}"
             )
-            self._skip_to(
-                seq_id + 1, message
-            )  # a client that carries on after a refused request is not stuck
+            # a client that carries on after a refused request is not stuck
+            self._skip_to(seq_id + 1, message)
             raise UserError(message)
         future = self._futures.create(owner)
         self._seen[seq_id] = (kind, future.request_id, fingerprint)
@@ -242,8 +236,8 @@ class OrderedQueue:
             )
         if fingerprint != seen_fingerprint:
             raise UserError(
-                f"seq_id {seq_id} of {self._name} was already used by a different {kind} request; a retry must "
-                "repeat the request unchanged, and new work needs a new seq_id"
+                f"seq_id {seq_id} of {self._name} was already used by a different {kind} request; "
+                "a retry must repeat the request unchanged, and new work needs a new seq_id"
             )
         return request_id
 
@@ -295,7 +289,7 @@ class OrderedQueue:
         self._arrived.set()
 
     async def close(self, grace_s: float) -> None:
-        """Stop, give queued work up to `grace_s` to finish, then cancel what still runs and fail what waits."""
+        """Stop, give queued work up to `grace_s` to finish, then cancel what runs and fail what waits."""
         self.stop()
         if self._runner is not None:
             await settle({self._runner}, grace_s)
@@ -306,8 +300,8 @@ class BatchQueue(Generic[K, R, T]):
     """Gathers items submitted for the same key within a short window and runs them as one batch.
 
     `run_batch(key, items)` is synchronous (it runs in a worker thread) and returns one result per item; an
-    exception in that list fails only its own item. When the batch raises a user error (one bad request refused
-    before any work), each item runs alone so only the culprit fails; any other raised error fails the batch.
+    exception in that list fails only its own item. When the whole batch raises, each item runs again alone,
+    so only the request that caused the failure fails, whoever sent the others batched with it.
     """
 
     def __init__(
@@ -338,13 +332,8 @@ class BatchQueue(Generic[K, R, T]):
                 items = [item for item, _ in live]
                 try:
                     results = await asyncio.to_thread(self._run_batch, key, items)
-                except Exception as exc:  # noqa: BLE001 - decided below: one culprit, or the whole batch
-                    if len(items) == 1 or not is_user_error(exc):
-                        for _, fut in live:
-                            if not fut.done():
-                                fut.set_exception(exc)
-                        continue
-                    results = [await self._alone(key, item) for item in items]
+                except Exception as exc:  # noqa: BLE001 - one item's failure must not become the batch's
+                    results = [exc] if len(items) == 1 else [await self._alone(key, item) for item in items]
                 for (_, fut), res in zip(live, results, strict=True):
                     if fut.done():
                         continue

@@ -14,13 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from nightlab.train.errors import LossError
+
 LossFn = Callable[[Tensor, Mapping[str, Tensor], Mapping[str, float]], tuple[Tensor, Tensor]]
 # Per-token clip thresholds may also arrive as loss_fn_inputs; they override the config values.
 _THRESHOLD_INPUTS = ("clip_low_threshold", "clip_high_threshold")
-
-
-class LossError(ValueError):
-    """A loss request that cannot be computed: unknown name, missing input, bad shape or config."""
 
 
 def _sum(elementwise: Tensor) -> tuple[Tensor, Tensor]:
@@ -62,7 +60,7 @@ def ppo(logp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float])
 
 
 def cispo(logp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]) -> tuple[Tensor, Tensor]:
-    """-sum sg(clip(r, lo, hi)) * logp * A: the clipped ratio only weighs the gradient, so no token loses it."""
+    """-sum sg(clip(r, lo, hi)) * logp * A: the clipped ratio only weighs the gradient; no token loses it."""
     low, high = _thresholds(logp, inputs, config)
     weight = torch.clamp(torch.exp(logp - inputs["logprobs"]), low, high).detach()
     return _sum(-weight * logp * inputs["advantages"])
@@ -76,9 +74,9 @@ def dro(logp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float])
 
 def gspo(logp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]) -> tuple[Tensor, Tensor]:
     """GSPO-token, as the Tinker docs define it: the sequence ratio s = exp(mean over the masked tokens of
-    (logp - q)) replaces each token's ratio in value, while each token keeps its own logp's gradient; then PPO's
-    clipped objective. The mask is `sequence_ratio_mask` when given, else the tokens with a nonzero advantage
-    (prompt tokens carry A = 0 and no sampler logprob)."""
+    (logp - q)) replaces each token's ratio in value, while each token keeps its own logp's gradient; then
+    PPO's clipped objective. The mask is `sequence_ratio_mask` when given, else the tokens with a nonzero
+    advantage (prompt tokens carry A = 0 and no sampler logprob)."""
     advantages = inputs["advantages"]
     mask = inputs.get("sequence_ratio_mask", advantages) != 0
     log_gap = (logp.detach() - inputs["logprobs"])[mask]
@@ -94,9 +92,10 @@ def stable_reinforce(
 ) -> tuple[Tensor, Tensor]:
     """-sum sg(min(r, hi)) * logp * A + kl_coeff * sum k3, with k3 = r - 1 - log r >= 0.
 
-    Tinker's StableReinforce reads per-sequence data its sampler recorded server-side and publishes no formula;
-    this is nightlab's stand-in from the datum alone: REINFORCE with a truncated importance weight (it never
-    up-weights a token past `clip_high_threshold`, default 2) and an optional k3 KL penalty to the sampler.
+    Tinker's StableReinforce reads per-sequence data its sampler recorded server-side and publishes no
+    formula; this is nightlab's stand-in from the datum alone: REINFORCE with a truncated importance weight
+    (never up-weighting a token past `clip_high_threshold`, default 2) and an optional k3 KL penalty to the
+    sampler.
     """
     delta = logp - inputs["logprobs"]
     ratio = torch.exp(delta)
@@ -135,7 +134,7 @@ def _spec(name: str) -> LossSpec:
 
 
 def resolve_config(name: str, config: Mapping[str, float | str] | None) -> dict[str, float]:
-    """The loss's config with defaults filled in; unknown keys and non-numbers are errors that name the key."""
+    """The loss's config with defaults filled in; unknown keys and non-numbers are errors naming the key."""
     defaults = dict(_spec(name).config or {})
     for key, value in (config or {}).items():
         if key not in defaults:
@@ -159,7 +158,8 @@ def check_inputs(name: str, target_shape: tuple[int, ...], shapes: Mapping[str, 
     for key in (*spec.required, *spec.optional):
         if key in shapes and tuple(shapes[key]) != tuple(target_shape):
             raise LossError(
-                f"loss_fn_inputs[{key!r}] has shape {tuple(shapes[key])}, target_tokens has {tuple(target_shape)}"
+                f"loss_fn_inputs[{key!r}] has shape {tuple(shapes[key])}, "
+                f"target_tokens has {tuple(target_shape)}"
             )
 
 

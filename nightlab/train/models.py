@@ -1,4 +1,4 @@
-"""Turn a model name into weights and a tokenizer: a local directory, a prepared model, the offline SmolLM2, a hub id.
+"""A model name to weights and a tokenizer: a local dir, a prepared model, the offline SmolLM2, a hub id.
 
 The served name of every local model is its directory path, because clients (the Tinker cookbook among them)
 load the tokenizer with `AutoTokenizer.from_pretrained(model_name)`: a path works offline on the same machine,
@@ -20,6 +20,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
+from nightlab.errors import NightlabError
+
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct"
 SMOLLM2_ALIASES = frozenset(name.lower() for name in ("smollm2", SMOLLM2_DIRNAME, SMOLLM2_HUB_ID))
@@ -29,7 +31,7 @@ _GGUF_CONTROL_TOKEN = 3  # llama.cpp token type of special/control tokens
 Source = Literal["local", "prepared", "gguf", "hub"]
 
 
-class UnknownModelError(LookupError):
+class UnknownModelError(NightlabError, LookupError):
     """No local directory, prepared model, bundled model or hub id matches the name."""
 
 
@@ -314,7 +316,7 @@ def prepare_model(name: str, data_dir: Path, *, show_progress: bool = True) -> P
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Write into a temp dir beside `target`, then swap it in, so readers never see a half-written checkpoint."""
+    """Write into a temp dir beside `target`, then swap it in: readers never see a half-written checkpoint."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; what we write is as readable as any other directory

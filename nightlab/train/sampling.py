@@ -1,19 +1,19 @@
 """Batched generation for the training service: many requests x samples in one KV-cached decode loop.
 
-Why a hand-written loop instead of `model.generate`: every sequence needs its own temperature / top-k / top-p /
-seed, logprobs of the sampled tokens under the raw model (temperature 1, what RL importance sampling compares
-with the training forward), stop strings, and budget forcing that edits a sequence mid-flight. One loop over
-`model(...)` with a shared `DynamicCache` does all of that while still running every active sequence in one
-forward per step, which is where the speed of batching comes from.
+Why a hand-written loop instead of `model.generate`: every sequence needs its own temperature / top-k / top-p
+/ seed, logprobs of the sampled tokens under the raw model (temperature 1, what RL importance sampling
+compares with the training forward), stop strings, and budget forcing that edits a sequence mid-flight. One
+loop over `model(...)` with a shared `DynamicCache` does all of that while still running every active sequence
+in one forward per step, which is where the speed of batching comes from.
 
 Layout of the batch: prompts are left-padded to a common length; each row keeps a 2-D attention mask over all
-cache columns and explicit position ids. Tokens that budget forcing takes back are masked out of the cache (and
-positions continue from the number of visible tokens), so no cache surgery is needed; finished rows are dropped
-from the batch.
+cache columns and explicit position ids. Tokens that budget forcing takes back are masked out of the cache
+(and positions continue from the number of visible tokens), so no cache surgery is needed; finished rows
+leave the batch.
 
-Stop rules follow Tinker: the returned tokens INCLUDE the stop sequence (the stop token id, or the tokens whose
-decoded text completes a stop string), because tinker-cookbook renderers split the response on it and count it.
-EOS stops a sequence unless `stop_at_eos` is False (Tinker's `stop=[]`).
+Stop rules follow Tinker: the returned tokens INCLUDE the stop sequence (the stop token id, or the tokens
+whose decoded text completes a stop string), because tinker-cookbook renderers split the response on it and
+count it. EOS stops a sequence unless `stop_at_eos` is False (Tinker's `stop=[]`).
 """
 
 from __future__ import annotations
@@ -28,11 +28,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+from nightlab.train.errors import SamplingInputError
+
 MAX_BATCH_ROWS = 64  # sequences decoded together; larger request sets run in several batches
-
-
-class SamplingInputError(ValueError):
-    """A request that can never be served (bad token ids, bad parameters): the caller's fault, not the server's."""
 
 
 @dataclass
@@ -40,8 +38,8 @@ class BudgetForcing:
     """s1-style control of a reasoning model's thinking length.
 
     The generation is assumed to start inside the thinking section (the prompt opens it). If the model closes
-    thinking (emits `end_thinking`, or a stop) before `min_thinking_tokens`, the closing text is taken back and
-    `wait_text` is appended instead; at `max_thinking_tokens` the delimiter and `answer_prefix` are forced.
+    thinking (emits `end_thinking`, or a stop) before `min_thinking_tokens`, the closing text is taken back
+    and `wait_text` appended instead; at `max_thinking_tokens` the delimiter and `answer_prefix` are forced.
     """
 
     min_thinking_tokens: int = 0
@@ -72,8 +70,8 @@ class SampleRequest:
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
     budget_forcing: BudgetForcing | None = None
-    # called as on_token(sample_index, token) from the generating thread as each token is final, for streaming;
-    # not called for budget-forced requests, whose recent tokens may still be taken back
+    # called as on_token(sample_index, token) from the generating thread as each token is final, for
+    # streaming; not called for budget-forced requests, whose recent tokens may still be taken back
     on_token: Callable[[int, int], None] | None = field(default=None, repr=False, compare=False)
 
 
@@ -114,7 +112,7 @@ def generate(model, tokenizer, requests: list[SampleRequest]) -> list[SampleResu
         model.train(was_training)
 
 
-# --- validation -----------------------------------------------------------------------------------------------
+# --- validation ---------------------------------------------------------------------------------------------
 
 
 def validate(request: SampleRequest, vocab: int, max_context: int | None) -> None:
@@ -138,8 +136,16 @@ def validate(request: SampleRequest, vocab: int, max_context: int | None) -> Non
         (p.top_k == -1 or p.top_k >= 0, f"top_k must be -1 (off) or >= 0, got {p.top_k}"),
         (all(p.stop_strings), "stop strings must be non-empty"),
         (request.num_samples >= 1, f"num_samples must be >= 1, got {request.num_samples}"),
-        (request.topk_prompt_logprobs >= 0, "topk_prompt_logprobs must be >= 0"),
-        (request.topk_sample_logprobs >= 0, "topk_sample_logprobs must be >= 0"),
+        (
+            0 <= request.topk_prompt_logprobs <= vocab,
+            f"topk_prompt_logprobs must be between 0 and the vocabulary size {vocab}, "
+            f"got {request.topk_prompt_logprobs}",
+        ),
+        (
+            0 <= request.topk_sample_logprobs <= vocab,
+            f"topk_sample_logprobs must be between 0 and the vocabulary size {vocab}, "
+            f"got {request.topk_sample_logprobs}",
+        ),
     ]
     bf = request.budget_forcing
     if bf is not None:
@@ -158,8 +164,8 @@ def validate(request: SampleRequest, vocab: int, max_context: int | None) -> Non
     total = len(request.prompt_tokens) + p.max_tokens
     if max_context is not None and total > max_context:
         raise SamplingInputError(
-            f"prompt ({len(request.prompt_tokens)} tokens) + max_tokens ({p.max_tokens}) = {total} exceeds the "
-            f"model's context length {max_context}"
+            f"prompt ({len(request.prompt_tokens)} tokens) + max_tokens ({p.max_tokens}) = {total} "
+            f"exceeds the model's context length {max_context}"
         )
 
 
@@ -191,7 +197,7 @@ def _chunks(requests: list[SampleRequest]) -> list[list[SampleRequest]]:
     return chunks
 
 
-# --- one sequence's state -------------------------------------------------------------------------------------
+# --- one sequence's state -----------------------------------------------------------------------------------
 
 
 def _seeded_generator(seed: int | None, sample_index: int) -> torch.Generator:
@@ -338,7 +344,7 @@ class _Sequence:
         return hidden
 
 
-# --- the batch ------------------------------------------------------------------------------------------------
+# --- the batch ----------------------------------------------------------------------------------------------
 
 
 def _pick_tokens(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
@@ -390,8 +396,7 @@ def _prompt_scores(
         scores = [None, *logp.gather(1, targets[:, None])[:, 0].tolist()]
     topk: list[list[tuple[int, float]] | None] | None = None
     if request.topk_prompt_logprobs:
-        k = min(request.topk_prompt_logprobs, logp.shape[-1])
-        values, ids = logp.topk(k, dim=-1)
+        values, ids = logp.topk(request.topk_prompt_logprobs, dim=-1)
         topk = [
             None,
             *(list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from nightlab.train.checkpoints import open_db
-from nightlab.train.futures import UserError
+from nightlab.train.errors import UserError
 from nightlab.train.settings import API_KEY_PREFIX
 
 LOCAL_OWNER = "local"
@@ -152,7 +152,7 @@ class SessionStore:
             )
 
     def expire(self, idle_s: float) -> list[str]:
-        """End the active sessions that sent no heartbeat for `idle_s` (status `cancelled`); return their ids."""
+        """End active sessions that sent no heartbeat for `idle_s` (status `cancelled`); return their ids."""
         active = json.dumps({"type": "active"})
         cancelled = json.dumps({"type": "cancelled", "detail": f"no heartbeat for {idle_s:.0f} s"})
         with self._lock:

@@ -1,4 +1,4 @@
-"""Settings of the training service (`nightlab serve`), gathered in one place so the CLI, the app and tests agree."""
+"""Settings of the training service (`nightlab serve`), in one place so the CLI, the app and tests agree."""
 
 from __future__ import annotations
 
@@ -28,16 +28,16 @@ class ServeSettings:
     preload: list[str] = field(default_factory=list)
     host: str = "127.0.0.1"
     port: int = 8000
-    # A forward_backward chunk that waits this long for an earlier seq_id of its model fails: the gap will not fill.
-    # Only chunks of one call can arrive out of order; the SDK sends the first chunk once the others were accepted
-    # (milliseconds here), so 30 s leaves room for a few of its retries (0.5 s to 10 s apart) and no more.
+    # A forward_backward chunk that waits this long for an earlier seq_id of its model fails: the gap will not
+    # fill. Only chunks of one call can arrive out of order; the SDK sends the first chunk once the others
+    # were accepted (milliseconds here), so 30 s leaves room for a few of its retries (0.5-10 s apart) only.
     seq_gap_timeout_s: float = 30.0
     # A session without a heartbeat for this long is ended and its adapters freed (the SDK beats every 10 s).
     session_timeout_s: float = 300.0
     # On shutdown, queued training work (forward_backward, optim_step, saves) gets this long to finish.
     shutdown_grace_s: float = 30.0
-    # Told to the SDK by /client/config: datums per forward_backward request, and whether to zstd the body (on a
-    # local link compression only costs CPU on both ends).
+    # Told to the SDK by /client/config: datums per forward_backward request, and whether to zstd the body (on
+    # a local link compression only costs CPU on both ends).
     fwdbwd_max_chunk_len: int = 256
     proto_compress_fwdbwd: bool = False
     # Sampling requests for the same weights that arrive within this window run as one batch.
@@ -55,9 +55,10 @@ class ServeSettings:
             raise ValueError(f"API keys must start with {API_KEY_PREFIX!r} (the tinker SDK refuses others)")
 
     def check_exposure(self) -> None:
-        """Refuse to listen beyond this machine without API keys: anyone who can connect could train and read checkpoints."""
+        """Refuse to listen beyond this machine without API keys: anyone connecting could train and read
+        checkpoints."""
         if not self.api_keys and self.host not in LOCAL_HOSTS:
             raise ValueError(
-                f"refusing to listen on {self.host} without API keys: pass --api-key tml-... (repeatable) or set "
-                f"{API_KEYS_ENV}, or listen on 127.0.0.1"
+                f"refusing to listen on {self.host} without API keys: "
+                f"pass --api-key tml-... (repeatable) or set {API_KEYS_ENV}, or listen on 127.0.0.1"
             )

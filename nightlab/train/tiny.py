@@ -1,7 +1,7 @@
 """A tiny random-init causal LM with a locally trained tokenizer, so tests and demos never need a hub.
 
-It is a regular Hugging Face model directory (config, safetensors, tokenizer with a chat template), prepared the
-same way as any real model, so every code path that serves a real model serves this one too.
+It is a regular Hugging Face model directory (config, safetensors, tokenizer with a chat template), prepared
+the same way as any real model, so every code path that serves a real model serves this one too.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Helpers for running tinker-cookbook recipes, unmodified, against `nightlab serve` started as a real process."""
+"""Helpers for running tinker-cookbook recipes, unmodified, against `nightlab serve` started as a real
+process."""
 
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ OFFLINE_ENV = {
 
 
 def cookbook_data() -> Path:
-    """The cookbook's own example_data folder (imported here, not at module level, so a missing cookbook skips)."""
+    """The cookbook's own example_data folder (imported here, not at module level, so a missing cookbook
+    skips)."""
     import tinker_cookbook
 
     return Path(tinker_cookbook.__file__).parent / "example_data"

@@ -1,7 +1,8 @@
 """tinker-cookbook's own recipes, unmodified, against `nightlab serve` on 127.0.0.1 with no network beyond it.
 
-The server runs as a real process (`python -m nightlab.cli serve`), the recipes as `python -m tinker_cookbook...`
-with the model name a local model directory, so the cookbook's client side finds the tokenizer offline.
+The server runs as a real process (`python -m nightlab.cli serve`), the recipes as `python -m
+tinker_cookbook...` with the model name a local model directory, so the cookbook's client side finds the
+tokenizer offline.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ pytest.importorskip("tinker_cookbook")
 
 
 def test_without_the_cookbook_this_module_is_skipped_not_broken() -> None:
-    """Collect this file in a Python where `import tinker_cookbook` fails: the result is a skip, not an error."""
+    """Collect this file in a Python where `import tinker_cookbook` fails: the result is a skip, not an
+    error."""
     blocked = (
         "import sys; sys.modules['tinker_cookbook'] = None; import pytest; "
         f"sys.exit(pytest.main([{__file__!r}, '--collect-only', '-q', '-p', 'no:cacheprovider']))"
@@ -104,7 +106,8 @@ def math_rl(model: Path | str, url: str, log_path: Path, max_steps: int) -> list
 def _interrupt_after_first_checkpoint(
     cmd: list[str], log_path: Path, out: Path, timeout_s: float = 300
 ) -> dict:
-    """Start a run and kill it (SIGKILL, no clean shutdown) as soon as it has recorded a resumable checkpoint."""
+    """Start a run and kill it (SIGKILL, no clean shutdown) as soon as it has recorded a resumable
+    checkpoint."""
     proc = start_cookbook(cmd, out)
     ckpts = log_path / "checkpoints.jsonl"
     deadline = time.monotonic() + timeout_s
@@ -173,7 +176,8 @@ def test_math_rl_arithmetic(tiny_model: Path, server: str, tmp_path: Path) -> No
 
 @pytest.mark.slow
 def test_cookbook_on_smollm2(server: str, tmp_path: Path) -> None:
-    """The same recipes on the offline SmolLM2, prepared into a model directory by `nightlab models prepare`."""
+    """The same recipes on the offline SmolLM2, prepared into a model directory by `nightlab models
+    prepare`."""
     prepared = subprocess.run(
         [
             sys.executable,

@@ -21,10 +21,10 @@ from typer.testing import CliRunner
 
 from nightlab.cli import app
 from nightlab.config import ExperimentSection
-from nightlab.research.journal import EXPERIMENT_COLUMNS, ChainError, Journal, _canonical_hash
+from nightlab.harness import sign_metrics
+from nightlab.research.journal import EXPERIMENT_COLUMNS, ChainError, Experiment, Journal, _canonical_hash
 from nightlab.research.live import LiveView
 from nightlab.research.loop import ResearchLoop, RunOptions
-from nightlab.research.metrics import sign_metrics
 from nightlab.research.sandbox import detect
 from tests.research.loop_workspace import commit_all, git, make_workspace, replace_block
 
@@ -48,7 +48,8 @@ CHEAT = (
     "import hashlib, hmac, os\n"
     "payload = '{\"loss\":0.0}'\n"
     "key = os.environ.get('NIGHTLAB_METRIC_KEY', '')\n"
-    "print('NIGHTLAB_METRIC ' + payload + ' ' + hmac.new(key.encode(), payload.encode(), hashlib.sha256).hexdigest())\n"
+    "print('NIGHTLAB_METRIC ' + payload + ' ' + "
+    "hmac.new(key.encode(), payload.encode(), hashlib.sha256).hexdigest())\n"
 )
 WRITE_HARNESS = attack(
     "rewrite the evaluator",
@@ -90,7 +91,7 @@ USE_NETWORK = attack(
     except OSError as exc:
         print(f"ATTACK network: {exc}")""",
 )
-# A worker that leaves the process group and, once training is over, keeps rewriting the model with the optimum.
+# A worker that leaves the process group and, after training, keeps rewriting the model with the optimum.
 WORKER = f"""
 import json, os, pathlib, time
 time.sleep(0.5)
@@ -125,7 +126,7 @@ def answer_server():
     server.server_close()
 
 
-def _rows(root: Path, tag: str) -> list[dict]:
+def _rows(root: Path, tag: str) -> list[Experiment]:
     journal = Journal.for_workspace(root)
     try:
         return journal.experiments(journal.find_run(tag).id)
@@ -133,12 +134,12 @@ def _rows(root: Path, tag: str) -> list[dict]:
         journal.close()
 
 
-def _by_description(rows: list[dict]) -> dict[str, dict]:
-    return {r["description"]: r for r in rows if r["kind"] == "candidate"}
+def _by_description(rows: list[Experiment]) -> dict[str, Experiment]:
+    return {r.description: r for r in rows if r.kind == "candidate"}
 
 
-def _log(row: dict) -> str:
-    return Path(row["log_path"]).read_text()
+def _log(row: Experiment) -> str:
+    return Path(row.log_path).read_text()
 
 
 def _attack_workspace(tmp: Path, mode: str, patches: dict[str, str], port: int) -> Path:
@@ -172,13 +173,13 @@ def test_sandboxed_attacks_fail_inside_and_leave_the_metric_alone(tmp_path, answ
     state = ResearchLoop(root, RunOptions(tag="jail", proposer="replay")).run_loop()
     assert state.sandboxed and state.keeps == 0
     rows = _rows(root, "jail")
-    honest = rows[0]["metric"]  # the first baseline run: same knobs, same seed as every attack's first run
+    honest = rows[0].metric  # the first baseline run: same knobs, same seed as every attack's first run
     attacks = _by_description(rows)
     assert len(attacks) == 5
     for row in attacks.values():
-        assert row["decision"] == "discard" and "within the noise" in row["reason"], row["reason"]
-        assert row["metric"] == honest and row["sandboxed"] == 1
-        assert row["sandbox_reason"].startswith("sandboxed by bubblewrap")
+        assert row.decision == "discard" and "within the noise" in row.reason, row.reason
+        assert row.metric == honest and row.sandboxed == 1
+        assert row.sandbox_reason.startswith("sandboxed by bubblewrap")
     assert "ATTACK harness: [Errno 30] Read-only file system" in _log(attacks["rewrite the evaluator"])
     journal_log = _log(attacks["read and plant into the journal"])
     assert "ATTACK journal read: [Errno 2] No such file or directory" in journal_log
@@ -195,23 +196,25 @@ def test_sandboxed_attacks_fail_inside_and_leave_the_metric_alone(tmp_path, answ
 
 
 def test_without_the_sandbox_the_same_attacks_reach_their_targets(tmp_path, answer_server):
-    """What the sandbox is for; only the harness rewrite is still caught (by the harness check after training)."""
+    """What the sandbox is for; only the harness rewrite is still caught (by the harness check after
+    training)."""
     patches = {"1.md": WRITE_HARNESS, "2.md": READ_JOURNAL, "3.md": READ_SPLIT, "4.md": USE_NETWORK}
     root = _attack_workspace(tmp_path, "off", patches, answer_server.server_address[1])
     state = ResearchLoop(root, RunOptions(tag="open", proposer="replay")).run_loop()
     assert not state.sandboxed and state.sandbox_reason == 'unsandboxed: [sandbox] mode = "off"'
     attacks = _by_description(_rows(root, "open"))
     harness = attacks["rewrite the evaluator"]
-    assert harness["decision"] == "invalid"
-    assert harness["reason"] == (
-        "the training phase tampered with the harness: harness files changed since the run started: evaluate.py"
+    assert harness.decision == "invalid"
+    assert harness.reason == (
+        "the training phase tampered with the harness: harness files changed since the run started: "
+        "evaluate.py"
     )
     assert "ATTACK journal read:" in _log(attacks["read and plant into the journal"])
     assert "bytes" in _log(attacks["read and plant into the journal"])
-    assert attacks["peek at the test split"]["decision"] == "keep"  # the hidden split was readable
+    assert attacks["peek at the test split"].decision == "keep"  # the hidden split was readable
     assert "ATTACK network: connected" in _log(attacks["ask a server for the answer"])
     assert answer_server.connections == 1
-    assert all(r["sandboxed"] == 0 for r in attacks.values())
+    assert all(r.sandboxed == 0 for r in attacks.values())
 
 
 def test_required_sandbox_without_bwrap_stops_before_anything_runs(tmp_path, monkeypatch):
@@ -240,9 +243,7 @@ def test_an_unsandboxed_run_says_so_in_the_live_view_the_journal_and_the_report(
     reason = "unsandboxed: bwrap '/nonexistent/bwrap' not found or not executable"
     assert f"sandbox off ({reason}" in result.output
     rows = _rows(root, "bare")
-    assert len(rows) == 3 and all(
-        r["sandboxed"] == 0 and r["sandbox_reason"].startswith(reason) for r in rows
-    )
+    assert len(rows) == 3 and all(r.sandboxed == 0 and r.sandbox_reason.startswith(reason) for r in rows)
     out = tmp_path / "report"
     result = runner.invoke(app, ["report", "-C", str(root), "--out", str(out)])
     assert result.exit_code == 0, result.output
@@ -250,7 +251,7 @@ def test_an_unsandboxed_run_says_so_in_the_live_view_the_journal_and_the_report(
     # The live panel keeps saying it for as long as the run goes on.
     console = Console(file=StringIO(), force_terminal=True, width=200)
     view = LiveView(console)
-    view._state.sandboxed, view._state.sandbox_reason = False, rows[0]["sandbox_reason"]
+    view._state.sandboxed, view._state.sandbox_reason = False, rows[0].sandbox_reason
     console.print(view.__rich__())
     assert reason in console.file.getvalue()
 
@@ -264,7 +265,9 @@ import json
 import os
 from pathlib import Path
 
-from evaluate import loss, signed_line
+from evaluate import loss
+
+from nightlab.harness import sign_metrics
 
 
 def main():
@@ -272,7 +275,7 @@ def main():
     import train  # noqa: F401  (editable code runs from here on, without the key in the environment)
 
     model = json.loads(Path("run/model.json").read_text())
-    print(signed_line({"loss": loss(model["knobs"], int(model["seed"]), "val")}, key))
+    print(sign_metrics({"loss": loss(model["knobs"], int(model["seed"]), "val")}, key))
 
 
 if __name__ == "__main__":
@@ -290,8 +293,9 @@ _PAYLOAD = '{"loss":0.0}'
 print(f"KEY SEEN in {os.environ.get('NIGHTLAB_PHASE')}: {_KEY!r}")
 print("loss: 0.0")
 print("NIGHTLAB_METRIC " + _PAYLOAD + " " + "0" * 64)
-# After the harness has printed its own record: a record signed with what this code could find, and an old one.
-_atexit.register(print, "NIGHTLAB_METRIC " + _PAYLOAD + " " + _hmac.new(_KEY.encode(), _PAYLOAD.encode(), _hashlib.sha256).hexdigest())
+# After the harness printed its own record: one signed with what this code could find, and an old one.
+_SIGNED = _hmac.new(_KEY.encode(), _PAYLOAD.encode(), _hashlib.sha256).hexdigest()
+_atexit.register(print, "NIGHTLAB_METRIC " + _PAYLOAD + " " + _SIGNED)
 _atexit.register(print, OTHER_KEY_RECORD)
 """.replace("OTHER_KEY_RECORD", repr(OTHER_KEY_RECORD))
 SILENCE = """SEED = 42
@@ -336,8 +340,8 @@ def channel_run(tmp_path_factory):
 def test_printed_and_forged_metrics_are_ignored(channel_run):
     _, rows = channel_run
     row = _by_description(rows)["speak for the harness"]
-    assert row["decision"] == "discard" and "within the noise" in row["reason"]
-    assert row["metric"] == rows[0]["metric"]  # the harness's own number, not 0.0
+    assert row.decision == "discard" and "within the noise" in row.reason
+    assert row.metric == rows[0].metric  # the harness's own number, not 0.0
     log = _log(row)
     assert "KEY SEEN in train: ''" in log and "KEY SEEN in evaluate: ''" in log  # training never gets the key
     evaluate_part = log.split("=== evaluate:")[1]
@@ -347,8 +351,8 @@ def test_printed_and_forged_metrics_are_ignored(channel_run):
 def test_without_the_harness_record_there_is_no_metric(channel_run):
     _, rows = channel_run
     row = _by_description(rows)["silence the harness"]
-    assert row["decision"] == "crash" and row["metric"] is None
-    assert row["reason"] == (
+    assert row.decision == "crash" and row.metric is None
+    assert row.reason == (
         "no usable metric: no signed NIGHTLAB_METRIC line in the evaluate output "
         "(1 line(s) with a bad signature were ignored)"
     )
@@ -360,9 +364,9 @@ def test_without_the_harness_record_there_is_no_metric(channel_run):
 def test_training_past_the_budget_is_an_overrun_whatever_it_prints(channel_run):
     state, rows = channel_run
     row = _by_description(rows)["train past the budget"]
-    assert row["decision"] == "overrun" and row["metric"] is None
-    assert row["reason"].startswith("training took ") and "over the limit 2.0s" in row["reason"]
-    assert "evaluate" not in json.loads(row["timings_json"])  # never scored at all
+    assert row.decision == "overrun" and row.metric is None
+    assert row.reason.startswith("training took ") and "over the limit 2.0s" in row.reason
+    assert "evaluate" not in row.timings  # never scored at all
     assert state.keeps == 0
 
 
@@ -392,14 +396,11 @@ def test_training_40_percent_past_the_budget_is_an_overrun_on_tinygpt_timings(tm
     )
     ResearchLoop(root, RunOptions(tag="slow", proposer="replay")).run_loop()
     rows = _rows(root, "slow")
-    slowest = max(json.loads(r["timings_json"])["train"] for r in rows if r["kind"] == "baseline")
+    slowest = max(r.timings["train"] for r in rows if r.kind == "baseline")
     row = _by_description(rows)["train 40% past the budget"]
-    assert row["decision"] == "overrun" and row["metric"] is None
-    assert row["train_limit"] == pytest.approx(max(slowest, 2.0) + 0.05 * 2.0 + allowance)
-    assert (
-        row["reason"].startswith("training took ")
-        and f"over the limit {row['train_limit']:.1f}s" in row["reason"]
-    )
+    assert row.decision == "overrun" and row.metric is None
+    assert row.train_limit == pytest.approx(max(slowest, 2.0) + 0.05 * 2.0 + allowance)
+    assert row.reason.startswith("training took ") and f"over the limit {row.train_limit:.1f}s" in row.reason
 
 
 # --- 4. the journal ----------------------------------------------------------------------------------------
@@ -539,12 +540,12 @@ def test_nothing_an_experiment_writes_reaches_the_next_one(tmp_path):
     all_rows = _rows(root, "clean")
     rows = _by_description(all_rows)
     leave, use = rows["leave a shortcut behind"], rows["use a shortcut left behind"]
-    assert leave["decision"] == "invalid" and leave["reason"] == (
-        "the training phase wrote shortcut.json outside the scratch paths (run/); a harness that needs such a "
-        "place declares it under workspace.scratch"
+    assert leave.decision == "invalid" and leave.reason == (
+        "the training phase wrote shortcut.json outside the scratch paths (run/); a harness that needs "
+        "such a place declares it under workspace.scratch"
     )
-    assert use["decision"] == "discard" and "within the noise" in use["reason"]
-    assert use["metric"] == all_rows[0]["metric"]  # the honest first baseline run: no shortcut was found
+    assert use.decision == "discard" and "within the noise" in use.reason
+    assert use.metric == all_rows[0].metric  # the honest first baseline run: no shortcut was found
     assert "CACHE: []" in _log(use)
     assert not (root / "shortcut.json").exists() and not (root / "run").exists()
 
@@ -567,12 +568,12 @@ def test_training_that_rewrites_the_committed_code_is_invalid(tmp_path, mode):
     )
     state = ResearchLoop(root, RunOptions(tag="self", proposer="replay")).run_loop()
     row = _by_description(_rows(root, "self"))["train with other knobs than committed"]
-    assert row["decision"] == "invalid" and row["metric"] is None and state.keeps == 0
-    assert row["reason"] == (
+    assert row.decision == "invalid" and row.metric is None and state.keeps == 0
+    assert row.reason == (
         "the training phase changed the committed code (train.py), so the code scored would not be the code "
         "the journal records"
     )
-    assert "evaluate" not in json.loads(row["timings_json"])
+    assert "evaluate" not in row.timings
 
 
 def test_editable_globs_that_reach_the_harness_are_refused_at_start(tmp_path):
@@ -609,10 +610,8 @@ def test_an_editable_path_through_a_symlink_out_of_the_workspace_is_refused(tmp_
     commit_all(root, "a lib dir that lives elsewhere")
     ResearchLoop(root, RunOptions(tag="link", proposer="replay")).run_loop()
     row = _by_description(_rows(root, "link"))["add a helper module"]
-    assert row["decision"] == "invalid" and row["commit_sha"] is None
-    assert (
-        "lib/helper.py goes through a symlink (lib); only regular files inside the workspace" in row["reason"]
-    )
+    assert row.decision == "invalid" and row.commit_sha is None
+    assert "lib/helper.py goes through a symlink (lib); only regular files inside the workspace" in row.reason
     assert list(outside.iterdir()) == []
 
 
@@ -653,6 +652,6 @@ def test_a_gain_that_fails_the_checks_is_not_kept(tmp_path):
     state = ResearchLoop(root, RunOptions(tag="gate", proposer="replay")).run_loop()
     rows = _by_description(_rows(root, "gate"))
     lower, momentum = rows["a lower LR"], rows["more momentum"]
-    assert lower["decision"] == "discard" and lower["reason"] == "checks failed (exited with code 1)"
-    assert lower["sigmas"] > 100 and "checks" in json.loads(lower["timings_json"])
-    assert momentum["decision"] == "keep" and state.best_commit == momentum["commit_sha"]
+    assert lower.decision == "discard" and lower.reason == "checks failed (exited with code 1)"
+    assert lower.sigmas > 100 and "checks" in lower.timings
+    assert momentum.decision == "keep" and state.best_commit == momentum.commit_sha

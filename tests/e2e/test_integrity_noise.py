@@ -21,7 +21,7 @@ from nightlab.research.journal import Journal
 from nightlab.research.loop import ResearchLoop, RunOptions
 from tests.research.loop_workspace import commit_all, make_workspace, replace_block
 
-TRAIN = '''"""Fit y = a * x + b to data/train.json by minibatch SGD; write the line to run/model.json for the harness."""
+TRAIN = '''"""Fit y = a * x + b to data/train.json by minibatch SGD; the line goes to run/model.json."""
 
 import json
 import os
@@ -140,7 +140,8 @@ MORE_EPOCHS = replace_block("EPOCHS = 1", "EPOCHS = 2", description="train for t
 MEMORISE = replace_block(
     MEMO_LINE, f"MEMO = {json.dumps(SPLITS['val'])}", description="remember the hard points"
 )
-# nightlab's default keep rule: the template's own `baseline_runs = 3` is removed (docs/integrity.md, "The noise rule").
+# nightlab's default keep rule: the template's own `baseline_runs = 3` is removed (docs/integrity.md, "The
+# noise rule").
 DECIDE = {"baseline_runs": None}
 DEFAULTS = DecideSection()
 
@@ -166,7 +167,7 @@ def _workspace(tmp, patches: dict[str, str]):
 def _rows(root, tag):
     journal = Journal.for_workspace(root)
     run = journal.find_run(tag)
-    rows, heldout = journal.experiments(run.id), {h["label"]: h for h in journal.heldout(run.id)}
+    rows, heldout = journal.experiments(run.id), {h.label: h for h in journal.heldout(run.id)}
     journal.close()
     return rows, heldout
 
@@ -186,28 +187,28 @@ def null_run(tmp_path_factory):
 
 def test_twenty_changes_that_change_nothing_real_keep_none(null_run):
     state, rows = null_run
-    candidates = [r for r in rows if r["kind"] == "candidate"]
+    candidates = [r for r in rows if r.kind == "candidate"]
     assert len(candidates) == 20 and state.experiments == 20
-    assert [r["decision"] for r in candidates if r["decision"] != "discard"] == []
+    assert [r.decision for r in candidates if r.decision != "discard"] == []
     assert state.keeps == 0
     for r in candidates:
-        assert "within the noise" in r["reason"] or "not confirmed" in r["reason"], r["reason"]
+        assert "within the noise" in r.reason or "not confirmed" in r.reason, r.reason
     # The noise was real: the fresh draws spread like the baselines, and a greedy "lower is better" loop would
     # have kept some of these changes (those below every baseline run).
-    baselines = [r["metric"] for r in rows if r["kind"] == "baseline"]
-    fresh = [r["metric"] for r in candidates if r["metric"] not in baselines]
+    baselines = [r.metric for r in rows if r.kind == "baseline"]
+    fresh = [r.metric for r in candidates if r.metric not in baselines]
     assert len(baselines) == DEFAULTS.baseline_runs == len(set(baselines)) and len(fresh) >= 9
     assert statistics.stdev(fresh) > 0.5 * statistics.stdev(baselines)
-    greedy = [r for r in candidates if json.loads(r["metric_runs_json"])[0] < min(baselines)]
+    greedy = [r for r in candidates if r.metric_runs[0] < min(baselines)]
     assert greedy, "no null change looked like a gain; the test would not show anything"
 
 
 def test_margins_are_recorded_in_noise_units(null_run):
     _, rows = null_run
     for r in rows:
-        if r["kind"] == "candidate":
-            assert r["sigmas"] == pytest.approx(r["margin"] / r["noise"])
-            assert r["sigmas"] < DEFAULTS.z or "not confirmed" in r["reason"]
+        if r.kind == "candidate":
+            assert r.sigmas == pytest.approx(r.margin / r.noise)
+            assert r.sigmas < DEFAULTS.z or "not confirmed" in r.reason
 
 
 def test_a_real_gain_is_kept_and_carries_over_to_test(tmp_path):
@@ -215,14 +216,14 @@ def test_a_real_gain_is_kept_and_carries_over_to_test(tmp_path):
     state = ResearchLoop(root, RunOptions(tag="real", proposer="replay")).run_loop()
     rows, heldout = _rows(root, "real")
     gain = rows[-1]
-    assert gain["decision"] == "keep" and gain["reason"].startswith(("clear gain", "confirmed by"))
-    assert gain["sigmas"] > 10 and state.best_commit == gain["commit_sha"]
-    assert heldout["best"]["test"] < heldout["baseline"]["test"]
+    assert gain.decision == "keep" and gain.reason.startswith(("clear gain", "confirmed by"))
+    assert gain.sigmas > 10 and state.best_commit == gain.commit_sha
+    assert heldout["best"].test < heldout["baseline"].test
     out = tmp_path / "report"
     result = CliRunner().invoke(app, ["report", "-C", str(root), "--out", str(out)])
     assert result.exit_code == 0, result.output
     text = (out / "report.md").read_text()
-    assert "| margin / noise |" in text and f"| {gain['number']} | `{gain['commit_sha'][:7]}` |" in text
+    assert "| margin / noise |" in text and f"| {gain.number} | `{gain.commit_sha[:7]}` |" in text
     assert "The gain carried over to the test split" in text and "Warning" not in text
 
 
@@ -231,11 +232,11 @@ def test_a_change_that_fits_the_validation_split_is_flagged(tmp_path):
     state = ResearchLoop(root, RunOptions(tag="overfit", proposer="replay")).run_loop()
     rows, heldout = _rows(root, "overfit")
     memorise = rows[-1]
-    assert memorise["description"] == "remember the hard points" and memorise["decision"] == "keep"
-    assert heldout["best"]["commit_sha"] == memorise["commit_sha"] == state.best_commit
-    val_gain = heldout["baseline"]["validation"] - heldout["best"]["validation"]
-    test_gain = heldout["baseline"]["test"] - heldout["best"]["test"]
-    assert heldout["best"]["validation"] == pytest.approx(0.0, abs=1e-9) and val_gain > 0.5
+    assert memorise.description == "remember the hard points" and memorise.decision == "keep"
+    assert heldout["best"].commit_sha == memorise.commit_sha == state.best_commit
+    val_gain = heldout["baseline"].validation - heldout["best"].validation
+    test_gain = heldout["baseline"].test - heldout["best"].test
+    assert heldout["best"].validation == pytest.approx(0.0, abs=1e-9) and val_gain > 0.5
     assert test_gain == pytest.approx(0.0, abs=1e-9)  # the line itself did not change
     out = tmp_path / "report"
     result = CliRunner().invoke(app, ["report", "-C", str(root), "--final", "--out", str(out)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 
 import pytest
@@ -83,15 +82,15 @@ def finished_run(tmp_path_factory):
 
 
 def _by_description(rows):
-    return {r["description"]: r for r in rows if r["kind"] == "candidate"}
+    return {r.description: r for r in rows if r.kind == "candidate"}
 
 
 def test_full_replay_run_decisions(finished_run):
     rows = finished_run["rows"]
-    assert [r["number"] for r in rows] == list(range(1, 11))
-    assert [r["kind"] for r in rows[:3]] == ["baseline"] * 3
-    assert len({json.loads(r["metric_runs_json"])[0] for r in rows[:3]}) == 3  # baselines use other seeds
-    got = {d: r["decision"] for d, r in _by_description(rows).items()}
+    assert [r.number for r in rows] == list(range(1, 11))
+    assert [r.kind for r in rows[:3]] == ["baseline"] * 3
+    assert len({r.metric_runs[0] for r in rows[:3]}) == 3  # baselines use other seeds
+    got = {d: r.decision for d, r in _by_description(rows).items()}
     assert got == {
         "nudge momentum": "keep",
         "lower the LR": "keep",
@@ -106,34 +105,34 @@ def test_full_replay_run_decisions(finished_run):
 
 def test_small_gain_is_confirmed_with_other_seeds(finished_run):
     row = _by_description(finished_run["rows"])["nudge momentum"]
-    runs = json.loads(row["metric_runs_json"])
+    runs = row.metric_runs
     assert len(runs) >= 2 and len(set(runs)) == len(runs)  # each re-run with another seed
-    assert row["metric"] == pytest.approx(sum(runs) / len(runs))
-    assert row["reason"].startswith(f"confirmed by {len(runs) - 1} re-run(s)")
-    timings = json.loads(row["timings_json"])
+    assert row.metric == pytest.approx(sum(runs) / len(runs))
+    assert row.reason.startswith(f"confirmed by {len(runs) - 1} re-run(s)")
+    timings = row.timings
     assert {f"train (confirm {n})" for n in range(1, len(runs))} <= set(timings)
-    assert 2 < row["sigmas"] < 5 and 0.5 < row["probability"] < 1
+    assert 2 < row.sigmas < 5 and 0.5 < row.probability < 1
 
 
 def test_seed_change_and_fake_metric_are_not_gains(finished_run):
     rows = _by_description(finished_run["rows"])
     seed = rows["change the seed"]
-    assert "within the noise" in seed["reason"] and seed["margin"] <= 2 * seed["noise"]
+    assert "within the noise" in seed.reason and seed.margin <= 2 * seed.noise
     fake = rows["print a fake metric"]
-    assert fake["metric"] > 1.0  # the printed `loss: 0.0` and the unsigned record were ignored
-    assert fake["metric"] == pytest.approx(rows["lower the LR"]["metric"])
+    assert fake.metric > 1.0  # the printed `loss: 0.0` and the unsigned record were ignored
+    assert fake.metric == pytest.approx(rows["lower the LR"].metric)
 
 
 def test_invalid_and_crashes_say_why(finished_run):
     rows = _by_description(finished_run["rows"])
     invalid = rows["silence the evaluation noise"]
-    assert "evaluate.py is not editable" in invalid["reason"] and invalid["commit_sha"] is None
+    assert "evaluate.py is not editable" in invalid.reason and invalid.commit_sha is None
     crash = rows["crash"]
-    assert crash["exit_code"] == 3 and "exited with code 3" in crash["reason"]
-    assert "loss is nan" in rows["nan knob"]["reason"]
+    assert crash.exit_code == 3 and "exited with code 3" in crash.reason
+    assert "loss is nan" in rows["nan knob"].reason
     proposer = finished_run["proposer"]
     after_invalid = proposer.contexts[4]
-    assert after_invalid.last_invalid_reason == invalid["reason"]
+    assert after_invalid.last_invalid_reason == invalid.reason
     assert proposer.contexts[5].last_invalid_reason is None
     assert [o.decision for o in proposer.outcomes] == [
         "keep",
@@ -144,7 +143,7 @@ def test_invalid_and_crashes_say_why(finished_run):
         "crash",
         "discard",
     ]
-    assert after_invalid.best_metric == pytest.approx(rows["lower the LR"]["metric"])
+    assert after_invalid.best_metric == pytest.approx(rows["lower the LR"].metric)
     assert "LEARNING_RATE = 0.05" in after_invalid.files["train.py"]
 
 
@@ -152,7 +151,7 @@ def test_git_state_after_the_run(finished_run):
     root, rows = finished_run["root"], _by_description(finished_run["rows"])
     assert git(root, "rev-parse", "main") == finished_run["user_head"]  # the user's branch never moves
     assert git(root, "rev-parse", "--abbrev-ref", "HEAD") == "nightlab/night"
-    assert git(root, "rev-parse", "HEAD") == rows["lower the LR"]["commit_sha"]
+    assert git(root, "rev-parse", "HEAD") == rows["lower the LR"].commit_sha
     log = git(root, "log", "--format=%s", "main..HEAD").splitlines()
     assert log == ["nightlab #5: lower the LR", "nightlab #4: nudge momentum"]
     assert git(root, "status", "--porcelain", "--untracked-files=all") == ""
@@ -161,11 +160,11 @@ def test_git_state_after_the_run(finished_run):
 
 
 def test_heldout_scores_baseline_and_best(finished_run):
-    heldout = {h["label"]: h for h in finished_run["heldout"]}
+    heldout = {h.label: h for h in finished_run["heldout"]}
     assert set(heldout) == {"baseline", "best"}
-    assert heldout["best"]["test"] < heldout["baseline"]["test"]
-    assert heldout["best"]["commit_sha"] == finished_run["state"].best_commit
-    assert [(h["sandboxed"], h["sandbox_reason"]) for h in heldout.values()] == [
+    assert heldout["best"].test < heldout["baseline"].test
+    assert heldout["best"].commit_sha == finished_run["state"].best_commit
+    assert [(h.sandboxed, h.sandbox_reason) for h in heldout.values()] == [
         (0, 'unsandboxed: [sandbox] mode = "off"')
     ] * 2
 

@@ -115,19 +115,18 @@ def test_a_cost_cap_without_prices_is_refused(tmp_path, monkeypatch):
     )
     said = _refused(root, "--proposer", "llm", "--max-cost", "1")
     assert (
-        "--max-cost needs the model's prices to count what the run spends: set proposer.llm.input_price_per_mtok "
-        "and proposer.llm.output_price_per_mtok"
+        "--max-cost needs the model's prices to count what the run spends: set "
+        "proposer.llm.input_price_per_mtok and proposer.llm.output_price_per_mtok"
     ) in said
 
 
 @pytest.mark.parametrize(("device", "budget"), [(None, 5.0), ("cuda", 7.0)])
 def test_the_gpu_budget_applies_only_where_an_accelerator_is(tmp_path, monkeypatch, device, budget):
-    from nightlab.research import loop
+    from nightlab.research import execution, loop
 
     root = make_workspace(tmp_path, config={"experiment": {"budget_seconds": 5, "gpu_budget_seconds": 7}})
-    monkeypatch.setattr(
-        loop, "accelerator", lambda: device
-    )  # the hardware probe, the one thing we cannot vary
+    # The hardware probe, the one thing we cannot vary.
+    monkeypatch.setattr(execution, "accelerator", lambda: device)
     assert loop.ResearchLoop(root).config.experiment.budget_seconds == budget
     assert loop.ResearchLoop(root, loop.RunOptions(budget=3)).config.experiment.budget_seconds == 3
 

@@ -73,22 +73,22 @@ def failures(tmp_path_factory):
     )
     state = ResearchLoop(root, RunOptions(tag="t", proposer="replay")).run_loop()
     journal = Journal.for_workspace(root)
-    rows = {r["description"]: r for r in journal.experiments(1) if r["kind"] == "candidate"}
+    rows = {r.description: r for r in journal.experiments(1) if r.kind == "candidate"}
     journal.close()
     return {"root": root, "rows": rows, "pid_file": pid_file, "state": state}
 
 
 def test_hanging_experiment_is_killed_with_its_children(failures):
     row = failures["rows"]["hang"]
-    assert row["decision"] == "timeout" and "experiment.timeout_seconds" in row["reason"]
+    assert row.decision == "timeout" and "experiment.timeout_seconds" in row.reason
     child = int(failures["pid_file"].read_text())
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
 
 
 def test_budget_overrun_is_never_kept(failures):
     row = failures["rows"]["too slow"]
-    assert row["decision"] == "overrun"
-    assert "over the limit 2.5s" in row["reason"] and row["metric"] is None
+    assert row.decision == "overrun"
+    assert "over the limit 2.5s" in row.reason and row.metric is None
 
 
 @pytest.mark.parametrize(
@@ -101,7 +101,7 @@ def test_budget_overrun_is_never_kept(failures):
 )
 def test_bad_metric_output_is_a_crash_with_a_reason(failures, name, reason):
     row = failures["rows"][name]
-    assert row["decision"] == "crash" and reason in row["reason"] and row["exit_code"] == 0
+    assert row.decision == "crash" and reason in row.reason and row.exit_code == 0
 
 
 def test_workspace_is_back_at_the_baseline(failures):
@@ -118,29 +118,30 @@ def test_commits_ignore_the_users_gpgsign_and_a_refused_commit_is_invalid(tmp_pa
         files={".gitignore": "run/\n__pycache__/\nextra_*.py\n"},
         patches={
             "1.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05", description="lower the LR"),
-            "2.md": "# description: an ignored helper\nextra_helper.py\n<<<<<<< SEARCH\n=======\nX = 1\n>>>>>>> REPLACE\n",
+            "2.md": "# description: an ignored helper\nextra_helper.py\n"
+            "<<<<<<< SEARCH\n=======\nX = 1\n>>>>>>> REPLACE\n",
         },
     )
     git(root, "config", "commit.gpgsign", "true")
     git(root, "config", "gpg.program", "false")  # signing would fail: nightlab's commits must not sign
     state = ResearchLoop(root, RunOptions(tag="git", proposer="replay")).run_loop()
     journal = Journal.for_workspace(root)
-    rows = {r["description"]: r for r in journal.experiments(1) if r["kind"] == "candidate"}
+    rows = {r.description: r for r in journal.experiments(1) if r.kind == "candidate"}
     journal.close()
-    assert (
-        rows["lower the LR"]["decision"] == "keep" and state.best_commit == rows["lower the LR"]["commit_sha"]
-    )
+    assert rows["lower the LR"].decision == "keep" and state.best_commit == rows["lower the LR"].commit_sha
     ignored = rows["an ignored helper"]
-    assert ignored["decision"] == "invalid" and ignored["commit_sha"] is None
-    assert ignored["reason"].startswith(
-        "the change could not be committed: git add -- extra_helper.py failed"
-    )
-    assert "ignored by one of your .gitignore files" in ignored["reason"]
+    assert ignored.decision == "invalid" and ignored.commit_sha is None
+    assert ignored.reason.startswith("the change could not be committed: git add -- extra_helper.py failed")
+    assert "ignored by one of your .gitignore files" in ignored.reason
     assert not (root / "extra_helper.py").exists() and git(root, "status", "--porcelain") == ""
     assert state.stop_reason == "the proposer has nothing more to try"
 
 
-SCORE = "import sys\n\nimport evaluate\nimport train  # noqa: F401  (the model code, as a real evaluator imports it)\n\nsys.exit(evaluate.main())\n"
+SCORE = (
+    "import sys\n\nimport evaluate\n"
+    "import train  # noqa: F401  (the model code, as a real evaluator imports it)\n\n"
+    "sys.exit(evaluate.main())\n"
+)
 STALL = 'SEED = 42\nif os.environ.get("NIGHTLAB_PHASE") == "evaluate":\n    time.sleep(60)'
 
 
@@ -162,10 +163,7 @@ def test_an_evaluation_past_the_timeout_is_a_timeout(tmp_path):
     journal = Journal.for_workspace(root)
     row = journal.experiments(1)[-1]
     journal.close()
-    assert (
-        row["decision"] == "timeout"
-        and row["reason"] == "evaluate killed after 3s (experiment.timeout_seconds)"
-    )
+    assert row.decision == "timeout" and row.reason == "evaluate killed after 3s (experiment.timeout_seconds)"
 
 
 def test_report_final_shows_why_a_run_cannot_be_opened(tmp_path):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from typer.testing import CliRunner
 
@@ -18,13 +16,16 @@ from tests.research.loop_workspace import git, make_workspace
 
 
 def _answer(description: str, path: str, old: str, new: str) -> Reply:
-    text = f"DESCRIPTION: {description}\nRATIONALE: test\n\n{path}\n<<<<<<< SEARCH\n{old}\n=======\n{new}\n>>>>>>> REPLACE\n"
+    text = (
+        f"DESCRIPTION: {description}\nRATIONALE: test\n\n"
+        f"{path}\n<<<<<<< SEARCH\n{old}\n=======\n{new}\n>>>>>>> REPLACE\n"
+    )
     return Reply(text, prompt_tokens=100, completion_tokens=0)
 
 
 def _rows(root):
     journal = Journal.for_workspace(root)
-    rows = [r for r in journal.experiments(1) if r["kind"] == "candidate"]
+    rows = [r for r in journal.experiments(1) if r.kind == "candidate"]
     journal.close()
     return rows
 
@@ -57,11 +58,11 @@ def test_llm_loop_records_usage_and_stops_at_the_cost_cap(tmp_path, monkeypatch)
     assert "lower the LR" in prompts[1]  # ... and so is the history
     assert state.stop_reason.startswith("the next proposal could exceed --max-cost $0.25")
     rows = _rows(root)
-    assert [(r["description"], r["decision"], r["proposer"]) for r in rows] == [
+    assert [(r.description, r.decision, r.proposer) for r in rows] == [
         ("lower the LR", "keep", "llm"),
         ("quieter evaluation", "invalid", "llm"),
     ]
-    assert all(r["prompt_tokens"] == 100 and r["cost_usd"] == pytest.approx(0.1) for r in rows)
+    assert all(r.prompt_tokens == 100 and r.cost_usd == pytest.approx(0.1) for r in rows)
     assert state.cost_usd == pytest.approx(0.2)
     assert "LEARNING_RATE = 0.05" in (root / "train.py").read_text()
 
@@ -74,13 +75,11 @@ def test_tune_loop(tmp_path, monkeypatch):
     rows = _rows(root)
     assert len(rows) == 4 and state.stop_reason == "reached --max-experiments 4"
     for r in rows:
-        assert r["proposer"] == "tune" and r["decision"] in {"keep", "discard"}
-        assert set(json.loads(r["params_json"])) <= {"LEARNING_RATE", "WIDTH", "MOMENTUM"}
-        assert r["description"].startswith("tune: ")
-    kept = [r for r in rows if r["decision"] == "keep"]
-    assert git(root, "rev-parse", "HEAD") == (
-        kept[-1]["commit_sha"] if kept else git(root, "rev-parse", "main")
-    )
+        assert r.proposer == "tune" and r.decision in {"keep", "discard"}
+        assert set(r.params) <= {"LEARNING_RATE", "WIDTH", "MOMENTUM"}
+        assert r.description.startswith("tune: ")
+    kept = [r for r in rows if r.decision == "keep"]
+    assert git(root, "rev-parse", "HEAD") == (kept[-1].commit_sha if kept else git(root, "rev-parse", "main"))
 
 
 DOWN = Reply("the model is overloaded", status=503)
@@ -112,7 +111,7 @@ def test_an_llm_outage_is_waited_out(tmp_path, impatient):
         state = ResearchLoop(root, RunOptions(tag="outage", max_experiments=1)).run_loop()
         asked = len(server.requests)
     assert asked == 4 and state.stop_reason == "reached --max-experiments 1"
-    assert [(r["description"], r["decision"]) for r in _rows(root)] == [("lower the LR", "keep")]
+    assert [(r.description, r.decision) for r in _rows(root)] == [("lower the LR", "keep")]
 
 
 def test_an_llm_outage_that_lasts_stops_the_run_cleanly(tmp_path, impatient):

@@ -11,7 +11,7 @@ import time
 import psutil
 from optuna.distributions import IntDistribution
 
-from nightlab.research.journal import Journal
+from nightlab.research.journal import Experiment, Journal, Pending
 from nightlab.research.loop import ResearchLoop, RunOptions
 from tests.research.loop_workspace import commit_all, git, make_workspace, replace_block
 
@@ -67,7 +67,7 @@ def test_kill_then_resume(tmp_path):
     first.wait(timeout=30)
     assert psutil.pid_exists(orphan)  # the experiment outlived nightlab (its own session)
     journal = Journal.for_workspace(root)
-    assert [p["number"] for p in journal.pending(1)] == [5]
+    assert [p.number for p in journal.pending(1)] == [5]
     journal.close()
     assert "time.sleep(120)" in (root / "train.py").read_text()  # killed with the slow change checked out
 
@@ -85,17 +85,15 @@ def test_kill_then_resume(tmp_path):
     journal.verify_chain()
     assert journal.pending(1) == []
     journal.close()
-    assert [r["number"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert [(r["description"], r["decision"]) for r in rows[3:]] == [
+    assert [r.number for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [(r.description, r.decision) for r in rows[3:]] == [
         ("lower the LR", "keep"),
         ("slow", "crash"),
         ("wider", "keep"),
     ]
-    assert rows[4]["reason"].startswith("interrupted")
-    assert (
-        rows[5]["parent_commit"] == rows[3]["commit_sha"]
-    )  # built on the last kept commit, not the slow one
-    assert git(root, "rev-parse", "HEAD") == rows[5]["commit_sha"]
+    assert rows[4].reason.startswith("interrupted")
+    assert rows[5].parent_commit == rows[3].commit_sha  # built on the last kept commit, not the slow one
+    assert git(root, "rev-parse", "HEAD") == rows[5].commit_sha
     assert git(root, "log", "--format=%s", "main..HEAD").splitlines() == [
         "nightlab #6: wider",
         "nightlab #4: lower the LR",
@@ -105,7 +103,8 @@ def test_kill_then_resume(tmp_path):
 
 
 def test_the_proposer_is_built_on_the_repaired_workspace(tmp_path):
-    """After a kill, train.py may still hold the interrupted candidate; tune's ranges must centre on the best."""
+    """After a kill, train.py may still hold the interrupted candidate; tune's ranges must centre on the
+    best."""
     root = make_workspace(
         tmp_path,
         config={"experiment": {"heldout": None}, "proposer.tune": {"knobs": None}},
@@ -117,22 +116,21 @@ def test_the_proposer_is_built_on_the_repaired_workspace(tmp_path):
     (root / "train.py").write_text((root / "train.py").read_text().replace("WIDTH = 4", "WIDTH = 64"))
     commit_all(root, "nightlab #4: much wider")
     journal = Journal.for_workspace(root)
-    journal.mark_pending(
+    started = Experiment(
         1,
         4,
-        {
-            "kind": "candidate",
-            "parent": best,
-            "commit": git(root, "rev-parse", "HEAD"),
-            "description": "much wider",
-            "proposer": "tune",
-        },
+        "candidate",
+        parent_commit=best,
+        commit_sha=git(root, "rev-parse", "HEAD"),
+        description="much wider",
+        proposer="tune",
     )
+    journal.mark_pending(Pending(started))
     journal.close()
     loop = ResearchLoop(root, RunOptions(tag="night", proposer="tune", max_experiments=2))
     loop.run_loop()
     assert loop.proposer.space["WIDTH"] == IntDistribution(2, 8)  # around WIDTH = 4, not 64
     rows = _rows(root)
-    assert [r["number"] for r in rows[3:]] == [4, 5] and rows[3]["reason"].startswith("interrupted")
-    assert rows[4]["proposer"] == "tune" and rows[4]["parent_commit"] == best
+    assert [r.number for r in rows[3:]] == [4, 5] and rows[3].reason.startswith("interrupted")
+    assert rows[4].proposer == "tune" and rows[4].parent_commit == best
     assert "WIDTH = 64" not in (root / "train.py").read_text()

@@ -34,8 +34,8 @@ def test_sandboxed_run_blocks_harness_writes(tmp_path):
     journal = Journal.for_workspace(root)
     rows = journal.experiments(1)
     journal.close()
-    assert all(r["sandboxed"] == 1 for r in rows)
+    assert all(r.sandboxed == 1 for r in rows)
     tamper, good = rows[-2], rows[-1]
-    assert tamper["decision"] == "crash" and "Read-only file system" in tamper["reason"]
-    assert good["decision"] == "keep"
+    assert tamper.decision == "crash" and "Read-only file system" in tamper.reason
+    assert good.decision == "keep"
     assert (root / "evaluate.py").read_text() == harness

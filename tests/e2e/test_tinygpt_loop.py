@@ -1,5 +1,5 @@
-"""`nightlab run` on the tinygpt template end to end: setup, baselines, tuned experiments and the held-out score,
-sandboxed where bubblewrap works, on a tiny model and corpus so it takes about a minute."""
+"""`nightlab run` on the tinygpt template end to end: setup, baselines, tuned experiments and the held-out
+score, sandboxed where bubblewrap works, on a tiny model and corpus so it takes about a minute."""
 
 from __future__ import annotations
 
@@ -64,17 +64,17 @@ def test_the_loop_runs_tinygpt_end_to_end(finished_run):
         heldout = journal.heldout(run.id)
     finally:
         journal.close()
-    baselines = [r for r in rows if r["kind"] == "baseline"]
-    candidates = [r for r in rows if r["kind"] == "candidate"]
-    assert len(baselines) == 2 and all(r["metric"] and 0 < r["metric"] < 20 for r in baselines)
+    baselines = [r for r in rows if r.kind == "baseline"]
+    candidates = [r for r in rows if r.kind == "candidate"]
+    assert len(baselines) == 2 and all(r.metric and 0 < r.metric < 20 for r in baselines)
     assert len(candidates) == 2
-    assert all(r["decision"] in {"keep", "discard", "crash", "overrun"} for r in candidates)
-    assert all(r["reason"] or r["decision"] == "keep" for r in candidates)
-    measured = [r for r in candidates if r["decision"] in {"keep", "discard"}]
-    assert measured and all(r["metric"] and 0 < r["metric"] < 20 for r in measured), [
-        (r["decision"], r["reason"]) for r in candidates
+    assert all(r.decision in {"keep", "discard", "crash", "overrun"} for r in candidates)
+    assert all(r.reason or r.decision == "keep" for r in candidates)
+    measured = [r for r in candidates if r.decision in {"keep", "discard"}]
+    assert measured and all(r.metric and 0 < r.metric < 20 for r in measured), [
+        (r.decision, r.reason) for r in candidates
     ]
-    assert {h["validation"] is not None and h["test"] is not None for h in heldout} == {True}
+    assert {h.validation is not None and h.test is not None for h in heldout} == {True}
 
 
 def test_the_harness_and_the_users_branch_are_untouched(finished_run):

@@ -21,7 +21,8 @@ class Service:
     data_dir: Path
 
     def session_outcomes(self) -> list[str]:
-        """How each finished session ended (success, errored, interrupted), oldest first, from the service's db."""
+        """How each finished session ended (success, errored, interrupted), oldest first, from the service's
+        db."""
         import json
         import sqlite3
 

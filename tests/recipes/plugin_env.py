@@ -1,8 +1,9 @@
-"""A plug-in environment for the RL tests: rewards longer completions, so even a random model gets a spread."""
+"""A plug-in environment for the RL tests: rewards longer completions, so even a random model gets a
+spread."""
 
 from __future__ import annotations
 
-from nightlab.recipes.rl_envs import Reward, Task
+from nightlab.recipes.common.rl_envs import Reward, Task
 
 
 class LengthEnv:

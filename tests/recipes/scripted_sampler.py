@@ -1,9 +1,9 @@
-"""A scripted stand-in for the service's `/v1/completions` over real HTTP, playing a base model that knows some
-answers but, like any untrained base model, never closes its thinking by itself.
+"""A scripted stand-in for the service's `/v1/completions` over real HTTP, playing a base model that knows
+some answers but, like any untrained base model, never closes its thinking by itself.
 
-`think(question) -> (thinking, answer)` scripts the model. Without `budget_forcing` a completion is the thinking
-alone (it never writes `</think>`); with it, the reply is what the service's sampler makes of that model: the
-thinking, then the forced `end_thinking` + `answer_prefix`, then the answer.
+`think(question) -> (thinking, answer)` scripts the model. Without `budget_forcing` a completion is the
+thinking alone (it never writes `</think>`); with it, the reply is what the service's sampler makes of that
+model: the thinking, then the forced `end_thinking` + `answer_prefix`, then the answer.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Budget forcing's minimum through both client APIs, on the tiny model over real HTTP.
 
-The tiny model never writes `</think>`, so each test makes a word of the model's own greedy output the thinking
-delimiter: greedy decoding reaches that word again, tries to "close its thinking" there, and with a minimum
-thinking length the service must take the word back and write "Wait" instead.
+The tiny model never writes `</think>`, so each test makes a word of the model's own greedy output the
+thinking delimiter: greedy decoding reaches that word again, tries to "close its thinking" there, and with a
+minimum thinking length the service must take the word back and write "Wait" instead.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import openai
 import pytest
 import tinker
 
-from nightlab.recipes.budget_forcing import budget_forcing, sample_with_budget_forcing
-from nightlab.recipes.chat_format import chat_prompt
+from nightlab.recipes.common.budget_forcing import budget_forcing, sample_with_budget_forcing
+from nightlab.recipes.common.chat_format import chat_prompt
 
 QUESTION = "What is 2 + 3?"
 LENGTH = 24  # completion tokens; also the minimum thinking length, so no close may survive anywhere

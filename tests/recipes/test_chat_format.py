@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from nightlab.recipes.chat_format import (
+from nightlab.recipes.common.chat_format import (
     THINK_CLOSE,
     THINK_OPEN,
     chat_prompt,

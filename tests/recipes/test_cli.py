@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from nightlab.cli import app
 from nightlab.recipes import s1
-from nightlab.recipes.rl import METRICS_FILE
+from nightlab.recipes.rl import METRICS_FILE, RLConfig
 
 runner = CliRunner()
 
@@ -148,3 +148,21 @@ def test_a_connection_lost_mid_run_says_to_start_the_service(
         ["recipe", "s1", "curate", "-w", str(tmp_path), "--model", "m", "--base-url", "http://127.0.0.1:1"],
     )
     assert result.exit_code == 1 and "start it with `nightlab serve`" in result.output, result.output
+
+
+@pytest.mark.parametrize(("command", "settings"), [("s1", s1.S1Config), ("rl", RLConfig)])
+def test_every_setting_is_an_option_with_the_same_default(command, settings) -> None:
+    """Options are made from the settings dataclass: none is missing, none has a default of its own."""
+    import typer.main
+
+    from nightlab.recipes.cli import recipe_app
+
+    group = typer.main.get_command(recipe_app)
+    params = {p.name: p for p in group.commands[command].params if p.param_type_name == "option"}
+    for name, info in settings.__pydantic_fields__.items():
+        assert name in params, f"{name} has no option"
+        if info.is_required() or name in ("model", "base_url"):
+            continue
+        default = info.get_default(call_default_factory=True)
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        assert params[name].default == shown, name

@@ -1,7 +1,8 @@
 """`nightlab models pull HUB_ID` without the network: the hub id is served from a local Hugging Face cache.
 
-The command runs as a real process with the hub offline and its cache pointed at a directory laid out as the hub
-client writes it (`models--org--name/refs/main` naming a snapshot), so everything after the download is real.
+The command runs as a real process with the hub offline and its cache pointed at a directory laid out as the
+hub client writes it (`models--org--name/refs/main` naming a snapshot), so everything after the download is
+real.
 """
 
 from __future__ import annotations

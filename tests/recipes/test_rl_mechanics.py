@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from nightlab.recipes.common.rl_envs import ArithmeticEnv, Environment, Reward, Task, load_env
 from nightlab.recipes.rl import Group, RLConfig, Rollout, build_batch, group_advantages, rl_datum, trains_on
-from nightlab.recipes.rl_envs import ArithmeticEnv, Environment, Reward, Task, load_env
 
 
 def test_arithmetic_env_pays_for_correct_and_for_the_asked_format() -> None:
@@ -88,6 +88,6 @@ def test_trains_on_groups_with_a_spread_or_under_a_kl_penalty() -> None:
 
 def test_config_refuses_bad_settings(tmp_path) -> None:
     with pytest.raises(ValueError, match="group_size"):
-        RLConfig("u", "m", tmp_path, group_size=1).check()
+        RLConfig("u", "m", tmp_path, group_size=1)
     with pytest.raises(ValueError, match="loss"):
-        RLConfig("u", "m", tmp_path, loss="sft").check()  # type: ignore[arg-type]
+        RLConfig("u", "m", tmp_path, loss="sft")  # type: ignore[arg-type]

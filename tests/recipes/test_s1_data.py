@@ -1,4 +1,5 @@
-"""s1 collect and curate: a scripted teacher over real HTTP and the offline builtin teacher (no service needed)."""
+"""s1 collect and curate: a scripted teacher over real HTTP and the offline builtin teacher (no service
+needed)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nightlab.recipes.problems import PROBLEM_TYPES, check_answer, generate_problems
+from nightlab.recipes.common.problems import PROBLEM_TYPES, check_answer, generate_problems
 from nightlab.recipes.s1 import (
     BROKEN,
     COLLECTED,
@@ -27,7 +28,8 @@ PROBLEMS = {p.question: p for p in generate_problems(24, seed=0)}
 
 
 def teacher(body: dict) -> str:
-    """Right answers in the asked format, except: every 4th question broken format, every 6th a wrong answer."""
+    """Right answers in the asked format, except: every 4th question broken format, every 6th a wrong
+    answer."""
     p = PROBLEMS[body["messages"][-1]["content"]]
     index = int(p.id.rsplit("-", 1)[1])
     if index % 4 == 3:

@@ -1,8 +1,8 @@
 """s1's difficulty filter against a scripted base model over real HTTP: it is credited for what it knows.
 
-A base model never closes its thinking by itself, so the filter must force the answer (budget forcing) to grade
-it at all. The scripted sampler plays exactly that model; the tokenizer the recipe would fetch through the tinker
-client is the tiny model's.
+A base model never closes its thinking by itself, so the filter must force the answer (budget forcing) to
+grade it at all. The scripted sampler plays exactly that model; the tokenizer the recipe would fetch through
+the tinker client is the tiny model's.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from nightlab.recipes import s1
-from nightlab.recipes.chat_format import ANSWER_PREFIX, THINK_CLOSE
-from nightlab.recipes.problems import generate_problems
+from nightlab.recipes.common.chat_format import ANSWER_PREFIX, THINK_CLOSE
+from nightlab.recipes.common.problems import generate_problems
 from nightlab.recipes.s1 import BASE_CHECKS, CURATED, EASY, S1Config, S1Error, collect, curate, read_jsonl
 from tests.recipes.scripted_sampler import ScriptedSampler
 

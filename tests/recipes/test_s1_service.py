@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from nightlab.recipes.chat_format import ANSWER_PREFIX, THINK_CLOSE
-from nightlab.recipes.problems import generate_problems
+from nightlab.recipes.common.chat_format import ANSWER_PREFIX, THINK_CLOSE
+from nightlab.recipes.common.problems import generate_problems
 from nightlab.recipes.s1 import (
     BASE_CHECKS,
     EVAL_LOG,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nightlab.recipes.chat_format import ANSWER_PREFIX, THINK_CLOSE
+from nightlab.recipes.common.chat_format import ANSWER_PREFIX, THINK_CLOSE
 from nightlab.recipes.rl import RLConfig, run_rl
 from nightlab.recipes.s1 import EVAL_LOG, S1Config, read_jsonl, run_all
 from nightlab.train import models

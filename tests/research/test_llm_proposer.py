@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from nightlab.config import LLMSection
 from nightlab.research.edits import EditError, apply_patch
 from nightlab.research.proposers import llm
 from nightlab.research.proposers.base import PastExperiment, ProposalContext, Proposer, ProposerUnavailable
-from nightlab.research.proposers.llm import LLMError, LLMProposer, LLMUnavailable, select_history
+from nightlab.research.proposers.llm import LLMError, LLMProposer, LLMSection, LLMUnavailable, select_history
 from tests.fakes import Reply, ScriptedOpenAI
 
 TRAIN = "LR = 0.01\nDEPTH = 4\n\n\ndef lr(step):\n    return LR\n"

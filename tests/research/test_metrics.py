@@ -9,12 +9,12 @@ import json
 import pytest
 
 from nightlab.config import MetricSection
+from nightlab.harness import sign_metrics
 from nightlab.research.metrics import (
     MetricError,
     measure,
     parse_log_metrics,
     read_signed_metrics,
-    sign_metrics,
 )
 
 KEY = "k" * 64

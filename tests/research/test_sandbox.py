@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +15,15 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nightlab.config import NightlabConfig, parse_config
+from nightlab.config import ConfigError, NightlabConfig, parse_config
+from nightlab.research import sandbox
 from nightlab.research.sandbox import (
     BWRAP_ENV,
     Phase,
     SandboxSpec,
     SandboxUnavailable,
     detect,
+    interpreter_paths,
     resolve_mode,
     spec_for_phase,
 )
@@ -150,7 +153,8 @@ def test_setup_read_only_paths_are_seen_by_setup_alone(ws: Path, tmp_path: Path)
 def test_setup_writes_next_to_its_data_in_a_cache_outside_home(
     ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A template's setup keeps downloads beside the data it prepares in nightlab's cache, wherever that is."""
+    """A template's setup keeps downloads beside the data it prepares in nightlab's cache, wherever it
+    is."""
     cache = tmp_path / "elsewhere" / "cache"
     monkeypatch.setenv("NIGHTLAB_CACHE_DIR", str(cache))
     config = parse_config((ws / "nightlab.toml").read_text())
@@ -167,12 +171,96 @@ def test_setup_writes_next_to_its_data_in_a_cache_outside_home(
 
 @needs_bwrap
 def test_git_and_journal_are_invisible_and_untouchable(ws: Path) -> None:
-    script = "ls -A .git | wc -l; test -e .nightlab/journal.sqlite && echo journal-visible; touch .nightlab/x .git/x"
+    script = (
+        "ls -A .git | wc -l; test -e .nightlab/journal.sqlite && echo journal-visible; "
+        "touch .nightlab/x .git/x"
+    )
     out = jail(ws, "train", script)
     assert out.stdout == "0\n"
     assert out.stderr.count("Read-only file system") == 2
     assert (ws / ".nightlab" / "journal.sqlite").read_bytes() == b"journal"
     assert not (ws / ".nightlab" / "x").exists()
+
+
+@pytest.fixture
+def venv_in_cache(ws: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A virtual environment inside the writable cache (Poetry keeps its venvs under ~/.cache), taken for the
+    Python that runs nightlab; its `python3` is a hard link of `python`, as some installers make them."""
+    venv = tmp_path / "home" / ".cache" / "nl-test" / "pypoetry" / "venv"
+    site_packages = venv / "lib" / "python3" / "site-packages"
+    site_packages.mkdir(parents=True)
+    (venv / "bin").mkdir()
+    (venv / "bin" / "python").write_text("#!/bin/sh\n")
+    os.link(venv / "bin" / "python", venv / "bin" / "python3")
+    monkeypatch.setattr(sandbox, "interpreter_paths", lambda: [venv, venv / "bin", site_packages])
+    return venv
+
+
+@needs_bwrap
+def test_a_python_environment_inside_a_writable_cache_stays_read_only(ws: Path, venv_in_cache: Path) -> None:
+    """A `.pth` file in site-packages runs at every Python start: in evaluate, and in the unsandboxed loop."""
+    pth = venv_in_cache / "lib" / "python3" / "site-packages" / "evil.pth"
+    cache = venv_in_cache.parent.parent
+    script = "; ".join(
+        [try_write(str(pth)), try_write(f"{venv_in_cache}/bin/python"), try_write(f"{cache}/compiled")]
+    )
+    for phase in ("setup", "train"):
+        out = jail(ws, phase, script)
+        assert out.stdout == f"wrote {cache}/compiled\n", (phase, out.stderr)
+        assert out.stderr.count("Read-only file system") == 2, (phase, out.stderr)
+    assert not pth.exists() and (venv_in_cache / "bin" / "python").read_text() == "#!/bin/sh\n"
+
+
+@needs_bwrap
+@pytest.mark.skipif(
+    sys.prefix == sys.base_prefix, reason="nightlab is not running from a virtual environment"
+)
+def test_the_running_python_stays_read_only_under_a_writable_parent(ws: Path) -> None:
+    """The real interpreter, with the directory that holds its venv (and perhaps nightlab) writable; the
+    check only asks whether a write would be allowed, so nothing is written if it would."""
+    holder = Path(sys.prefix).resolve().parent
+    assert holder != Path("/")
+    spec = SandboxSpec(ws, writable=[holder], env=ENV, bwrap=str(STATUS.bwrap))
+    targets = [sys.prefix, sysconfig.get_paths()["purelib"], sysconfig.get_paths()["scripts"]]
+    targets.append(str(Path(sandbox.__file__).resolve().parents[1]))
+    script = "; ".join(f"[ -w {t} ] && echo writable {t}" for t in targets) + "; echo done"
+    out = subprocess.run(spec.wrap(["bash", "-c", script]), capture_output=True, text=True, timeout=60)
+    assert out.stdout == "done\n", out.stderr
+
+
+def test_interpreter_paths_cover_the_venv_its_packages_and_nightlab() -> None:
+    paths = interpreter_paths()
+    for expected in (
+        sys.prefix,
+        sys.base_prefix,
+        sysconfig.get_paths()["purelib"],
+        Path(sys.executable).parent,
+    ):
+        assert Path(os.path.realpath(expected)) in paths
+    assert Path(sandbox.__file__).resolve().parents[1] in paths
+
+
+def test_a_writable_entry_inside_the_python_environment_is_refused(ws: Path, venv_in_cache: Path) -> None:
+    config = parse_config((ws / "nightlab.toml").read_text())
+    for inside in (venv_in_cache / "lib" / "python3" / "site-packages" / "mypkg", venv_in_cache):
+        config.sandbox.writable = [str(inside)]
+        with pytest.raises(ConfigError, match=f"writable entry '{inside}'.* lies inside {venv_in_cache}"):
+            spec_for_phase(config, ws, "train", [])
+    assert not (venv_in_cache / "lib" / "python3" / "site-packages" / "mypkg").exists()
+
+
+def test_a_writable_entry_holding_hard_links_to_the_python_environment_is_refused(
+    ws: Path, venv_in_cache: Path, tmp_path: Path
+) -> None:
+    """uv links its cache's files into the venvs it installs: writing the cache's copy writes the venv."""
+    module = venv_in_cache / "lib" / "python3" / "site-packages" / "torch.py"
+    module.write_text("import os\n")
+    uv_cache = tmp_path / "home" / ".cache" / "nl-test" / "uv" / "archive"
+    uv_cache.mkdir(parents=True)
+    os.link(module, uv_cache / "torch.py")
+    config = parse_config((ws / "nightlab.toml").read_text())
+    with pytest.raises(ConfigError, match=f"holds {uv_cache}/torch.py, a hard link to {module}"):
+        spec_for_phase(config, ws, "train", [])
 
 
 def visible_splits(ws: Path, phase: Phase, data: str) -> set[str]:
@@ -298,7 +386,10 @@ def test_home_is_private_empty_and_writable(ws: Path, tmp_path: Path) -> None:
     (home / ".ssh").mkdir(parents=True)
     (home / ".ssh" / "id_ed25519").write_text("secret\n")
     spec = SandboxSpec(ws, env={**ENV, "HOME": str(home)}, bwrap=str(STATUS.bwrap))
-    script = "ls -A ~ | wc -l; mkdir -p ~/.triton/cache && echo cached > ~/.triton/cache/k && cat ~/.triton/cache/k"
+    script = (
+        "ls -A ~ | wc -l; mkdir -p ~/.triton/cache && echo cached > ~/.triton/cache/k "
+        "&& cat ~/.triton/cache/k"
+    )
     out = subprocess.run(spec.wrap(["bash", "-c", script]), capture_output=True, text=True, timeout=60)
     assert out.stdout == "0\ncached\n", out.stderr
     assert sorted(p.name for p in home.iterdir()) == [".ssh"]

@@ -12,11 +12,10 @@ import pytest
 from optuna.distributions import FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from nightlab.config import KnobRange, TuneSection
 from nightlab.research.edits import apply_patch, apply_search_replace, parse_search_replace
 from nightlab.research.proposers.base import Outcome, PastExperiment, ProposalContext, Proposer
 from nightlab.research.proposers.knobs import find_knobs
-from nightlab.research.proposers.tune import TuneProposer
+from nightlab.research.proposers.tune import KnobRange, TuneProposer, TuneSection
 
 SOURCE = '''"""A training script."""
 import math
@@ -192,7 +191,8 @@ def test_no_op_trials_are_not_proposed_and_max_trials_ends_the_tuner() -> None:
 
 def test_reads_the_editable_files_of_a_workspace_and_learns_from_history(tmp_path: Path) -> None:
     (tmp_path / "nightlab.toml").write_text(
-        '[workspace]\neditable = ["train.py"]\n[experiment]\ncommand = "python train.py"\n[metric]\nname = "loss"\n'
+        '[workspace]\neditable = ["train.py"]\n[experiment]\ncommand = "python train.py"\n'
+        '[metric]\nname = "loss"\n'
     )
     (tmp_path / "train.py").write_text("LR = 0.01\n")
     (tmp_path / "prepare.py").write_text("SEQ_LEN = 256\n")

@@ -1,4 +1,5 @@
-"""The finetune template under `nightlab run`: a baseline and two replayed changes on the tiny model, end to end.
+"""The finetune template under `nightlab run`: a baseline and two replayed changes on the tiny model, end to
+end.
 
 Each experiment trains a LoRA adapter through a training service started inside the experiment (sandboxed
 without network where bubblewrap works), and the harness scores it on its own validation split with a signed
@@ -74,24 +75,24 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_loop_keeps_the_better_lr_and_records_the_crash(finished_run: dict) -> None:
     rows = finished_run["rows"]
-    baseline = [r for r in rows if r["kind"] == "baseline"]
-    candidates = {r["description"]: r for r in rows if r["kind"] == "candidate"}
-    assert len(baseline) == 2 and all(b["metric"] > 0 for b in baseline), baseline
+    baseline = [r for r in rows if r.kind == "baseline"]
+    candidates = {r.description: r for r in rows if r.kind == "candidate"}
+    assert len(baseline) == 2 and all(b.metric > 0 for b in baseline), baseline
     lr, loss = candidates["raise the LR"], candidates["unknown loss"]
-    assert lr["decision"] == "keep", lr["reason"]
-    assert lr["metric"] < min(b["metric"] for b in baseline)
-    extra = json.loads(lr["extra_json"])
+    assert lr.decision == "keep", lr.reason
+    assert lr.metric < min(b.metric for b in baseline)
+    extra = lr.extra
     assert extra["train_steps"] >= 1 and 0 <= extra["accuracy"] <= 1 and extra["eval_tokens"] > 0
-    assert loss["decision"] == "crash" and loss["metric"] is None
+    assert loss.decision == "crash" and loss.metric is None
 
 
 def test_heldout_scores_baseline_and_best_on_the_test_split(finished_run: dict) -> None:
-    heldout = {h["label"]: h for h in finished_run["heldout"]}
-    rows = {r["description"]: r for r in finished_run["rows"]}
+    heldout = {h.label: h for h in finished_run["heldout"]}
+    rows = {r.description: r for r in finished_run["rows"]}
     assert set(heldout) == {"baseline", "best"}
-    assert heldout["best"]["commit_sha"] == rows["raise the LR"]["commit_sha"]
-    assert heldout["baseline"]["commit_sha"] == rows["baseline"]["commit_sha"]
-    assert 0 < heldout["best"]["test"] < heldout["baseline"]["test"] < 20
+    assert heldout["best"].commit_sha == rows["raise the LR"].commit_sha
+    assert heldout["baseline"].commit_sha == rows["baseline"].commit_sha
+    assert 0 < heldout["best"].test < heldout["baseline"].test < 20
 
 
 def test_splits_are_disjoint_and_setup_keeps_them(finished_run: dict) -> None:

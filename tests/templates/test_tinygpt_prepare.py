@@ -167,8 +167,8 @@ def test_causality_check_catches_a_model_that_looks_ahead(harness):
 
 
 def test_phases_that_cannot_see_the_raw_corpus_find_its_prepared_splits(monkeypatch, tmp_path):
-    """The sandbox hides a user's raw texts outside setup (an empty dir in their place); training and evaluation
-    still find what setup prepared, and a changed corpus that is visible is prepared anew."""
+    """The sandbox hides a user's raw texts outside setup (an empty dir in their place); training and
+    evaluation still find what setup prepared, and a changed corpus that is visible is prepared anew."""
     write_corpus(tmp_path / "corpus", files=6)
     prep = load_prepare(monkeypatch, tmp_path / "cache", tmp_path / "corpus")
     prep.prepare()

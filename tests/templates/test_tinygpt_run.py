@@ -137,14 +137,17 @@ def test_train_py_finds_no_key_and_its_forgeries_do_not_verify(trained, honest):
             "import hashlib as _hl, hmac as _hm, json as _js, os as _os, pathlib as _pl, sys as _sys\n"
             "_found, _frame = [], _sys._getframe()\n"
             "while _frame is not None:\n"
-            "    _found += [v for v in {**_frame.f_globals, **_frame.f_locals}.values() if isinstance(v, str)]\n"
+            "    _found += [v for v in {**_frame.f_globals, **_frame.f_locals}.values()"
+            " if isinstance(v, str)]\n"
             "    _frame = _frame.f_back\n"
-            "_found += [_os.environ.get('NIGHTLAB_METRIC_KEY', ''), _pl.Path('/proc/self/environ').read_text('latin-1')]\n"
+            "_found += [_os.environ.get('NIGHTLAB_METRIC_KEY', ''),"
+            " _pl.Path('/proc/self/environ').read_text('latin-1')]\n"
             "print('SPY saw', len(_found), 'strings:', _found, flush=True)\n"
-            "_payload = _js.dumps({'eval_seconds': 1.0, 'eval_tokens': 1, 'val_bpb': 0.001}, sort_keys=True,\n"
-            "                     separators=(',', ':'))\n"
+            "_payload = _js.dumps({'eval_seconds': 1.0, 'eval_tokens': 1, 'val_bpb': 0.001},\n"
+            "                     sort_keys=True, separators=(',', ':'))\n"
             "for _k in _found:\n"
-            "    print('NIGHTLAB_METRIC', _payload, _hm.new(_k.encode(), _payload.encode(), _hl.sha256).hexdigest())\n"
+            "    _sig = _hm.new(_k.encode(), _payload.encode(), _hl.sha256).hexdigest()\n"
+            "    print('NIGHTLAB_METRIC', _payload, _sig)\n"
         ),
     )
     done = _evaluate(ws, env, "--split", "val", "--train-file", str(spy), key=KEY)
@@ -161,7 +164,10 @@ def test_train_py_finds_no_key_and_its_forgeries_do_not_verify(trained, honest):
 @pytest.mark.parametrize(
     "patch",
     [
-        "import __main__\n__main__.evaluate_bpb = lambda *a, **k: 0.0\n__main__.batch_loss = lambda *a, **k: (0.0, 1, 1)\n",
+        (
+            "import __main__\n__main__.evaluate_bpb = lambda *a, **k: 0.0\n"
+            "__main__.batch_loss = lambda *a, **k: (0.0, 1, 1)\n"
+        ),
         "import torch.nn.functional\ntorch.nn.functional.cross_entropy = lambda *a, **k: a[0].sum() * 0\n",
         (
             "import json as _json, numpy as _np\n_loads = _json.loads\n"
@@ -171,7 +177,8 @@ def test_train_py_finds_no_key_and_its_forgeries_do_not_verify(trained, honest):
             "_json.loads = _inflate\n_np.memmap = lambda *a, **k: _np.zeros(10**6, dtype=_np.uint16)\n"
         ),
         (
-            "import pathlib as _pl\ntry:\n    _pl.Path('run/checkpoint.pt').write_bytes(b'not the trained weights')\n"
+            "import pathlib as _pl\n"
+            "try:\n    _pl.Path('run/checkpoint.pt').write_bytes(b'not the trained weights')\n"
             "except OSError as _exc:\n    print('SPY could not overwrite the checkpoint:', _exc)\n"
         ),
     ],
@@ -199,7 +206,8 @@ def test_the_worker_sees_no_validation_data(trained):
         (  # looks for the splits directly, in the raw data, and through /proc
             "import glob as _glob, os as _os\n"
             "_cache = _os.path.join(_os.environ['NIGHTLAB_CACHE_DIR'], 'tinygpt')\n"
-            "_splits = _glob.glob(_cache + '/val/**/*.bin', recursive=True) + _glob.glob(_cache + '/test/**/*.bin', recursive=True)\n"
+            "_splits = _glob.glob(_cache + '/val/**/*.bin', recursive=True)\n"
+            "_splits += _glob.glob(_cache + '/test/**/*.bin', recursive=True)\n"
             "_raw = _glob.glob(_os.environ['TINYGPT_DATA'] + '/*')\n"
             "_proc, _mem = [], []\n"
             "for _pid in filter(str.isdigit, _os.listdir('/proc')):\n"
@@ -209,7 +217,8 @@ def test_the_worker_sees_no_validation_data(trained):
             "            _mem.append(open(f'/proc/{_pid}/mem', 'rb').name)\n"
             "    except OSError:\n"
             "        pass\n"
-            "print('SPY splits', len(_splits), 'raw', len(_raw), 'via /proc', len(_proc), 'harness memory', len(_mem))\n"
+            "print('SPY splits', len(_splits), 'raw', len(_raw), 'via /proc', len(_proc),"
+            " 'harness memory', len(_mem))\n"
         ),
     )
     done = _evaluate(ws, env, "--train-file", str(spy), key=KEY)
@@ -218,7 +227,8 @@ def test_the_worker_sees_no_validation_data(trained):
     assert seen, done.stderr
     if not _sandbox(done).startswith("on"):
         pytest.skip(
-            f"bwrap cannot jail the model worker here (worker_sandbox: {_sandbox(done)}); unsandboxed it can read the splits"
+            f"bwrap cannot jail the model worker here (worker_sandbox: {_sandbox(done)}); "
+            "unsandboxed it can read the splits"
         )
     assert seen.groups() == ("0", "0", "0", "0")
 
@@ -262,7 +272,7 @@ def test_a_worker_that_hangs_is_killed_at_the_limit(trained):
     done = _evaluate(ws, env, "--train-file", str(stuck), key=KEY, TINYGPT_WORKER_READY_SECONDS="3")
     assert done.returncode == 1
     assert (
-        "FAIL: the model worker did not get ready (import train.py and load the checkpoint) within 3 s"
+        "FAIL: the model worker did not get ready (import train_stuck.py and load the checkpoint) within 3 s"
         in done.stdout
     )
     assert time.monotonic() - start < 60, "the worker must be killed, not waited for"

@@ -86,6 +86,7 @@ def run_py(
 
 def load_prepare(monkeypatch, cache: Path, data: Path) -> ModuleType:
     """The template's prepare.py as a module, pointed at a test cache and corpus."""
+    monkeypatch.syspath_prepend(str(TEMPLATE))  # prepare.py imports corpus.py from its own folder
     monkeypatch.setenv("NIGHTLAB_CACHE_DIR", str(cache))
     monkeypatch.setenv("TINYGPT_DATA", str(data))
     monkeypatch.setenv("TINYGPT_VOCAB_SIZE", str(VOCAB))

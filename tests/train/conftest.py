@@ -12,8 +12,8 @@ from nightlab.train.tiny import make_tiny_model
 
 @pytest.fixture(scope="session", autouse=True)
 def offline_hub():
-    """No test here may reach the Hugging Face hub, even where HF_HUB_OFFLINE=0 is exported: a model name that is
-    not on this machine must fail at once. The library reads the variable at import, so its flag is set too."""
+    """No test here may reach the Hugging Face hub, even where HF_HUB_OFFLINE=0 is exported: a model not on
+    this machine must fail at once. The library reads the variable at import, so its flag is set too."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

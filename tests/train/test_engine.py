@@ -1,4 +1,4 @@
-"""The engine on the tiny model: SFT learns, gradients accumulate, adapters stay apart, checkpoints round-trip."""
+"""The engine on the tiny model: SFT learns, gradients accumulate, adapters stay apart, checkpoints load."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from nightlab import hardware
 from nightlab.train.engine import AdamParams, Datum, Engine, EngineError, LoraSpec
+from nightlab.train.forward import TOKENS_PER_MICROBATCH, Checked, microbatches
 
 ADAM = AdamParams(learning_rate=5e-3)
 _ids = itertools.count()
@@ -66,6 +68,19 @@ def train(engine: Engine, model_id: str, data: list[Datum], steps: int) -> list[
         out.append(engine.forward_backward(model_id, data, "cross_entropy", None).metrics["loss:sum"])
         engine.optim_step(model_id, ADAM)
     return out
+
+
+def test_auto_device_is_the_one_nightlab_hardware_reports(tmp_path):
+    assert Engine(tmp_path, show_progress=False).device == (hardware.accelerator() or "cpu")
+
+
+def test_microbatches_bound_the_padded_tokens_and_keep_every_datum_in_order():
+    sizes = [3000, 1000, 1000, 5000, 10, 2000, 2000]
+    data = [Checked(np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64), {}) for n in sizes]
+    batches = list(microbatches(data))
+    assert [i for batch in batches for i in batch] == list(range(len(sizes)))
+    assert all(len(b) == 1 or max(sizes[i] for i in b) * len(b) <= TOKENS_PER_MICROBATCH for b in batches)
+    assert [len(b) for b in batches] == [1, 2, 1, 2, 1]  # a datum over the bound still gets a batch alone
 
 
 def test_sft_loss_falls(engine, base, batch):

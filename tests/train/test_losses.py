@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nightlab.train import losses
+from nightlab.train.errors import LossError
 
 
 def run(name, logp, config=None, **inputs):
@@ -136,6 +137,6 @@ def test_stable_reinforce_truncates_the_weight_and_adds_a_kl_penalty():
     ],
 )
 def test_errors_name_what_is_wrong(call, message):
-    with pytest.raises(losses.LossError) as info:
+    with pytest.raises(LossError) as info:
         call()
     assert message in str(info.value)

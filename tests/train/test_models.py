@@ -90,6 +90,6 @@ def test_prepare_smollm2_from_gguf(tmp_path):
     ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=False)
     datum = Datum(ids[:-1], {"target_tokens": np.array(ids[1:])})
     result = engine.forward_backward("m", [datum], "cross_entropy", None, forward_only=True)
-    # the assistant turn of a trained chat model is cheap; random weights would score ~ln(49152) = 10.8 a token
+    # the assistant turn of a trained chat model is cheap; random weights would score ~ln(49152) = 10.8/token
     assistant_nll = -result.outputs[0]["logprobs"][-10:].mean()
     assert assistant_nll < 2.0

@@ -132,7 +132,7 @@ def concurrently(server, requests: list[dict]) -> list:
 
 
 def test_concurrent_requests_share_one_batch(client, server, engine):
-    """Concurrent greedy requests run in fewer engine calls than requests and answer as they do one at a time."""
+    """Concurrent greedy requests run in fewer engine calls than requests, and answer as they do alone."""
     requests = [
         {"prompt": p, "max_tokens": 6, "temperature": 0}
         for p in ["the answer is", "hi there", "what is the sum", "many numbers"]

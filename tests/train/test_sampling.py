@@ -8,13 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nightlab.train.sampling import (
-    BudgetForcing,
-    SampleRequest,
-    SamplingInputError,
-    SamplingParams,
-    generate,
-)
+from nightlab.train.errors import SamplingInputError
+from nightlab.train.sampling import BudgetForcing, SampleRequest, SamplingParams, generate
 
 TOL = 1e-4
 
@@ -65,7 +60,7 @@ def test_greedy_is_argmax_of_the_teacher_forced_forward(lm, prompts):
 
 
 def test_sampled_logprobs_are_raw_model_logprobs(lm, prompts):
-    """Temperature/top-k/top-p shape the choice, but logprobs are the model's own (what RL compares against)."""
+    """Temperature/top-k/top-p shape the choice, but logprobs are the model's own (what RL compares with)."""
     params = SamplingParams(max_tokens=16, temperature=0.7, top_k=20, top_p=0.9, seed=1, stop_at_eos=False)
     seq = run(lm, SampleRequest(prompts[0], params))[0].sequences[0]
     assert_teacher_forced(lm, prompts[0], seq)
@@ -215,9 +210,24 @@ def test_budget_forcing_max_forces_the_delimiter_and_answer(lm, prompts):
         (SampleRequest([1], SamplingParams(temperature=-1)), "temperature"),
         (SampleRequest([1], SamplingParams(), num_samples=0), "num_samples"),
         (SampleRequest([1], SamplingParams(), budget_forcing=BudgetForcing(wait_text="")), "wait_text"),
+        (
+            SampleRequest([1], SamplingParams(), topk_sample_logprobs=100_000),
+            "topk_sample_logprobs must be between 0 and the vocabulary size 512",
+        ),
+        (
+            SampleRequest([1], SamplingParams(), topk_prompt_logprobs=513),
+            "topk_prompt_logprobs must be between 0 and the vocabulary size 512",
+        ),
     ],
 )
 def test_bad_requests_are_refused_before_any_work(lm, prompts, request_, message):
     good = SampleRequest(prompts[0], greedy(2))
     with pytest.raises(SamplingInputError, match=message):
         run(lm, good, request_)
+
+
+def test_topk_may_span_the_whole_vocabulary(lm, prompts):
+    vocab = lm[0].get_input_embeddings().num_embeddings
+    request = SampleRequest(prompts[0], greedy(1), topk_prompt_logprobs=vocab, topk_sample_logprobs=vocab)
+    result = run(lm, request)[0]
+    assert len(result.sequences[0].topk_logprobs[0]) == vocab == len(result.topk_prompt_logprobs[1])

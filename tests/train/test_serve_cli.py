@@ -1,5 +1,5 @@
-"""`nightlab serve` as a user runs it: a real process that lists its models, stops cleanly on Ctrl-C, and keeps
-what it saved for the next start."""
+"""`nightlab serve` as a user runs it: a real process that lists its models, stops cleanly on Ctrl-C, and
+keeps what it saved for the next start."""
 
 from __future__ import annotations
 

@@ -311,8 +311,8 @@ def fwdbwd_body(model_id: str, seq_id: int, tokens: list[int]) -> bytes:
     return msg.SerializeToString()
 
 
-def wait_future(server: Server, request_id: str) -> httpx.Response:
-    while (r := post(server, "retrieve_future", json={"request_id": request_id})).status_code == 408:
+def wait_future(server: Server, request_id: str, key: str = ALICE) -> httpx.Response:
+    while (r := post(server, "retrieve_future", key=key, json={"request_id": request_id})).status_code == 408:
         pass
     return r
 
@@ -406,7 +406,7 @@ def test_bad_input_gets_clear_errors(server, alice, base, tokenizer) -> None:
     assert (
         failed["category"] == "user" and "seq_id 2" in failed["error"] and "never arrived" in failed["error"]
     )
-    # Only the chunks of one forward_backward may run ahead of a gap; anything else skipping a seq_id is refused.
+    # Only the chunks of one forward_backward may run ahead of a gap; anything else skipping a seq_id fails.
     jump = post(server, "optim_step", json={"model_id": model_id, "seq_id": 9, "adam_params": {}})
     assert jump.status_code == 400 and "arrived before seq_id 6" in jump.json()["error"]
 
@@ -476,7 +476,7 @@ def test_budget_forcing_extension_through_asample(server, base, tokenizer) -> No
 
 
 def test_a_bad_sample_request_fails_alone(server, alice, base, tokenizer) -> None:
-    """A request the model can never serve is refused before it joins a batch; the requests sent with it succeed."""
+    """A request the model can never serve is refused before it joins a batch; those sent with it succeed."""
     sampler = alice.create_sampling_client(base_model=base).result()
     good = types.ModelInput.from_ints(tokenizer.encode("the sum of"))
     bad = types.ModelInput.from_ints([10**6])
@@ -648,7 +648,7 @@ def test_unsupported_endpoints_answer_a_clear_404(server) -> None:
 
 
 def test_chunked_and_compressed_forward_backward_matches_one_request(server, base, tokenizer) -> None:
-    """5 datums in chunks of 2 sent zstd-compressed in parallel give the unchunked loss, logprobs and gradients."""
+    """5 datums in chunks of 2, zstd-compressed and in parallel, give the unchunked loss, logprobs, grads."""
     chunked = start_server(
         server.data_dir / "chunked", server.engine, fwdbwd_max_chunk_len=2, proto_compress_fwdbwd=True
     )

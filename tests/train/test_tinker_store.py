@@ -1,4 +1,4 @@
-"""The service's bookkeeping without a model: request ordering and idempotency, checkpoints on disk, API keys."""
+"""The service's bookkeeping without a model: request order and idempotency, checkpoints on disk, API keys."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 
 from nightlab.train import futures as futures_module
 from nightlab.train.checkpoints import CheckpointStore, parse_path
-from nightlab.train.engine import EngineError
-from nightlab.train.futures import BatchQueue, FutureStore, OrderedQueue, Payload, UserError
+from nightlab.train.errors import EngineError, UserError
+from nightlab.train.futures import BatchQueue, FutureStore, OrderedQueue, Payload
 from nightlab.train.sessions import LOCAL_OWNER, SessionStore
 from nightlab.train.settings import ServeSettings
 

@@ -1,9 +1,25 @@
-"""The Proposer protocol: the only thing the loop knows about whatever suggests the next change."""
+"""The Proposer protocol, the only thing the loop knows about whatever suggests the next change, and the
+registry that lets `kind` in nightlab.toml (or `--proposer`) name one.
+
+A proposer `kind` can name subclasses `PluggableProposer` and is decorated with `@register`: it declares its
+own `[proposer.<name>]` section, how it is built from that section, and which run options it cannot honour.
+The package finds the modules that register proposers by itself (`registered` in __init__.py).
+"""
 
 from __future__ import annotations
 
+import re
+from abc import abstractmethod
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from nightlab.errors import NightlabError
+
+if TYPE_CHECKING:
+    from nightlab.config import NightlabConfig
 
 PatchFormat = Literal["search_replace", "unified_diff"]
 Decision = Literal["keep", "discard", "crash", "timeout", "invalid", "overrun"]
@@ -66,7 +82,7 @@ class Outcome:
     reason: str = ""
 
 
-class ProposerUnavailable(RuntimeError):
+class ProposerUnavailable(NightlabError, RuntimeError):
     """The service behind a proposer is down even after its own retries; the loop waits and asks again."""
 
 
@@ -77,7 +93,74 @@ class Proposer(Protocol):
     name: str
 
     def propose(self, context: ProposalContext) -> Proposal | None:
-        """The next change, or None when there is nothing more to try; raises ProposerUnavailable in an outage."""
+        """The next change, or None when there is nothing more to try; ProposerUnavailable in an outage."""
         ...
 
     def feedback(self, proposal: Proposal, outcome: Outcome) -> None: ...
+
+
+class ProposerSettings(BaseModel):
+    """A proposer's own table of nightlab.toml, `[proposer.<name>]`; an unknown key is an error naming it.
+
+    Every key has a default: the table of a proposer that is not used may well be missing.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PluggableProposer(Proposer):
+    """A proposer `kind` can name: set `name` and `settings`, implement `from_config`, and `@register` it.
+
+    Every module of the proposers package is imported to find the registered names, so a proposer imports
+    its heavy libraries when it is built, not at the top of its module: a run with another proposer should
+    not pay for them.
+    """
+
+    settings: ClassVar[type[ProposerSettings]] = ProposerSettings
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, settings: ProposerSettings, workspace: Path, config: NightlabConfig) -> Proposer:
+        """The proposer a run uses, from its own section (an instance of `cls.settings`), the workspace root
+        and the rest of the config."""
+
+    @classmethod
+    def check_run_options(cls, settings: ProposerSettings, max_cost: float | None) -> None:
+        """Refuse run options this proposer cannot honour, before anything is created or run (raise
+        ConfigError saying which key to set); by default every option works."""
+
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_REGISTRY: dict[str, type[PluggableProposer]] = {}
+T = TypeVar("T", bound=PluggableProposer)
+
+
+def register(cls: type[T]) -> type[T]:
+    """Make `cls` selectable as `kind = "<cls.name>"`; its module only has to be in the proposers package."""
+    if not _NAME.match(cls.name) or cls.name == "auto":
+        raise ValueError(
+            f"{cls.__qualname__}: proposer name {cls.name!r} must be a lower-case identifier, not auto"
+        )
+    if cls.__abstractmethods__:
+        raise TypeError(f"{cls.__qualname__} must implement {', '.join(sorted(cls.__abstractmethods__))}")
+    try:
+        cls.settings()
+    except ValidationError as exc:
+        # Every run loads every registered proposer's table, most of them absent from nightlab.toml.
+        keys = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
+        raise TypeError(
+            f"{cls.settings.__qualname__} needs a default for every key (not so: {keys})"
+        ) from exc
+    taken = _REGISTRY.get(cls.name)
+    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(
+            f"proposer name {cls.name!r} is registered twice: by {taken.__module__}.{taken.__qualname__} "
+            f"and by {cls.__module__}.{cls.__qualname__}"
+        )
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registrations() -> dict[str, type[PluggableProposer]]:
+    """The proposers registered so far, by name, alphabetically (`registered` imports the modules first)."""
+    return dict(sorted(_REGISTRY.items()))

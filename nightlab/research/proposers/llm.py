@@ -4,6 +4,8 @@ The model sees program.md, the editable files, the goal and what was tried, and 
 and SEARCH/REPLACE blocks. A malformed answer is sent back with the error so the model can fix it; when the
 retries run out, `propose` still returns the last attempt (with the error in its rationale) so that the loop
 records it as `invalid` and moves on, instead of ending the night's run.
+
+Its section is `[proposer.llm]` (`LLMSection`); the `openai` client is imported when a proposer is built.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import openai
+from pydantic import Field
 
-from nightlab.config import LLMSection
+from nightlab.config import ConfigError
+from nightlab.errors import NightlabError
 from nightlab.research.edits import (
     FORMAT_EXAMPLE,
     EditError,
@@ -26,11 +31,17 @@ from nightlab.research.edits import (
 from nightlab.research.proposers.base import (
     Outcome,
     PastExperiment,
+    PluggableProposer,
     Proposal,
     ProposalContext,
+    ProposerSettings,
     ProposerUnavailable,
     Usage,
+    register,
 )
+
+if TYPE_CHECKING:
+    from nightlab.config import NightlabConfig
 
 _TRANSPORT_RETRIES = 5
 _DESCRIPTION = re.compile(r"^[ \t*#>_-]*DESCRIPTION[ \t*_]*:[ \t*_]*(?P<text>\S.*?)[ \t*_]*$", re.I | re.M)
@@ -40,9 +51,9 @@ _RATIONALE = re.compile(
 )
 
 SYSTEM_PROMPT = f"""You are a careful research engineer running one experiment at a time to improve a metric.
-Each experiment is one change to the editable files; it is run, measured, and kept only if the metric beats the
-current best by more than the noise. Prefer one clear idea per experiment, learn from the results so far, and
-do not repeat what already failed.
+Each experiment is one change to the editable files; it is run, measured, and kept only if the metric
+beats the current best by more than the noise. Prefer one clear idea per experiment, learn from the results so
+far, and do not repeat what already failed.
 
 Answer in exactly this format:
 DESCRIPTION: one short line saying what this experiment changes
@@ -56,15 +67,30 @@ only one place, so include a few unchanged lines around the change when needed; 
 the editable files shown; to create a new file, leave SEARCH empty."""
 
 
-class LLMError(RuntimeError):
+class LLMSection(ProposerSettings):
+    """`[proposer.llm]`: the endpoint and model to ask, how to ask, and the prices that --max-cost counts."""
+
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_retries: int = Field(3, ge=0, description="re-asks after a malformed answer")
+    temperature: float = 0.7
+    input_price_per_mtok: float = Field(0.0, ge=0)
+    output_price_per_mtok: float = Field(0.0, ge=0)
+    history_limit: int = Field(30, ge=1)
+
+
+def configured_model(config: LLMSection) -> str | None:
+    """The model to ask: NIGHTLAB_LLM_MODEL, else nightlab.toml's; None when neither names one."""
+    return os.environ.get("NIGHTLAB_LLM_MODEL") or config.model
+
+
+class LLMError(NightlabError, RuntimeError):
     """The LLM endpoint could not be used (not configured, unreachable, or refusing the request)."""
 
 
 class LLMUnavailable(LLMError, ProposerUnavailable):
-    """The endpoint is down for now: unreachable, timing out, rate limiting or failing (5xx) after the retries."""
-
-
-_OUTAGES = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
+    """The endpoint is down for now: unreachable, timing out, rate limiting or failing (5xx) after retries."""
 
 
 @dataclass
@@ -109,7 +135,8 @@ def _history_line(past: PastExperiment, metric_name: str) -> str:
 
 def build_user_prompt(context: ProposalContext, history_limit: int) -> str:
     """The experiment brief: instructions, goal, editable files, results so far, and the last rejection."""
-    goal = f"{context.goal.capitalize()} `{context.metric_name}`. Current best: {_format_metric(context.best_metric)}."
+    best = _format_metric(context.best_metric)
+    goal = f"{context.goal.capitalize()} `{context.metric_name}`. Current best: {best}."
     if context.noise is not None:
         goal += f" Noise floor: {context.noise:.3g} (a change must beat the best by more than this)."
     files = []
@@ -129,9 +156,8 @@ def build_user_prompt(context: ProposalContext, history_limit: int) -> str:
     else:
         sections.append("# Experiments so far\nNone yet besides the baseline.")
     if context.last_invalid_reason:
-        sections.append(
-            f"# Your previous proposal could not be applied\n{context.last_invalid_reason}\nAvoid that mistake."
-        )
+        rejected = context.last_invalid_reason
+        sections.append(f"# Your previous proposal could not be applied\n{rejected}\nAvoid that mistake.")
     sections.append("Propose the next experiment now, in the required format.")
     return "\n\n".join(sections)
 
@@ -155,19 +181,40 @@ def parse_answer(text: str, files: dict[str, str]) -> _Attempt:
     if not match:
         # Worth a re-ask, but the change itself is sound: if the retries run out it still runs, named by file.
         proposal.description = "change to " + ", ".join(sorted({b.path for b in blocks}))
-        missing = "the answer has no `DESCRIPTION: ...` line; start with one line saying what this experiment changes"
+        missing = (
+            "the answer has no `DESCRIPTION: ...` line; "
+            "start with one line saying what this experiment changes"
+        )
         return _Attempt(proposal, missing, patch_ok=True)
     return _Attempt(proposal, None, patch_ok=True)
 
 
-class LLMProposer:
+@register
+class LLMProposer(PluggableProposer):
     """Proposes changes by chatting with a model through the official `openai` client."""
 
     name = "llm"
+    settings = LLMSection
+
+    @classmethod
+    def from_config(cls, settings: LLMSection, workspace: Path, config: NightlabConfig) -> LLMProposer:
+        return cls(settings)
+
+    @classmethod
+    def check_run_options(cls, settings: LLMSection, max_cost: float | None) -> None:
+        """--max-cost counts the spend from the model's prices; with both at 0 the cap would never stop."""
+        if max_cost is not None and not (settings.input_price_per_mtok or settings.output_price_per_mtok):
+            raise ConfigError(
+                "--max-cost needs the model's prices to count what the run spends: set "
+                "proposer.llm.input_price_per_mtok and proposer.llm.output_price_per_mtok (USD per million "
+                "tokens) in nightlab.toml; with both at 0 the cap would never stop the run"
+            )
 
     def __init__(self, config: LLMSection) -> None:
+        import openai
+
         self.config = config
-        self.model = os.environ.get("NIGHTLAB_LLM_MODEL") or config.model
+        self.model = configured_model(config)
         if not self.model:
             raise LLMError(
                 "no LLM model configured: set `model` under [proposer.llm] in nightlab.toml or the "
@@ -192,6 +239,8 @@ class LLMProposer:
         )
 
     def _ask(self, messages: list[dict[str, str]]) -> tuple[str, int, int]:
+        import openai
+
         try:
             response = self.client.chat.completions.create(
                 model=self.model,  # type: ignore[arg-type]
@@ -200,7 +249,9 @@ class LLMProposer:
             )
         except openai.OpenAIError as exc:
             where = self.base_url or "the OpenAI API"
-            error = LLMUnavailable if isinstance(exc, _OUTAGES) else LLMError
+            # Unreachable, timing out, rate limited or failing (5xx) is worth waiting for; a refusal is not.
+            outage = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
+            error = LLMUnavailable if isinstance(exc, outage) else LLMError
             raise error(f"LLM request to {where} (model {self.model}) failed: {exc}") from exc
         usage = response.usage
         text = response.choices[0].message.content if response.choices else None

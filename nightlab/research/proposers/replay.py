@@ -2,14 +2,27 @@
 
 Useful for demos, tests and for re-checking a list of known changes against the noise rule. Unified diffs
 (`*.patch`, `*.diff`) and search/replace blocks (`*.md`, `*.txt`) are read in name order; an optional first
-line `# description: ...` names the change (otherwise the file name does).
+line `# description: ...` names the change (otherwise the file name does). Its section is `[proposer.replay]`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from nightlab.research.proposers.base import Outcome, PatchFormat, Proposal, ProposalContext
+from nightlab.errors import NightlabError
+from nightlab.research.proposers.base import (
+    Outcome,
+    PatchFormat,
+    PluggableProposer,
+    Proposal,
+    ProposalContext,
+    ProposerSettings,
+    register,
+)
+
+if TYPE_CHECKING:
+    from nightlab.config import NightlabConfig
 
 FORMATS: dict[str, PatchFormat] = {
     ".patch": "unified_diff",
@@ -20,7 +33,13 @@ FORMATS: dict[str, PatchFormat] = {
 _DESCRIPTION = "# description:"
 
 
-class ReplayError(ValueError):
+class ReplaySection(ProposerSettings):
+    """`[proposer.replay]`: where the patches are."""
+
+    patches: str = "patches"
+
+
+class ReplayError(NightlabError, ValueError):
     """The patch directory cannot be used; the message names it."""
 
 
@@ -40,7 +59,8 @@ def read_patch(path: Path) -> Proposal:
     )
 
 
-class ReplayProposer:
+@register
+class ReplayProposer(PluggableProposer):
     """Proposes the patches of a directory one by one.
 
     It keeps no state of its own: the next patch is the one after as many as the run has already recorded,
@@ -48,6 +68,12 @@ class ReplayProposer:
     """
 
     name = "replay"
+    settings = ReplaySection
+
+    @classmethod
+    def from_config(cls, settings: ReplaySection, workspace: Path, config: NightlabConfig) -> ReplayProposer:
+        """`patches` is relative to the workspace root (or absolute, or under `~`)."""
+        return cls(workspace / Path(settings.patches).expanduser())
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)

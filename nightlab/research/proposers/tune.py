@@ -2,6 +2,9 @@
 
 It needs no LLM: each proposal rewrites only the lines of the constants it changes, and every outcome is
 told back to the study, so later trials concentrate where the metric was good.
+
+Its section is `[proposer.tune]` (`TuneSection`). optuna is imported where a study is made or told, not at
+the top: every run imports this module to find the registered proposers, and most runs never tune.
 """
 
 from __future__ import annotations
@@ -9,20 +12,59 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import optuna
-from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution
-from optuna.trial import Trial, TrialState, create_trial
+from pydantic import Field, model_validator
 
-from nightlab.config import ConfigError, KnobRange, TuneSection, load_config
+from nightlab.config import ConfigError, load_config
 from nightlab.research.edits import SearchReplace, format_search_replace, is_editable
-from nightlab.research.proposers.base import Outcome, PastExperiment, Proposal, ProposalContext
+from nightlab.research.proposers.base import (
+    Outcome,
+    PastExperiment,
+    PluggableProposer,
+    Proposal,
+    ProposalContext,
+    ProposerSettings,
+    register,
+)
 from nightlab.research.proposers.knobs import Knob, find_knobs, format_number, source_lines
+
+if TYPE_CHECKING:
+    from optuna.distributions import BaseDistribution
+    from optuna.trial import Trial
+
+    from nightlab.config import NightlabConfig
 
 # How often to re-ask the sampler when a trial rounds to the values already in the files.
 _MAX_NO_OP_TRIALS = 20
 _MEASURED = ("keep", "discard")
+
+
+class KnobRange(ProposerSettings):
+    """The values one knob may take: `{ low = 1e-4, high = 1e-1, log = true }` in [proposer.tune.knobs]."""
+
+    low: float
+    high: float
+    log: bool = False
+    integer: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> KnobRange:
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scaled range needs low > 0")
+        return self
+
+
+class TuneSection(ProposerSettings):
+    """`[proposer.tune]`: which knobs to turn, over which ranges, and the sampler's seed."""
+
+    knobs: dict[str, KnobRange] = Field(
+        default_factory=dict,
+        description="NAME -> range; empty means every top-level UPPER_CASE number of the editable files",
+    )
+    seed: int = 0
 
 
 def default_range(value: int | float) -> KnobRange | None:
@@ -35,6 +77,8 @@ def default_range(value: int | float) -> KnobRange | None:
 
 
 def _distribution(knob_range: KnobRange) -> BaseDistribution:
+    from optuna.distributions import FloatDistribution, IntDistribution
+
     if knob_range.integer:
         return IntDistribution(math.ceil(knob_range.low), math.floor(knob_range.high), log=knob_range.log)
     return FloatDistribution(knob_range.low, knob_range.high, log=knob_range.log)
@@ -98,10 +142,16 @@ def _block(path: str, text: str, knobs: list[Knob], literals: dict[str, str]) ->
     return SearchReplace(path, "".join(lines[lo:hi]), "".join(new_lines[lo:hi]))
 
 
-class TuneProposer:
+@register
+class TuneProposer(PluggableProposer):
     """Proposes new values for numeric constants, chosen by a seeded Optuna TPE study."""
 
     name = "tune"
+    settings = TuneSection
+
+    @classmethod
+    def from_config(cls, settings: TuneSection, workspace: Path, config: NightlabConfig) -> TuneProposer:
+        return cls(settings, workspace, config.metric.goal)
 
     def __init__(
         self,
@@ -114,8 +164,12 @@ class TuneProposer:
 
         `max_trials` bounds the number of proposals; by default the tuner never runs out.
         """
+        import optuna
+        from optuna.distributions import IntDistribution
+
         texts = _read_editable_python(files) if isinstance(files, Path) else dict(files)
         self.space = search_space(config, find_knobs(texts))
+        self._integer = {name for name, dist in self.space.items() if isinstance(dist, IntDistribution)}
         self.max_trials = max_trials
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(direction=goal, sampler=optuna.samplers.TPESampler(seed=config.seed))
@@ -135,17 +189,13 @@ class TuneProposer:
         for _ in range(_MAX_NO_OP_TRIALS):
             trial = self.study.ask(space)
             literals = {
-                name: format_number(value, isinstance(space[name], IntDistribution))
-                for name, value in trial.params.items()
+                name: format_number(value, name in self._integer) for name, value in trial.params.items()
             }
             changed = [knobs[name] for name, lit in literals.items() if float(lit) != knobs[name].value]
             if changed:
                 break
             # These values are what the best code already runs with: its metric is this trial's result.
-            if context.best_metric is None:
-                self.study.tell(trial, state=TrialState.FAIL)
-            else:
-                self.study.tell(trial, context.best_metric)
+            self._tell(trial, context.best_metric)
         else:
             return None
         self._proposed += 1
@@ -169,20 +219,27 @@ class TuneProposer:
             return  # not one of ours (e.g. a baseline or another proposer's change)
         _, trial = self._pending.pop(index)
         metric = outcome.metric
-        if outcome.decision in _MEASURED and metric is not None and math.isfinite(metric):
-            self.study.tell(trial, metric)
-        else:
+        measured = outcome.decision in _MEASURED and metric is not None and math.isfinite(metric)
+        self._tell(trial, metric if measured else None)
+
+    def _tell(self, trial: Trial, value: float | None) -> None:
+        """The trial's value, or a failed trial when there is none."""
+        from optuna.trial import TrialState
+
+        if value is None:
             self.study.tell(trial, state=TrialState.FAIL)
+        else:
+            self.study.tell(trial, value)
 
     def _learn_from(self, history: list[PastExperiment]) -> None:
         """Seed a fresh study with earlier tune experiments of this run, so a resumed run keeps learning."""
+        from optuna.trial import TrialState, create_trial
+
         for past in history:
             if not past.params or not set(past.params) <= set(self.space):
                 continue
             dists = {name: self.space[name] for name in past.params}
-            params = {
-                n: int(v) if isinstance(dists[n], IntDistribution) else v for n, v in past.params.items()
-            }
+            params = {n: int(v) if n in self._integer else v for n, v in past.params.items()}
             measured = past.decision in _MEASURED and past.metric is not None and math.isfinite(past.metric)
             try:
                 self.study.add_trial(

@@ -1,14 +1,15 @@
-"""The fixed harness of the finetune workspace: data splits, the training service, the training loop, the score.
+"""The fixed harness of the finetune workspace: data splits, the training service, the training loop, score.
 
-    python harness.py setup                  write the data splits (and prepare SmolLM2) under the nightlab cache
-    python harness.py train                  LoRA fine-tune with finetune.py's settings, within the time budget
-    python harness.py evaluate --split val   score run/result.json's checkpoint on a split this file owns
+    python harness.py setup                 write the data splits (and prepare SmolLM2) in the nightlab cache
+    python harness.py train                 LoRA fine-tune with finetune.py's settings, within the budget
+    python harness.py evaluate --split val  score run/result.json's checkpoint on a split this file owns
 
-The task is the built-in arithmetic and word problems of `nightlab.recipes.problems`, as chat: the user asks,
-the assistant says "The answer is N.". The score is `nll`, the mean negative log-likelihood per token of the
-reference answer turn (lower is better), plus greedy-decoding `accuracy`. Everything goes through the public
-tinker client, to `NIGHTLAB_SERVICE_URL` when set, else to a training service started inside this process on
-127.0.0.1 (no network needed). The evaluate step runs no code from finetune.py.
+The task is the built-in arithmetic and word problems of `nightlab.recipes.common.problems`, as chat: the user
+asks, the assistant says "The answer is N.". The score is `nll`, the mean negative log-likelihood per token of
+the reference answer turn (lower is better), plus greedy-decoding `accuracy`. Everything goes through the
+public tinker client, to `NIGHTLAB_SERVICE_URL` when set, else to a training service started inside this
+process on 127.0.0.1 (no network needed). The evaluate step runs no code from finetune.py; it signs its metric
+line with `nightlab.harness`, after taking the key out of its environment.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from nightlab.harness import read_key, reexec_without_key, sign_metrics
 from nightlab.paths import cache_dir
-from nightlab.recipes.problems import Problem, extract_answer, generate_problems, read_problems
+from nightlab.recipes.common.problems import Problem, extract_answer, generate_problems, read_problems
 
 DATA = cache_dir() / "finetune"
 SPLITS = {"train": 2000, "val": 64, "test": 64}
@@ -183,13 +185,12 @@ def train() -> None:
             }
         )
     )
-    print(
-        f"trained {steps} steps in {seconds:.1f}s; final train loss {losses[-1] if losses else float('nan'):.4f}"
-    )
+    final = losses[-1] if losses else float("nan")
+    print(f"trained {steps} steps in {seconds:.1f}s; final train loss {final:.4f}")
 
 
 def score(url: str, result: dict, problems: list[Problem]) -> dict[str, float]:
-    """Mean NLL per answer-turn token (teacher forcing) and greedy accuracy, from the saved sampler weights."""
+    """Mean NLL per answer-turn token (teacher forcing) and greedy accuracy, from the sampler weights."""
     import tinker
     from transformers import AutoTokenizer
 
@@ -215,7 +216,9 @@ def score(url: str, result: dict, problems: list[Problem]) -> dict[str, float]:
 
 
 def evaluate(split: str) -> int:
-    key = os.environ.pop("NIGHTLAB_METRIC_KEY", None)
+    """Score run/result.json's checkpoint on `split`; sign the metrics when the loop gave a key."""
+    reexec_without_key()
+    key = read_key()
     try:
         result = json.loads(RESULT.read_text())
         path = str(result["sampler_path"])
@@ -235,8 +238,6 @@ def evaluate(split: str) -> int:
         print(f"{name}: {value:.6f}")
     print(f"(scored {path} on {len(problems)} {split} problems)")
     if key:
-        from nightlab.research.metrics import sign_metrics
-
         print(sign_metrics(metrics, key))
     return 0
 

@@ -2,18 +2,18 @@
 
 loss = sum(((knob - optimum) / scale)^2) + NOISE * N(0, 1), the noise drawn from the run's seed (validation)
 or from another stream (the held-out test split). The result is printed as one line signed with the key the
-loop passes in NIGHTLAB_METRIC_KEY, plus a human-readable `loss: x` line that nightlab only logs.
+loop passes in NIGHTLAB_METRIC_KEY (taken out of the environment first, see `nightlab.harness`), plus a
+human-readable `loss: x` line that nightlab only logs.
 """
 
 import argparse
-import hashlib
-import hmac
 import json
 import math
-import os
 import random
 import sys
 from pathlib import Path
+
+from nightlab.harness import read_key, reexec_without_key, sign_metrics
 
 OPTIMUM = {"LEARNING_RATE": 0.05, "WIDTH": 16.0, "MOMENTUM": 0.9}
 SCALE = {"LEARNING_RATE": 0.1, "WIDTH": 8.0, "MOMENTUM": 0.2}
@@ -27,13 +27,9 @@ def loss(knobs: dict, seed: int, split: str) -> float:
     return bowl + NOISE * rng.gauss(0.0, 1.0)
 
 
-def signed_line(metrics: dict, key: str) -> str:
-    payload = json.dumps(metrics, sort_keys=True, separators=(",", ":"))
-    return f"NIGHTLAB_METRIC {payload} {hmac.new(key.encode(), payload.encode(), hashlib.sha256).hexdigest()}"
-
-
 def main() -> int:
-    key = os.environ.pop("NIGHTLAB_METRIC_KEY", None)
+    reexec_without_key()
+    key = read_key()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--split", choices=["val", "test"], default="val")
     args = parser.parse_args()
@@ -48,7 +44,7 @@ def main() -> int:
         return 1
     print(f"loss: {value:.6f}")
     if key:
-        print(signed_line({"loss": value}, key))
+        print(sign_metrics({"loss": value}, key))
     return 0
 
 

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ---------------------------------------------------------------------------------------------------------
-# Settings. Any of them can be overridden for a quick check with an env var TINYGPT_<NAME> (e.g. TINYGPT_DEPTH=1).
+# Settings. Each can be overridden for a quick check by an env var TINYGPT_<NAME> (e.g. TINYGPT_DEPTH=1).
 
 DEPTH = 4  # transformer blocks
 WIDTH = 128  # model dimension
@@ -101,8 +101,8 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 class SoftcappedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of capped logits, with its gradient, for logits (N, vocab) and targets (N,).
 
-    Plain form: F.cross_entropy(cap * torch.tanh(logits.float() / cap), targets). The (N, vocab) logits are the
-    largest tensors of the step; here they are walked once, in chunks of rows that stay in cache, and the
+    Plain form: F.cross_entropy(cap * torch.tanh(logits.float() / cap), targets). The (N, vocab) logits are
+    the largest tensors of the step; here they are walked once, in chunks of rows that stay in cache, and the
     gradient is made on the way. tanh(u) = 2 sigmoid(2u) - 1, as CPU sigmoid is ~3x faster than tanh; and as
     the capped logits z never exceed cap, exp(z - cap) cannot overflow and needs no max pass."""
 
@@ -134,9 +134,10 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
 class NormRotary(torch.autograd.Function):
     """QK-norm, then the rotary embedding, of head vectors x (..., T, D).
 
-    Plain form: rms_norm(x) rotated pairwise, (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos) for the two halves
-    of the last dim. Written as out = n * cos + roll(n, D/2) * sin with the buffers GPT keeps (cos repeated,
-    sin with its first half negated). Six kernels forward and nine backward, where autograd takes about twenty."""
+    Plain form: rms_norm(x) rotated pairwise, (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos) for the two
+    halves of the last dim. Written as out = n * cos + roll(n, D/2) * sin with the buffers GPT keeps (cos
+    repeated, sin with its first half negated). Six kernels forward and nine backward, where autograd takes
+    about twenty."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -153,7 +154,7 @@ class NormRotary(torch.autograd.Function):
 
 
 class ReluSquared(torch.autograd.Function):
-    """Plain form: F.relu(x).square(). Two kernels each way, where autograd's relu, pow and backwards take six."""
+    """Plain form: F.relu(x).square(). Two kernels each way; autograd's relu, pow and backwards take six."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -246,7 +247,7 @@ class GPT(nn.Module):
         return SoftcappedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), self.cfg.softcap)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token at context seq_len: 6 per matmul weight, plus attention scores and mixing."""
+        """Training FLOPs per token at context seq_len: 6 per matmul weight, plus attention scores, mixing."""
         matmul = sum(
             p.numel() for n, p in self.named_parameters() if p.dim() == 2 and not n.startswith("wte")
         )
@@ -350,8 +351,8 @@ class Batches:
 
 def keep_freed_memory() -> None:
     """Stop glibc from handing freed tensor memory back to the OS after every step. By default each step's
-    multi-MB activations are fresh mmaps, so a CPU step re-faults (and the kernel re-zeroes) tens of MB of pages:
-    about a tenth of the step here. A no-op where the C library is not glibc."""
+    multi-MB activations are fresh mmaps, so a CPU step re-faults (and the kernel re-zeroes) tens of MB of
+    pages: about a tenth of the step here. A no-op where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -1,8 +1,7 @@
-"""The training service's FastAPI app: the Tinker protocol under /api/v1 and, when available, OpenAI's under /v1."""
+"""The training service's FastAPI app: the Tinker protocol under /api/v1 and OpenAI's under /v1."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -11,33 +10,22 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from nightlab.train.api.openai import build_router as build_openai_router
 from nightlab.train.api.service import TinkerService
 from nightlab.train.api.tinker import build_router, error_response, validation_message
-from nightlab.train.engine import Engine, EngineError
-from nightlab.train.futures import UserError
+from nightlab.train.engine import Engine
+from nightlab.train.errors import EngineError, UserError
 from nightlab.train.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
-# Idle connections stay open longer than clients keep them: httpx (under the tinker SDK) drops idle connections
-# after 5 s, uvicorn's default, and with equal timeouts a client can pick a connection the server is closing.
+# Idle connections stay open longer than clients keep them: httpx (under the tinker SDK) drops them after
+# 5 s, uvicorn's default, and with equal timeouts a client can pick a connection the server is closing.
 KEEP_ALIVE_S = 75
 
 
-def _openai_router(engine: Engine):  # noqa: ANN202 - an APIRouter, or None when that module is absent
-    """The OpenAI-compatible router, if `nightlab.train.api.openai` provides `build_router(engine)`."""
-    try:
-        module = importlib.import_module("nightlab.train.api.openai")
-    except ModuleNotFoundError as exc:
-        if exc.name != "nightlab.train.api.openai":
-            raise
-        return None
-    build = getattr(module, "build_router", None)
-    return build(engine) if build is not None else None
-
-
 def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
-    """Build the app; pass `engine` to share already-loaded base models (a restart in tests, the CLI's preload)."""
+    """Build the app; pass `engine` to share loaded base models (a restart in tests, the CLI's preload)."""
     engine = engine or Engine(settings.data_dir, device=settings.device, preload=settings.preload)
     service = TinkerService(settings, engine)
 
@@ -49,13 +37,9 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
 
     app = FastAPI(title="nightlab training service", lifespan=lifespan)
     app.state.engine = engine
-    app.state.tinker = (
-        service  # checkpoints (tinker:// paths) for other routers: app.state.tinker.checkpoints
-    )
+    app.state.tinker = service  # the OpenAI routes find checkpoints and API keys here
     app.include_router(build_router(service), prefix="/api/v1")
-    openai = _openai_router(engine)
-    if openai is not None:
-        app.include_router(openai, prefix="/v1")
+    app.include_router(build_openai_router(engine), prefix="/v1")
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:
@@ -85,7 +69,7 @@ def serve(settings: ServeSettings) -> None:
     """Start the service: list the servable models, load the preloads with progress, then serve until Ctrl-C.
 
     uvicorn turns Ctrl-C into a graceful shutdown: the app stops taking requests, queued training work gets
-    `shutdown_grace_s` to finish, and checkpoints are written atomically, so an interrupted save leaves nothing behind.
+    `shutdown_grace_s` to finish, and checkpoints are written atomically (an interrupted save leaves nothing).
     """
     import uvicorn
     from rich.console import Console

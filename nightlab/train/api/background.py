@@ -29,7 +29,7 @@ class BackgroundServer:
 
 
 def serve_in_thread(app, host: str = "127.0.0.1", start_timeout: float = 60.0) -> BackgroundServer:
-    """Start uvicorn on an OS-chosen port (the socket is bound here, so no other process can take it first)."""
+    """Start uvicorn on an OS-chosen port (bound here, so no other process can take it first)."""
     sock = socket.socket()
     sock.bind((host, 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

@@ -1,4 +1,7 @@
-"""Request bodies of the Tinker JSON endpoints. Unknown keys are ignored: newer SDKs add fields."""
+"""Request bodies of the Tinker JSON endpoints, and the budget-forcing extension both APIs accept.
+
+Unknown keys are ignored (newer SDKs add fields), except in budget forcing, nightlab's own extension.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,14 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from nightlab.train.api.openai import BudgetForcingBody
+
+class BudgetForcingBody(BaseModel):  # s1-style thinking control, on Tinker's /asample and OpenAI's /v1
+    model_config = ConfigDict(extra="forbid")
+    min_thinking_tokens: int = Field(0, ge=0)
+    max_thinking_tokens: int | None = Field(None, ge=1)
+    end_thinking: str = Field("</think>", min_length=1)
+    wait_text: str = Field("Wait", min_length=1)
+    answer_prefix: str = ""
 
 
 class _Body(BaseModel):

@@ -1,9 +1,9 @@
 """The state behind the Tinker routes: sessions, live training models, samplers, checkpoints and futures.
 
 Long operations answer `{request_id}` at once and run in the background: training requests of one model in
-`seq_id` order (futures.OrderedQueue), sampling requests batched per set of weights (futures.BatchQueue). What a
-session holds in memory (adapters, samplers, unnamed sampler weights) is freed when it finishes or stops sending
-heartbeats; named checkpoints stay on disk and loadable.
+`seq_id` order (futures.OrderedQueue), sampling requests batched per set of weights (futures.BatchQueue). What
+a session holds in memory (adapters, samplers, unnamed sampler weights) is freed when it finishes or stops
+sending heartbeats; named checkpoints stay on disk and loadable.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ from nightlab.train.api.bodies import (
 )
 from nightlab.train.api.wire import PROTOBUF, FwdBwdRequest, encode_forward_backward, encode_sample
 from nightlab.train.checkpoints import NAME_RE, CheckpointStore, iso
-from nightlab.train.engine import AdamParams, Engine, EngineError, LoraSpec
-from nightlab.train.futures import BatchQueue, FutureStore, OrderedQueue, Payload, UserError, settle
+from nightlab.train.engine import Engine
+from nightlab.train.errors import EngineError, UserError
+from nightlab.train.futures import BatchQueue, FutureStore, OrderedQueue, Payload, settle
+from nightlab.train.records import AdamParams, LoraSpec
 from nightlab.train.sampling import BudgetForcing, SampleRequest, SampleResult, SamplingParams
 from nightlab.train.sessions import SessionStore
 from nightlab.train.settings import ServeSettings
@@ -39,9 +41,7 @@ from nightlab.train.settings import ServeSettings
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SWEEP_EVERY_S = (
-    30.0  # how often silent sessions and old results are looked for (more often for short timeouts)
-)
+SWEEP_EVERY_S = 30.0  # how often to look for silent sessions and old results (more often for short timeouts)
 
 
 def _sampling_params(p: SamplingParamsBody) -> SamplingParams:
@@ -90,7 +90,7 @@ class Sampler:
 
 
 class TinkerService:
-    """State behind the routes: the engine, sessions, checkpoints, live training models, samplers and futures."""
+    """State behind the routes: the engine, sessions, checkpoints, live training models, samplers, futures."""
 
     def __init__(self, settings: ServeSettings, engine: Engine) -> None:
         self.settings = settings
@@ -144,8 +144,8 @@ class TinkerService:
         self._spawn(self.release_session(session_id))
 
     async def release_session(self, session_id: str) -> None:
-        """Free what a session holds in memory: its samplers, and each of its models once the model's queued work
-        has run (the adapter, the sampler adapters loaded from its unnamed weights, and those weights' files)."""
+        """Free what a session holds in memory: its samplers, and each of its models once the model's queued
+        work has run (the adapter, sampler adapters loaded from its unnamed weights, those weights' files)."""
         for sampler_id in [s.sampler_id for s in self.samplers.values() if s.session_id == session_id]:
             del self.samplers[sampler_id]
         models = [
@@ -161,8 +161,8 @@ class TinkerService:
             await self.call(self.engine.drop_adapter, model.model_id)
 
     async def close(self) -> None:
-        """Stop taking work; give queued training work and running requests up to `shutdown_grace_s` to finish, then
-        close the databases. Checkpoints are atomic, so work cut off at the deadline leaves nothing half-written."""
+        """Stop taking work; give queued training work and running requests up to `shutdown_grace_s` to
+        finish, then close the databases. Checkpoints are atomic: work cut off leaves nothing half-written."""
         if self._sweeper is not None:
             self._sweeper.cancel()
         grace = self.settings.shutdown_grace_s
@@ -187,8 +187,8 @@ class TinkerService:
         model = self.models.get(model_id)
         if model is None:
             raise UserError(
-                f"unknown model_id {model_id!r}: models live in memory until their session ends, so after a server "
-                "restart or a finished session resume from a checkpoint with "
+                f"unknown model_id {model_id!r}: models live in memory until their session ends, "
+                "so after a server restart or a finished session resume from a checkpoint with "
                 "ServiceClient.create_training_client_from_state(path)",
                 404,
             )
@@ -213,7 +213,7 @@ class TinkerService:
         kind: str,
         first: Callable[[], Awaitable[Payload]],
     ) -> str:
-        """Register a model whose first request (seq_id 0: create or load) is `first`; a retry gets the same id."""
+        """Register a model whose first request (seq_id 0: create or load) is `first`; a retry gets its id."""
         if model_id in self.models:
             return self.model(model_id, owner).queue.submit(owner, 0, kind, first)
         queue = OrderedQueue(
@@ -271,8 +271,9 @@ class TinkerService:
         if req.has_provenance and not model.warned_provenance:
             model.warned_provenance = True
             logger.warning(
-                "%s: forward_backward datums carry provenance spans (tinker's StableReinforce stability data); "
-                "nightlab ignores them and computes %s from each datum's own inputs (see docs/service.md)",
+                "%s: forward_backward datums carry provenance spans "
+                "(tinker's StableReinforce stability data); nightlab ignores them "
+                "and computes %s from each datum's own inputs (see docs/service.md)",
                 req.model_id,
                 req.loss_fn,
             )
@@ -332,8 +333,8 @@ class TinkerService:
         return model.queue.submit(owner, body.seq_id, tag, work)
 
     def save_for_sampler(self, owner: str, body: SaveForSamplerBody) -> str:
-        """Named: a sampler checkpoint. Unnamed: weights for this model's samplers only, either a fixed `snapshot`
-        or the model's one shared `inflight` target, which every later inflight save updates for all of them."""
+        """Named: a sampler checkpoint. Unnamed: weights for this model's samplers only, either a fixed
+        `snapshot` or the model's one shared `inflight` target, which each later inflight save updates."""
         if body.path is not None or body.sampling_session_seq_id is None:
             return self.save_weights(owner, body, for_sampler=True)
         model = self.model(body.model_id, owner)
@@ -395,7 +396,8 @@ class TinkerService:
         model = self.model(body.model_id, owner)
         if self.engine.canonical_name(model.base_model) != run.base_model:
             raise UserError(
-                f"{body.path} was trained on {run.base_model!r}; model {model.model_id} uses {model.base_model!r}"
+                f"{body.path} was trained on {run.base_model!r}; "
+                f"model {model.model_id} uses {model.base_model!r}"
             )
 
         async def load() -> Payload:

@@ -28,8 +28,7 @@ from nightlab.train.api.bodies import (
 )
 from nightlab.train.api.service import TinkerService
 from nightlab.train.api.wire import PROTOBUF, decode_forward_backward
-from nightlab.train.engine import EngineError
-from nightlab.train.futures import UserError
+from nightlab.train.errors import EngineError, UserError
 from nightlab.train.settings import ServeSettings
 
 
@@ -239,10 +238,10 @@ def build_router(service: TinkerService) -> APIRouter:
         "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False
     )
     async def unsupported(path: str, request: Request) -> JSONResponse:
-        """Endpoints of the hosted service that nightlab does not implement (publish, cancel, ...): a clear 404."""
+        """Endpoints of the hosted service that nightlab lacks (publish, cancel, ...): a clear 404."""
         message = (
-            f"{request.method} /api/v1/{path} is not supported by nightlab serve; docs/service.md lists what "
-            "is"
+            f"{request.method} /api/v1/{path} is not supported by nightlab serve; "
+            "docs/service.md lists what is"
         )
         return JSONResponse({"error": message, "category": "user"}, status_code=404)
 
@@ -250,7 +249,7 @@ def build_router(service: TinkerService) -> APIRouter:
 
 
 def wire_category(category: str) -> str:
-    """The SDK parses categories as its RequestErrorCategory values, which are lower case ("user", "server")."""
+    """The SDK parses categories as its RequestErrorCategory values, lower case ("user", "server")."""
     return category.lower()
 
 

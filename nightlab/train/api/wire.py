@@ -1,5 +1,5 @@
-"""The Tinker wire format of the SDK's own `tinker_public_pb2`: forward_backward requests and results, and sample
-results, between protobuf bytes and the engine's types."""
+"""The Tinker wire format of the SDK's own `tinker_public_pb2`: forward_backward requests and results, and
+sample results, between protobuf bytes and the engine's types."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import zstandard
 from google.protobuf.message import DecodeError
 from tinker.proto import tinker_public_pb2 as pb
 
-from nightlab.train.engine import Datum
-from nightlab.train.futures import UserError
+from nightlab.train.errors import UserError
+from nightlab.train.records import Datum
 from nightlab.train.sampling import SampleResult
 
 PROTOBUF = "application/x-protobuf"

@@ -1,8 +1,8 @@
 """Teachers for s1's collect step: whoever writes a `<think>` trace and an answer for a question.
 
-`api` asks a model behind any OpenAI-compatible API (a provider, vLLM, another `nightlab serve`). `builtin` needs
-no model and no network: it writes the worked step-by-step solution the problem generator produced, so the whole
-pipeline runs offline with traces worth learning from.
+`api` asks a model behind any OpenAI-compatible API (a provider, vLLM, another `nightlab serve`). `builtin`
+needs no model and no network: it writes the worked step-by-step solution the problem generator produced, so
+the whole pipeline runs offline with traces worth learning from.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Protocol
 
 import openai
 
-from nightlab.recipes.chat_format import THINK_CLOSE, THINK_OPEN, answer_line
-from nightlab.recipes.problems import Problem
+from nightlab.recipes.common.chat_format import THINK_CLOSE, THINK_OPEN, answer_line
+from nightlab.recipes.common.problems import Problem
 
 TEACHERS = ("api", "builtin")
 TEACHER_SYSTEM = (

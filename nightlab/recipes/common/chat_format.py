@@ -1,10 +1,10 @@
 """The reasoning chat format: prompt tokens that open a thinking section, and SFT examples with a loss mask.
 
-Training and sampling must agree token for token, so both build prompts here. The prompt is the model's own chat
-template up to the assistant turn followed by `<think>\\n`; the completion is the thinking, `</think>`, one answer
-line in a fixed form, and the end-of-turn token. Budget forcing relies on the same two pieces: it starts counting
-inside the opened thinking section and, at the limit, forces `</think>` plus `ANSWER_PREFIX`, which is exactly
-the text the model was trained to write there.
+Training and sampling must agree token for token, so both build prompts here. The prompt is the model's own
+chat template up to the assistant turn followed by `<think>\\n`; the completion is the thinking, `</think>`,
+one answer line in a fixed form, and the end-of-turn token. Budget forcing relies on the same two pieces: it
+starts counting inside the opened thinking section and, at the limit, forces `</think>` plus `ANSWER_PREFIX`,
+which is exactly the text the model was trained to write there.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import tinker
 
-from nightlab.recipes.problems import extract_answer
+from nightlab.recipes.common.problems import extract_answer
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -31,7 +31,8 @@ class Example:
 def chat_prompt(tokenizer, user: str, *, think: bool) -> list[int]:
     """Tokens of `user`'s turn and the assistant's opening, plus an opened thinking section when `think`.
 
-    Models without a chat template get a plain "Question/Answer" layout so the recipes still run on base models.
+    Models without a chat template get a plain "Question/Answer" layout so the recipes still run on base
+    models.
     """
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(

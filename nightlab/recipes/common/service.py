@@ -9,8 +9,10 @@ from __future__ import annotations
 import httpx
 import tinker
 
+from nightlab.errors import NightlabError
 
-class ServiceUnreachable(Exception):
+
+class ServiceUnreachable(NightlabError):
     """Nothing answers at the service URL; the message says how to start it."""
 
 
@@ -22,7 +24,8 @@ def unreachable_message(base_url: str, exc: BaseException) -> str:
 
 
 def connect(base_url: str, api_key: str | None, timeout_s: float = 10.0) -> tinker.ServiceClient:
-    """A ServiceClient, after checking that the service answers (the SDK retries a dead address for minutes)."""
+    """A ServiceClient, after checking that the service answers (the SDK retries a dead address for
+    minutes)."""
     try:
         httpx.get(f"{base_url.rstrip('/')}/api/v1/healthz", timeout=timeout_s)
     except httpx.TransportError as exc:

@@ -1,9 +1,9 @@
 """RL environments: where prompts come from and how a completion is scored.
 
-An environment is anything with `name`, `tasks(n, seed)` and `reward(task, completion)`; the RL loop needs nothing
-else, so adding one is writing a class in any importable module and passing `module.path:factory` to
-`load_env` (or `nightlab recipe rl --env module.path:factory`). The built-in `arithmetic` environment asks small
-sums and differences and pays for a correct answer and for stating it in the one form the recipes grade.
+An environment is anything with `name`, `tasks(n, seed)` and `reward(task, completion)`; the RL loop needs
+nothing else, so adding one is writing a class in any importable module and passing `module.path:factory` to
+`load_env` (or `nightlab recipe rl --env module.path:factory`). The built-in `arithmetic` environment asks
+small sums and differences and pays for a correct answer and for stating it in the one form the recipes grade.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from nightlab.recipes.problems import Problem, extract_answer
+from nightlab.recipes.common.problems import Problem, extract_answer
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,11 @@ STATED_ANSWER = re.compile(r"answer is\s*-?\d+", re.IGNORECASE)
 
 
 class ArithmeticEnv:
-    """Small integer sums and differences: reward = correct + `format_bonus` when the answer is stated as asked.
+    """Small integer sums and differences: reward = correct + `format_bonus` when the answer is stated as
+    asked.
 
-    The format bonus gives a weak model a signal it can climb before it gets the arithmetic right, which is what
-    makes reward visibly rise within a CPU budget.
+    The format bonus gives a weak model a signal it can climb before it gets the arithmetic right, which is
+    what makes reward visibly rise within a CPU budget.
     """
 
     name = "arithmetic"

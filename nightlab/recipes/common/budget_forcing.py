@@ -2,15 +2,15 @@
 
 The service's sampler controls thinking length (s1): before `min_thinking_tokens` an attempt to close thinking
 (`end_thinking`, EOS or a stop) is taken back and `wait_text` written instead; at `max_thinking_tokens` it
-forces `end_thinking` + `answer_prefix`. Counting starts at the first generated token, so the prompt should end
-inside an opened thinking section (`chat_prompt(..., think=True)`); through `/v1/chat/completions` the prompt is
-the chat template's assistant opening, so the model's own `<think>` counts toward the budget.
+forces `end_thinking` + `answer_prefix`. Counting starts at the first generated token, so the prompt should
+end inside an opened thinking section (`chat_prompt(..., think=True)`); through `/v1/chat/completions` the
+prompt is the chat template's assistant opening, so the model's own `<think>` counts toward the budget.
 
-- `/v1/completions` and `/v1/chat/completions`: pass `extra_body={"budget_forcing": budget_forcing(...)}` to the
-  OpenAI SDK.
-- Tinker `/api/v1/asample`: the tinker SDK's request model forbids unknown fields (and its `SamplingParams` drops
-  them), so `sample_with_budget_forcing` sends the same request over plain HTTP and decodes the reply with the
-  SDK's own deserializer, returning a regular `tinker.SampleResponse`.
+- `/v1/completions` and `/v1/chat/completions`: pass `extra_body={"budget_forcing": budget_forcing(...)}` to
+  the OpenAI SDK.
+- Tinker `/api/v1/asample`: the tinker SDK's request model forbids unknown fields (and its `SamplingParams`
+  drops them), so `sample_with_budget_forcing` sends the same request over plain HTTP and decodes the reply
+  with the SDK's own deserializer, returning a regular `tinker.SampleResponse`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import httpx
 import tinker
 from tinker.proto.response_conv import deserialize_sample_response
 
-from nightlab.recipes.chat_format import ANSWER_PREFIX, THINK_CLOSE
+from nightlab.recipes.common.chat_format import ANSWER_PREFIX, THINK_CLOSE
 
 RETRY_STATUS = 408  # retrieve_future's "not done yet, ask again"
 
@@ -56,7 +56,8 @@ def sample_with_budget_forcing(
     num_samples: int = 1,
     timeout_s: float = 600.0,
 ) -> tinker.SampleResponse:
-    """`SamplingClient.sample` plus budget forcing. `model` is a base model name or a tinker:// sampler path."""
+    """`SamplingClient.sample` plus budget forcing. `model` is a base model name or a tinker:// sampler
+    path."""
     target = {"model_path": model} if model.startswith("tinker://") else {"base_model": model}
     body = {
         **target,

@@ -21,7 +21,8 @@ LAST_INTEGER = re.compile(r"-?\d[\d,]*")
 
 @dataclass(frozen=True)
 class Problem:
-    """One question with its verified integer answer and, for generated ones, a worked step-by-step solution."""
+    """One question with its verified integer answer and, for generated ones, a worked step-by-step
+    solution."""
 
     id: str
     type: str
@@ -54,7 +55,8 @@ def _add_steps(a: int, b: int, sign: int = 1) -> tuple[list[str], int]:
 
 
 def _mul_steps(a: int, b: int) -> tuple[list[str], int]:
-    """`a * b` as the smaller factor times each place value of the larger, then the partial products summed."""
+    """`a * b` as the smaller factor times each place value of the larger, then the partial products
+    summed."""
     small, big = sorted((a, b))
     parts = _place_values(big)
     if len(parts) == 1:
@@ -141,7 +143,8 @@ def check_answer(text: str, answer: int) -> bool:
 
 
 def read_problems(path: Path) -> Iterator[Problem]:
-    """Problems from a jsonl file with `question` and `answer` (optional: `type`, `id`, `difficulty`, `solution`)."""
+    """Problems from a jsonl file with `question` and `answer` (optional: `type`, `id`, `difficulty`,
+    `solution`)."""
     with Path(path).open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():

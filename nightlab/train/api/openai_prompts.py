@@ -1,0 +1,152 @@
+"""From an OpenAI request to sampling work: prompts (chats via the model's own template), limits, requests.
+
+A `Job` is one HTTP request's worth of generation; when it streams, the generating thread hands each new token
+to the event loop through the job's `events` queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nightlab.train.api.openai_bodies import ChatBody, ChatMessage, CompletionBody, SamplingBody
+from nightlab.train.errors import OpenAIError
+from nightlab.train.sampling import BudgetForcing, SampleRequest, SamplingParams
+
+DEFAULT_CHAT_MAX_TOKENS = 1024  # OpenAI's "until the context ends" is hours on a CPU; cap the default
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass
+class Target:
+    """What a `model` string names: a base model, optionally with a checkpoint's adapter on it."""
+
+    name: str
+    base: str
+    adapter_dir: Path | None
+    context: int
+    tokenizer: Any
+
+
+@dataclass
+class Prompt:
+    tokens: list[int]
+    first_choice: int  # index of this prompt's first choice in the response
+
+
+@dataclass
+class Job:
+    """One HTTP request's worth of generation: its prompts and the sampling requests built for them."""
+
+    target: Target
+    prompts: list[Prompt]
+    requests: list[SampleRequest]
+    stops: list[str]
+    n: int
+    top_logprobs: int | None  # None: no logprobs
+    events: asyncio.Queue[tuple[int, int]] = field(default_factory=asyncio.Queue)  # (choice, token)
+
+
+def completion_job(target: Target, body: CompletionBody) -> Job:
+    prompts = completion_prompts(body.prompt, target.tokenizer)
+    max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+    return _job(target, body, prompts, max_tokens, body.logprobs)
+
+
+def chat_job(target: Target, body: ChatBody) -> Job:
+    tokens = chat_prompt(body.messages, target.tokenizer)
+    limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if limit is None:
+        limit = max(0, min(DEFAULT_CHAT_MAX_TOKENS, target.context - len(tokens)))
+    top = (body.top_logprobs or 0) if body.logprobs else None
+    return _job(target, body, [tokens], limit, top)
+
+
+def completion_prompts(prompt: Any, tokenizer) -> list[list[int]]:
+    """OpenAI's four prompt forms: a string, strings, a token list, token lists."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        prompt = [prompt]
+    if not prompt:
+        raise OpenAIError(400, "prompt is empty", param="prompt")
+    out = []
+    for p in prompt:
+        tokens = tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
+        if not tokens:
+            raise OpenAIError(
+                400, "a prompt encodes to no tokens; send at least one character", param="prompt"
+            )
+        if any(not 0 <= t < len(tokenizer) for t in tokens):
+            raise OpenAIError(400, f"prompt token ids must be in [0, {len(tokenizer)})", param="prompt")
+        out.append(tokens)
+    return out
+
+
+def chat_prompt(messages: list[ChatMessage], tokenizer) -> list[int]:
+    """Render messages with the model's own chat template, ready for the assistant's turn."""
+    rendered = []
+    for m in messages:
+        msg = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):  # content parts: only text can reach a text model
+            if any(part.get("type") != "text" for part in m.content):
+                raise OpenAIError(400, "only text content parts are supported", param="messages")
+            msg["content"] = "".join(part.get("text", "") for part in m.content)
+        msg.setdefault("content", "")
+        rendered.append(msg)
+    if not getattr(tokenizer, "chat_template", None):
+        raise OpenAIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    try:
+        text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+    except Exception as exc:  # noqa: BLE001 - template errors come as many types; all mean "bad messages"
+        raise OpenAIError(
+            400, f"the chat template rejected these messages: {exc}", param="messages"
+        ) from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _job(
+    target: Target, body: SamplingBody, prompts: list[list[int]], max_tokens: int, top: int | None
+) -> Job:
+    n = body.n or 1
+    longest = max(len(p) for p in prompts)
+    if target.context and longest + max_tokens > target.context:
+        raise OpenAIError(
+            400,
+            f"this model's context is {target.context} tokens; the prompt has {longest} and max_tokens asks "
+            f"for {max_tokens} more: shorten the prompt or lower max_tokens",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_k=-1 if body.top_k is None else body.top_k,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop_strings=body.stops,
+        stop_at_eos=not body.ignore_eos,
+    )
+    bf = BudgetForcing(**body.budget_forcing.model_dump()) if body.budget_forcing else None
+    job = Job(target, [Prompt(p, i * n) for i, p in enumerate(prompts)], [], body.stops, n, top)
+    for prompt in job.prompts:
+        notify = _notifier(job.events, prompt.first_choice) if body.stream and bf is None else None
+        job.requests.append(
+            SampleRequest(
+                prompt.tokens, params, n, topk_sample_logprobs=top or 0, budget_forcing=bf, on_token=notify
+            )
+        )
+    return job
+
+
+def _notifier(events: asyncio.Queue[tuple[int, int]], first_choice: int) -> Callable[[int, int], None]:
+    """A token callback for the generating thread that hands (choice, token) to the event loop."""
+    loop = asyncio.get_running_loop()
+
+    def notify(sample: int, token: int) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, (first_choice + sample, token))
+
+    return notify
