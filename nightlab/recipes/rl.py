@@ -42,11 +42,11 @@ class RLConfig:
 
     base_url: Annotated[str, SERVICE_URL]
     model: Annotated[str, MODEL_NAME]
-    log_dir: Annotated[Path, setting("New directory for metrics.jsonl and the plot.", cli_required=True)]
+    log_dir: Annotated[Path, setting("New directory for metrics.jsonl and the plot.")]
+    api_key: Annotated[str | None, SERVICE_KEY] = None
     env: Annotated[str, setting("Environment: arithmetic, or package.module:factory for your own.")] = (
         "arithmetic"
     )
-    api_key: Annotated[str | None, SERVICE_KEY] = None
     steps: Annotated[int, setting("Optimizer steps.", ge=1)] = 10
     prompts_per_step: Annotated[int, setting("Prompts (groups) per step.", ge=1)] = 4
     group_size: Annotated[int, setting("Samples per prompt; advantages are relative to the group.", ge=2)] = 4

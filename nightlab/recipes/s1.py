@@ -99,6 +99,7 @@ class S1Config:
     teacher_api_key: Annotated[
         str | None, setting("collect: the teacher's key.", envvar="OPENAI_API_KEY")
     ] = None
+    teacher_max_tokens: Annotated[int, setting("collect: longest teacher reply, in tokens.", ge=1)] = 2048
     questions: Annotated[
         Path | None,
         setting(
@@ -106,7 +107,6 @@ class S1Config:
         ),
     ] = None
     num_questions: Annotated[int, setting("collect: how many built-in questions.", ge=1)] = 60
-    teacher_max_tokens: Annotated[int, setting("collect: longest teacher reply, in tokens.", ge=1)] = 2048
     size: Annotated[int, setting("curate: examples to keep.", ge=1)] = 1000
     difficulty_samples: Annotated[
         int, setting("curate: base-model attempts per question (0: no difficulty filter).", ge=0)

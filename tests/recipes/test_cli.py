@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -150,15 +152,19 @@ def test_a_connection_lost_mid_run_says_to_start_the_service(
     assert result.exit_code == 1 and "start it with `nightlab serve`" in result.output, result.output
 
 
-@pytest.mark.parametrize(("command", "settings"), [("s1", s1.S1Config), ("rl", RLConfig)])
-def test_every_setting_is_an_option_with_the_same_default(command, settings) -> None:
-    """Options are made from the settings dataclass: none is missing, none has a default of its own."""
+def recipe_command(name: str):
     import typer.main
 
-    from nightlab.recipes.cli import recipe_app
+    group = typer.main.get_command(app)
+    with group.make_context("nightlab", ["recipe", name]) as ctx:
+        recipes = group.get_command(ctx, "recipe")
+        return recipes.get_command(ctx, name)
 
-    group = typer.main.get_command(recipe_app)
-    params = {p.name: p for p in group.commands[command].params if p.param_type_name == "option"}
+
+@pytest.mark.parametrize(("command", "settings"), [("s1", s1.S1Config), ("rl", RLConfig)])
+def test_every_setting_is_an_option_with_the_same_default(command, settings) -> None:
+    """Options are made from the settings model: none is missing, none has a default of its own."""
+    params = {p.name: p for p in recipe_command(command).params if p.param_type_name == "option"}
     for name, info in settings.__pydantic_fields__.items():
         assert name in params, f"{name} has no option"
         if info.is_required() or name in ("model", "base_url"):
@@ -166,3 +172,27 @@ def test_every_setting_is_an_option_with_the_same_default(command, settings) -> 
         default = info.get_default(call_default_factory=True)
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         assert params[name].default == shown, name
+
+
+def test_the_cli_starts_without_loading_a_recipe() -> None:
+    """Every `nightlab` command imports the CLI; a recipe's module (tinker, torch) loads only for its own."""
+    code = (
+        "import sys, nightlab.cli; "
+        "print(sorted(m for m in ('nightlab.recipes.s1', 'nightlab.recipes.rl', 'tinker', 'torch') "
+        "if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_rl_settings_reach_the_recipe(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service URL comes from its environment variable; a bool setting has its --no- form."""
+    from nightlab.recipes import rl
+
+    seen = []
+    monkeypatch.setattr(rl, "run_rl", lambda cfg: seen.append(cfg) or [{"reward_mean": 0.5}])
+    monkeypatch.setenv("TINKER_BASE_URL", "http://127.0.0.1:9")
+    args = ["recipe", "rl", "--log-dir", str(tmp_path), "--model", "m", "--no-measure-kl", "--kl-coef", "0.1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (seen[0].base_url, seen[0].measure_kl, seen[0].kl_coef) == ("http://127.0.0.1:9", False, 0.1)

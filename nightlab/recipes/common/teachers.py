@@ -13,6 +13,7 @@ from typing import Protocol
 
 import openai
 
+from nightlab.errors import NightlabError
 from nightlab.recipes.common.chat_format import THINK_CLOSE, THINK_OPEN, answer_line
 from nightlab.recipes.common.problems import Problem
 
@@ -23,7 +24,7 @@ TEACHER_SYSTEM = (
 )
 
 
-class TeacherError(Exception):
+class TeacherError(NightlabError):
     """The teacher could not answer one question; the message says why."""
 
 
