@@ -103,11 +103,17 @@ def status(
 ) -> None:
     """Show the experiments of a run from the journal."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from nightlab.research.journal import JOURNAL_NAME, STATE_DIR, Journal
     from nightlab.research.live import DECISION_STYLE
     from nightlab.research.report import find_run
+    from nightlab.research.safe_text import terminal_safe
+
+    def shown(text: str) -> str:
+        """An agent's words as plain text: no escape sequences, no rich markup."""
+        return escape(terminal_safe(text[:70]))
 
     if not (workspace / STATE_DIR / JOURNAL_NAME).is_file():
         _fail(RuntimeError(f"{workspace.resolve()} has no nightlab journal yet; start with `nightlab run`"))
@@ -131,10 +137,10 @@ def status(
             "-" if e.metric is None else f"{e.metric:.6g}",
             "-" if e.sigmas is None else f"{e.sigmas:+.1f}",
             f"{sum(e.timings.values()):.1f}",
-            "baseline" if e.kind == "baseline" else e.description[:70],
+            "baseline" if e.kind == "baseline" else shown(e.description),
         )
     for p in pending:
-        table.add_row(str(p.number), "[cyan]running[/]", "-", "-", "-", p.experiment.description[:70])
+        table.add_row(str(p.number), "[cyan]running[/]", "-", "-", "-", shown(p.experiment.description))
     console = Console()
     console.print(table)
     candidates = [e for e in records if e.kind == "candidate"]

@@ -61,7 +61,13 @@ class ExperimentSection(_Section):
         5.0,
         ge=0,
         description="seconds a training phase may take beyond the baseline's slowest one (or the budget, if "
-        "longer) plus budget_tolerance * budget",
+        "longer) plus budget_tolerance * budget; and an evaluation beyond its limit (evaluate_tolerance)",
+    )
+    evaluate_tolerance: float = Field(
+        0.5,
+        ge=0,
+        description="fraction of the baseline's slowest evaluation a candidate's may take beyond it (plus "
+        "startup_allowance_seconds); longer is an overrun, as work done while scored escapes the budget",
     )
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for every phase")
 
@@ -113,11 +119,26 @@ class DecideSection(_Section):
     alpha: float = Field(
         0.001, gt=0, lt=0.5, description="chance that one change which does nothing passes the re-run test"
     )
-    confirm: bool = Field(True, description="re-run a candidate with other seeds before keeping it")
-    confirm_k: float = Field(
-        4.0, ge=0, description="first-run margins under confirm_k * noise are always re-run"
+    confirm: bool = Field(
+        True, description="re-run a candidate with other seeds, each beside a re-run of the best, to keep it"
     )
-    confirm_runs: int = Field(5, ge=1, description="the most re-runs one candidate gets")
+    confirm_runs: int = Field(
+        5, ge=1, description="the most re-runs one candidate gets (each with a re-run of the best)"
+    )
+    implausible_sigmas: float = Field(
+        50.0,
+        gt=0,
+        description="a first run more than this many noise units better than the best is too good to take "
+        "on its word: it is quarantined until quarantine_runs paired re-runs each reproduce the gain",
+    )
+    quarantine_runs: int = Field(
+        3, ge=1, description="paired re-runs an implausible gain must pass, every one, before it is kept"
+    )
+    best_possible: float | None = Field(
+        None,
+        description="the best value the metric can honestly reach (a loss's lower bound, an accuracy of 1); "
+        "a run past it is quarantined and never kept",
+    )
 
     @field_validator("baseline_runs")
     @classmethod

@@ -1,18 +1,27 @@
-"""The noise-aware keep rule: a candidate is kept only when it beats the best by more than the noise.
+"""The noise-aware keep rule: a candidate is kept only when it beats the best, re-measured beside it, by more
+than the noise.
 
 Greedy "lower is better" loops keep lucky seeds. Here the noise floor is the spread of repeated runs of the
-same code (each with another seed offset): the baseline repeats, pooled with every candidate that was re-run,
-so an estimate from a few baseline runs that came out too small grows as the run goes on. The rule works on
-numbers alone; which journal records count as repeats is `state.repeat_groups`.
+same code (each with another seed offset): the baseline repeats, pooled with the re-runs of every candidate
+and of the best re-measured beside them, so an estimate from a few baseline runs that came out too small
+grows as the run goes on. The rule works on numbers alone; which journal records count as repeats is
+`state.repeat_groups`, and `confirm.measure_candidate` runs what the rule asks for.
 
-A candidate's first run must beat the best by more than max(min_delta, z * noise) to be considered at all.
-It is then re-run with other seeds (up to `confirm_runs` times), and kept only when the mean of the re-runs,
-which unlike the first run were not picked for looking good, passes a one-sided Student t test at level
-`alpha` against the best: a margin over t(1 - alpha, dof) standard errors of the difference, where dof are
-the degrees of freedom behind the pooled noise. The t quantile makes the few baseline runs of a fresh run
-count for what they are worth (12.7 noise units at 1 degree of freedom and alpha 0.025, 1.96 at many), and
-each re-run adds a degree of freedom to the pool. A first run far beyond the noise (confirm_k) that already
-passes the test on its own is kept without re-runs.
+A candidate's first run must beat the best as last measured (its recorded mean, or its runs beside the
+last candidate confirmed against it: `state.remeasured`) by more than max(min_delta, z * noise) to be
+considered at all. A machine's speed drifts (other jobs come and go), so that level may be from another
+period; what decides is measured now, in pairs: the best is run again, then the candidate, with the same
+seed offset (best, candidate, best, candidate ...), up to `confirm_runs` pairs. The candidate is kept only
+when the mean of the pairs' differences (re-runs, unlike the first run, were not picked for looking good)
+beats the bar and passes a one-sided Student t test at level `alpha`: a margin over t(1 - alpha, dof)
+standard errors of a difference, where dof are the degrees of freedom behind the pooled noise. The t
+quantile makes the few baseline runs of a fresh run count for what they are worth (12.7 noise units at 1
+degree of freedom and alpha 0.025, 1.96 at many). Drift slower than one pair cancels in the differences.
+
+Too good to be true is not kept on its word. A first run more than `implausible_sigmas` noise units better
+than the best is quarantined: no shortcut, at least `quarantine_runs` pairs, and every pair must reproduce a
+gain beyond the bar, else the candidate is recorded as `quarantine`. A run past `best_possible`, a value the
+metric cannot honestly reach, is quarantined at once and never kept.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from typing import Literal
 from nightlab.config import DecideSection
 
 Goal = Literal["minimize", "maximize"]
-Verdict = Literal["keep", "discard", "confirm"]
+Verdict = Literal["keep", "discard", "confirm", "quarantine"]
 
 # Relative floor: a perfectly deterministic metric still gets a noise floor of 1e-4 of its magnitude, so
 # float-level wiggles (or a seed that changes nothing measurable) never count as a gain.
@@ -116,6 +125,7 @@ class Judgement:
     sigmas: float
     probability: float
     reason: str
+    quarantine: str = ""  # why the result is too good to take on its word; "" when it is not
 
 
 def probability_better(margin: float, noise: float, n_candidate: int, n_best: int) -> float:
@@ -124,56 +134,151 @@ def probability_better(margin: float, noise: float, n_candidate: int, n_best: in
     return 0.5 * (1.0 + math.erf(margin / (se * math.sqrt(2.0))))
 
 
-def judge(
-    runs: list[float], best: float, best_runs: int, noise: float, dof: int, goal: Goal, rule: DecideSection
-) -> Judgement:
-    """Decide on a candidate from its runs so far: keep, discard, or ask for another run (see the module
-    docstring).
-
-    `runs` holds the first run, then the re-runs; `noise` and `dof` are the pooled noise floor they are judged
-    against, with the candidate's own spread in it once it has been re-run.
-    """
-    value = statistics.fmean(runs)
-    margin = gain(value, best, goal)
-    sigmas = margin / noise
-    prob = probability_better(margin, noise, len(runs), best_runs)
-    need = bar(noise, rule)
-    shown = f"margin {margin:+.6g} = {sigmas:+.2f} noise; bar {need:.6g}"
-    if margin <= need:
-        return Judgement("discard", margin, sigmas, prob, f"within the noise or worse ({shown})")
-    tested = runs[1:] or runs
-    tested_margin = gain(statistics.fmean(tested), best, goal)
-    critical = critical_margin(noise, dof, len(tested), best_runs, rule.alpha)
-    test = f"t test at alpha {rule.alpha:g} with {dof} degrees of freedom needs {critical:.6g}"
-    if len(runs) == 1:
-        clear = tested_margin > critical and (margin >= rule.confirm_k * noise or not rule.confirm)
-        if clear:
-            return Judgement("keep", margin, sigmas, prob, f"clear gain ({shown}; {test})")
-        if rule.confirm:
-            return Judgement("confirm", margin, sigmas, prob, f"re-running with another seed ({shown})")
-        return Judgement(
-            "discard", margin, sigmas, prob, f"not significant without a re-run ({shown}; {test})"
-        )
-    said = f"the re-runs' mean margin {tested_margin:+.6g}; {test}"
-    if tested_margin > critical:
-        return Judgement("keep", margin, sigmas, prob, f"confirmed by {len(tested)} re-run(s) ({said})")
-    if len(tested) < rule.confirm_runs and tested_margin > 0:
-        return Judgement("confirm", margin, sigmas, prob, f"re-running again ({said})")
-    return Judgement(
-        "discard", margin, sigmas, prob, f"not confirmed after {len(tested)} re-run(s): {said} ({shown})"
+def impossible(runs: list[float], goal: Goal, rule: DecideSection) -> str:
+    """Why one of `runs` cannot be an honest result (it is past `best_possible`), or ""."""
+    limit = rule.best_possible
+    past = [v for v in runs if limit is not None and gain(v, limit, goal) > 0]
+    if not past:
+        return ""
+    return (
+        f"a run scored {past[0]:.6g}, past decide.best_possible {limit:g}, which the metric cannot honestly "
+        "reach: look at the evaluation"
     )
 
 
+def implausible(first: float, best: float, noise: float, goal: Goal, rule: DecideSection) -> str:
+    """Why a first run is too good to take on its word (more than `implausible_sigmas` noise units better
+    than the best in one step, `noise` the floor before the candidate's own runs), or ""."""
+    sigmas = gain(first, best, goal) / noise
+    if sigmas <= rule.implausible_sigmas:
+        return ""
+    limit = f"decide.implausible_sigmas {rule.implausible_sigmas:g}"
+    return f"the first run is {sigmas:.0f} noise better than the best ({limit})"
+
+
+def judge(
+    candidate: list[float],
+    best_now: list[float],
+    best: float,
+    best_runs: int,
+    noise: float,
+    dof: int,
+    goal: Goal,
+    rule: DecideSection,
+    held: str = "",
+) -> Judgement:
+    """Decide on a candidate from its runs so far: keep, discard, quarantine, or ask for another run (see the
+    module docstring).
+
+    `candidate` holds the first run, then the re-runs; `best_now` the best re-measured, one run before each
+    re-run; `best` is the best as last measured, the mean of `best_runs` runs. `noise` and `dof` are the
+    pooled noise floor they are judged against; `held` says why the first run is implausible, if it is.
+    """
+    if beyond := impossible(candidate, goal, rule):
+        margin = gain(candidate[0], best, goal)
+        return Judgement(
+            "quarantine", margin, margin / noise, 0.5, f"quarantined, never kept: {beyond}", quarantine=beyond
+        )
+    if len(candidate) == 1:
+        return _first_run(candidate[0], best, best_runs, noise, dof, goal, rule, held)
+    return _paired(candidate[1:], best_now, noise, dof, goal, rule, held)
+
+
+def _first_run(
+    first: float,
+    best: float,
+    best_runs: int,
+    noise: float,
+    dof: int,
+    goal: Goal,
+    rule: DecideSection,
+    held: str,
+) -> Judgement:
+    """The first run against the best's recorded mean: the bar to be considered at all."""
+    margin = gain(first, best, goal)
+    sigmas, prob, need = margin / noise, probability_better(margin, noise, 1, best_runs), bar(noise, rule)
+    shown = f"margin {margin:+.6g} = {sigmas:+.2f} noise; bar {need:.6g}"
+    if margin <= need:
+        return Judgement("discard", margin, sigmas, prob, f"within the noise or worse ({shown})")
+    if rule.confirm:
+        return Judgement(
+            "confirm",
+            margin,
+            sigmas,
+            prob,
+            f"re-running it beside the best ({shown})",
+            quarantine=held,
+        )
+    if held:
+        why = f"quarantined: {held}, and decide.confirm is off, so it cannot be re-verified ({shown})"
+        return Judgement("quarantine", margin, sigmas, prob, why, quarantine=held)
+    critical = critical_margin(noise, dof, 1, best_runs, rule.alpha)
+    test = _t_test(rule, dof, critical)
+    if margin > critical:
+        return Judgement("keep", margin, sigmas, prob, f"clear gain ({shown}; {test})")
+    return Judgement("discard", margin, sigmas, prob, f"not significant without a re-run ({shown}; {test})")
+
+
+def _paired(
+    reruns: list[float],
+    best_now: list[float],
+    noise: float,
+    dof: int,
+    goal: Goal,
+    rule: DecideSection,
+    held: str,
+) -> Judgement:
+    """The re-runs against the best re-measured beside them, pair by pair."""
+    diffs = [gain(c, b, goal) for c, b in zip(reruns, best_now, strict=False)]
+    n, margin = len(diffs), statistics.fmean(diffs)
+    sigmas, prob, need = margin / noise, probability_better(margin, noise, n, n), bar(noise, rule)
+    critical = critical_margin(noise, dof, n, n, rule.alpha)
+    said = (
+        f"the re-runs' mean margin {margin:+.6g} over the best re-measured beside them ({sigmas:+.2f} "
+        f"noise); bar {need:.6g}; {_t_test(rule, dof, critical)}"
+    )
+
+    def verdict(decision: Verdict, reason: str) -> Judgement:
+        return Judgement(decision, margin, sigmas, prob, reason, quarantine=held)
+
+    if held and (short := next((i for i, d in enumerate(diffs, 1) if d <= need), None)):
+        return verdict(
+            "quarantine",
+            f"quarantined: {held}, but re-run {short} gained {diffs[short - 1]:+.6g} over the best beside "
+            f"it, not beyond the bar ({said})",
+        )
+    if held and n < rule.quarantine_runs:
+        return verdict(
+            "confirm", f"verifying an implausible gain, re-run {n} of {rule.quarantine_runs} ({said})"
+        )
+    if margin > max(need, critical):
+        checked = ", each beyond the bar, as an implausible gain must be" if held else ""
+        return verdict("keep", f"confirmed by {n} re-run(s){checked} ({said})")
+    if n < rule.confirm_runs and margin > 0:
+        return verdict("confirm", f"re-running again ({said})")
+    if held:
+        return verdict("quarantine", f"quarantined: {held}; not confirmed after {n} re-run(s) ({said})")
+    return verdict("discard", f"not confirmed after {n} re-run(s): {said}")
+
+
+def _t_test(rule: DecideSection, dof: int, critical: float) -> str:
+    return f"t test at alpha {rule.alpha:g} with {dof} degrees of freedom needs {critical:.6g}"
+
+
 def judge_runs(
-    runs: list[float],
+    candidate: list[float],
+    best_now: list[float],
     repeats: list[list[float]],
     best: float,
     best_runs: int,
     goal: Goal,
     rule: DecideSection,
 ) -> tuple[Judgement, float]:
-    """`judge` with the noise pooled from `repeats` and, once re-run, the candidate's own runs; and that
-    noise."""
-    groups = [*repeats, runs] if len(runs) >= 2 else repeats
+    """`judge` with the noise pooled from `repeats` and the re-runs so far (the candidate's, not its first
+    run, which was picked for looking good, and the best's), and the first run's plausibility judged against
+    `repeats` alone; and that noise."""
+    held = implausible(candidate[0], best, pooled_noise_floor(repeats), goal, rule)
+    groups = [*repeats, *(g for g in (candidate[1:], best_now) if len(g) >= 2)]
     noise = pooled_noise_floor(groups)
-    return judge(runs, best, best_runs, noise, pooled_dof(groups), goal, rule), noise
+    verdict = judge(candidate, best_now, best, best_runs, noise, pooled_dof(groups), goal, rule, held)
+    return verdict, noise

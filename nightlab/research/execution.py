@@ -9,8 +9,10 @@ The harness is checked against the hashes taken when the run started before ever
 training and after each evaluation the harness, the committed code and the workspace outside the scratch
 paths must be as they were, so a phase that changed any of them (a harness file, possible only without the
 sandbox; train.py rewriting itself; a file planted for a later phase) never gets its change scored: the trial
-is `invalid`. A training phase longer than the limit it is given (`state.train_limit`) is an `overrun`.
-What the loop decides from the trials is not decided here.
+is `invalid`. A training phase longer than the limit it is given (`state.train_limit`) is an `overrun`, and
+so is an evaluation longer than its own (`state.evaluate_limit`): the evaluator runs the model's code, which
+must not do there the work the training budget refused it. What the loop decides from the trials is not
+decided here.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 import secrets
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -51,6 +53,7 @@ class Trial:
     reason: str
     measurement: Measurement | None
     phases: list[PhaseResult]
+    remeasures_best: bool = False  # a run of the best beside a candidate's re-run, not of the candidate
 
     @property
     def exit_code(self) -> int | None:
@@ -112,6 +115,9 @@ class Executor:
         self.root, self.config, self.ws, self.run = ws.root, ws.config, ws, run
         self.view, self.wrap_for, self.on_start = view, wrap_for, on_start
         self.preserved = list(run.preserved)
+        # Drawn afresh for every execution of a commit and given to all its phases, so that an evaluate step
+        # can tell the output of this execution's training from anything an earlier experiment left behind.
+        self.nonce = ""
 
     def checkout(self, commit: str) -> None:
         """Return the workspace exactly to `commit` (see `Workspace.reset_to`)."""
@@ -154,9 +160,11 @@ class Executor:
         *,
         seed_offset: int,
         limit: float | None,
+        evaluate_limit: float | None = None,
         label: str = "",
     ) -> Trial:
-        """Train and evaluate `commit`; a training phase longer than `limit` seconds is an overrun."""
+        """Train and evaluate `commit`; a training phase longer than `limit` seconds, or an evaluation longer
+        than `evaluate_limit`, is an overrun."""
         self.checkout(commit)
         try:
             self.ws.check_harness(self.run.harness)
@@ -164,6 +172,7 @@ class Executor:
             raise ExecutionError(f"{exc}; something outside nightlab is changing the workspace") from exc
         exp = self.config.experiment
         suffix = f" ({label})" if label else ""
+        self.nonce = secrets.token_hex(16)
         train = self.phase(number, description, "train" + suffix, exp.command, seed_offset)
         phases = [train]
         if train.timed_out:
@@ -181,7 +190,8 @@ class Executor:
                 None,
                 phases,
             )
-        return self.measure(number, description, "evaluate" + suffix, exp.evaluate, seed_offset, phases)
+        evaluate = "evaluate" + suffix
+        return self.measure(number, description, evaluate, exp.evaluate, seed_offset, phases, evaluate_limit)
 
     def measure(
         self,
@@ -191,9 +201,11 @@ class Executor:
         command: str | None,
         seed_offset: int,
         phases: list[PhaseResult],
+        limit: float | None = None,
     ) -> Trial:
         """Run the evaluation `command` (if any) after `phases` and read the metric; with the harness
-        channel, the evaluation alone gets a fresh key to sign its metric line with."""
+        channel, the evaluation alone gets a fresh key to sign its metric line with. An evaluation longer than
+        `limit` seconds is an overrun."""
         key = secrets.token_hex(32) if self.config.metric.channel == "harness" else None
         evaluate_log = None
         if command:
@@ -205,12 +217,22 @@ class Executor:
                 return tampered
             if not ev.ok:
                 return Trial("crash", _with_tail(f"{phase} {failure_words(ev)}", ev), None, phases)
+            if limit is not None and ev.wall_seconds > limit:
+                return Trial("overrun", self._evaluate_overrun(phase, ev.wall_seconds, limit), None, phases)
             evaluate_log = ev.output
         try:
             m = measure(self.config.metric, train_log=phases[0].output, evaluate_log=evaluate_log, key=key)
         except MetricError as exc:
             return Trial("crash", f"no usable metric: {exc}", None, phases)
         return Trial(None, "", m, phases)
+
+    def _evaluate_overrun(self, phase: str, seconds: float, limit: float) -> str:
+        exp = self.config.experiment
+        return (
+            f"the {phase} phase took {seconds:.1f}s, over its limit {limit:.1f}s (the baseline's slowest "
+            f"evaluation + {exp.evaluate_tolerance:g} x it + {exp.startup_allowance_seconds:g}s startup "
+            "allowance): work done while being scored is outside the budget"
+        )
 
     def phase(
         self,
@@ -287,29 +309,38 @@ class Executor:
             "NIGHTLAB_PHASE": phase,
             "NIGHTLAB_SEED_OFFSET": str(seed_offset),
         }
+        if self.nonce and phase != "setup":
+            extra["NIGHTLAB_NONCE"] = self.nonce
         if key is not None:
             extra["NIGHTLAB_METRIC_KEY"] = key
         return clean_env(extra)
 
 
 def with_trials(experiment: Experiment, trials: list[Trial]) -> Experiment:
-    """`experiment` with what its trials measured: the mean metric and each run, the harness's extra
-    numbers, the wall time of every phase, the first exit code and the peak memory."""
-    values = [t.measurement.value for t in trials if t.measurement is not None]
+    """`experiment` with what its trials (in the order they ran) measured: the mean metric and each run, the
+    best's runs beside them, the harness's extra numbers, the wall time of every phase, the first exit code
+    and the peak memory."""
+    values = measured(t for t in trials if not t.remeasures_best)
     phases = [p for t in trials for p in t.phases]
     extra: dict[str, float] = {}
     for t in trials:
-        if t.measurement is not None:
+        if t.measurement is not None and not t.remeasures_best:
             extra.update(t.measurement.extra)
     return replace(
         experiment,
         metric=statistics.fmean(values) if values else None,
         metric_runs=values,
+        best_reruns=measured(t for t in trials if t.remeasures_best),
         extra=extra,
         timings={p.phase: round(p.wall_seconds, 3) for p in phases},
         exit_code=trials[0].exit_code,
         peak_rss_mb=max((p.peak_rss_mb for p in phases), default=None),
     )
+
+
+def measured(trials: Iterable[Trial]) -> list[float]:
+    """The metric of each trial that has one."""
+    return [t.measurement.value for t in trials if t.measurement is not None]
 
 
 def stop_orphan(pgid: int, root: Path) -> None:

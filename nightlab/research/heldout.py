@@ -33,7 +33,15 @@ def score_heldout(
 
 def _score(executor: Executor, state: LoopState, command: str, label: str, commit: str) -> HeldoutResult:
     name, what = f"heldout-{label}", f"held-out scoring of the {label}"
-    trial = executor.trial(name, what, commit, seed_offset=0, label="heldout", limit=state.train_limit)
+    trial = executor.trial(
+        name,
+        what,
+        commit,
+        seed_offset=0,
+        label="heldout",
+        limit=state.train_limit,
+        evaluate_limit=state.evaluate_limit,
+    )
     test = trial
     if trial.measurement is not None:
         test = executor.measure(name, what, "heldout", command, 0, list(trial.phases))

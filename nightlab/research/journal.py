@@ -79,6 +79,9 @@ EXPERIMENT_COLUMNS = [
     "started_at",
     "finished_at",
     "train_limit",
+    "evaluate_limit",
+    "best_reruns_json",
+    "quarantine",
 ]
 HELDOUT_COLUMNS = [
     "run_id",
@@ -95,29 +98,9 @@ HELDOUT_COLUMNS = [
 CHAINED = {"runs": RUN_COLUMNS, "experiments": EXPERIMENT_COLUMNS, "heldout": HELDOUT_COLUMNS}
 # Columns added after journals were first written: an older database gets them on open, and a row's hash
 # leaves them out while they are NULL, so rows written before them still verify.
-ADDED_COLUMNS = {"experiments": ("train_limit",), "heldout": ("sandboxed", "sandbox_reason")}
-
-_TYPES = {
-    "run_id": "INTEGER",
-    "number": "INTEGER",
-    "exit_code": "INTEGER",
-    "prompt_tokens": "INTEGER",
-    "completion_tokens": "INTEGER",
-    "sandboxed": "INTEGER",
-    "metric": "REAL",
-    "margin": "REAL",
-    "sigmas": "REAL",
-    "probability": "REAL",
-    "noise": "REAL",
-    "best_before": "REAL",
-    "peak_rss_mb": "REAL",
-    "cost_usd": "REAL",
-    "created_at": "REAL",
-    "started_at": "REAL",
-    "finished_at": "REAL",
-    "validation": "REAL",
-    "test": "REAL",
-    "train_limit": "REAL",
+ADDED_COLUMNS = {
+    "experiments": ("train_limit", "evaluate_limit", "best_reruns_json", "quarantine"),
+    "heldout": ("sandboxed", "sandbox_reason"),
 }
 
 
@@ -173,7 +156,7 @@ class Experiment:
     run_id: int
     number: int
     kind: str  # baseline | candidate
-    decision: str = ""  # keep | discard | crash | timeout | invalid | overrun
+    decision: str = ""  # keep | discard | crash | timeout | invalid | overrun | quarantine
     reason: str = ""
     commit_sha: str | None = None
     parent_commit: str | None = None
@@ -204,6 +187,9 @@ class Experiment:
     started_at: float | None = None
     finished_at: float | None = None
     train_limit: float | None = None
+    evaluate_limit: float | None = None
+    best_reruns: list[float] = field(default_factory=list)  # the best re-measured beside the re-runs
+    quarantine: str | None = None  # why the result was too good to take on its word
 
 
 @dataclass(frozen=True)
@@ -238,6 +224,17 @@ class Pending:
 
 R = TypeVar("R", Experiment, HeldoutResult)
 
+
+def _sql_types(*records: type[Experiment | HeldoutResult]) -> dict[str, str]:
+    """Each column's SQLite type but TEXT, from its field's annotation: INTEGER for whole numbers and flags,
+    REAL for the other numbers. Runs share these names (`created_at`)."""
+    sql = {"int": "INTEGER", "bool": "INTEGER", "float": "REAL"}
+    kinds = {f.name: str(f.type).split(" | ")[0] for record in records for f in fields(record)}
+    return {name: sql[kind] for name, kind in kinds.items() if kind in sql}
+
+
+_TYPES = _sql_types(Experiment, HeldoutResult)
+
 # The JSON columns and the fields they parse into; dicts are written with sorted keys except the timings,
 # whose order is the order the phases ran.
 _JSON_FIELDS = {
@@ -245,17 +242,22 @@ _JSON_FIELDS = {
     "metric_runs_json": "metric_runs",
     "extra_json": "extra",
     "timings_json": "timings",
+    "best_reruns_json": "best_reruns",
 }
 _JSON_COLUMNS = {name: column for column, name in _JSON_FIELDS.items()}
 _UNSORTED_JSON = {"timings_json"}
+# An added JSON column with nothing to say stays NULL, so the row's hash is the one it had before the column.
+_ADDED_JSON = {c for added in ADDED_COLUMNS.values() for c in added if c in _JSON_FIELDS}
 
 
 def _to_columns(record: Experiment | HeldoutResult, columns: list[str]) -> dict[str, Any]:
-    """The row to store for a record: JSON columns serialised, flags as 0/1."""
+    """The row to store for a record: JSON columns serialised (empty added ones as NULL), flags as 0/1."""
     row: dict[str, Any] = {}
     for column in columns:
         value = getattr(record, _JSON_FIELDS.get(column, column))
-        if column in _JSON_FIELDS:
+        if column in _ADDED_JSON and not value:
+            value = None
+        elif column in _JSON_FIELDS:
             value = json.dumps(value, sort_keys=column not in _UNSORTED_JSON)
         elif isinstance(value, bool):
             value = int(value)

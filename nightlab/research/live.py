@@ -1,6 +1,8 @@
 """What a person watching `nightlab run` sees: a rich Live panel on a terminal, plain log lines otherwise.
 
-`Observer` is everything the loop tells a view; the loop knows its views only through it.
+`Observer` is everything the loop tells a view; the loop knows its views only through it. Descriptions,
+reasons, messages and output lines come from code and proposals nobody reviewed, so the views print them
+`terminal_safe`: an escape sequence in them must not write the clipboard or clear the screen.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nightlab.research.journal import Experiment
+from nightlab.research.safe_text import terminal_safe
 from nightlab.research.state import LoopState
 
 DECISION_STYLE = {
@@ -25,6 +28,7 @@ DECISION_STYLE = {
     "timeout": "red",
     "invalid": "magenta",
     "overrun": "red",
+    "quarantine": "bold magenta",
 }
 
 
@@ -49,12 +53,15 @@ def _fmt(value: float | None) -> str:
 
 
 def _describe(experiment: Experiment, state: LoopState) -> str:
+    """One line for a recorded experiment; a keep whose first run was implausible says so."""
     e = experiment
     what = "baseline" if e.kind == "baseline" else e.description
     metric = f"{state.metric_name}={_fmt(e.metric)}"
     sigma = f" ({e.sigmas:+.1f} noise)" if e.sigmas is not None else ""
     reason = f": {e.reason}" if e.decision != "keep" and e.reason else ""
-    return f"#{e.number} {e.decision} {metric}{sigma} {what}{reason}"
+    if e.decision == "keep" and e.quarantine:
+        reason = f" [implausible gain, kept after re-verification: {e.quarantine}]"
+    return terminal_safe(f"#{e.number} {e.decision} {metric}{sigma} {what}{reason}")
 
 
 def _sandbox_words(state: LoopState) -> str:
@@ -70,7 +77,7 @@ class PlainView:
         self.console = console or Console(highlight=False, soft_wrap=True)
 
     def _say(self, text: str) -> None:
-        self.console.print(f"[{time.strftime('%H:%M:%S')}] {text}", markup=False)
+        self.console.print(f"[{time.strftime('%H:%M:%S')}] {terminal_safe(text)}", markup=False)
 
     def started(self, state: LoopState, resumed: bool) -> None:
         verb = "resuming" if resumed else "starting"
@@ -141,6 +148,9 @@ class LiveView(PlainView):
         if not st.sandboxed:
             # An unsandboxed run stays visible as such for as long as it runs, not only in the first line.
             parts.append(Text(st.sandbox_reason or "unsandboxed", style="bold red"))
+        if quarantined := st.decisions.get("quarantine"):
+            words = f"{quarantined} result(s) quarantined as too good to be true: see their reasons"
+            parts.append(Text(words, style=DECISION_STYLE["quarantine"]))
         return Group(*parts)
 
     def started(self, state: LoopState, resumed: bool) -> None:
@@ -151,14 +161,14 @@ class LiveView(PlainView):
 
     def phase_started(self, number: int | str, description: str, phase: str, limit: float) -> None:
         with self._lock:
-            self._phase = (str(number), description, phase, limit, time.monotonic())
+            self._phase = (str(number), terminal_safe(description), phase, limit, time.monotonic())
             self._last_line = ""
 
     def output(self, line: str) -> None:
         if line.startswith("NIGHTLAB_METRIC"):
             return  # the signed record is for the loop, not for the screen
         with self._lock:
-            self._last_line = line
+            self._last_line = terminal_safe(line)
 
     def experiment_finished(self, experiment: Experiment, state: LoopState) -> None:
         style = DECISION_STYLE.get(experiment.decision, "")
@@ -167,7 +177,7 @@ class LiveView(PlainView):
             self._state = state
 
     def message(self, text: str) -> None:
-        self.console.print(Text(text, style="dim"))
+        self.console.print(Text(terminal_safe(text), style="dim"))
 
     def finished(self, state: LoopState) -> None:
         self._live.stop()

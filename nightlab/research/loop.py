@@ -21,14 +21,15 @@ from typing import Any
 
 from nightlab.config import NightlabConfig, load_config
 from nightlab.errors import NightlabError
-from nightlab.research import decide, execution
+from nightlab.research import execution
+from nightlab.research.confirm import measure_candidate
 from nightlab.research.edits import EditError, apply_patch
-from nightlab.research.execution import Executor, Trial, WrapFactory, with_trials
+from nightlab.research.execution import Executor, WrapFactory, with_trials
 from nightlab.research.heldout import score_heldout
 from nightlab.research.journal import Experiment, HeldoutResult, Journal, Pending, Run
 from nightlab.research.live import Observer, SilentView
 from nightlab.research.proposers.base import Outcome, Proposal, ProposalContext, Proposer, ProposerUnavailable
-from nightlab.research.state import LoopState, draft, from_journal, history, with_judgement, with_proposal
+from nightlab.research.state import LoopState, draft, from_journal, history, with_proposal
 from nightlab.research.workspace import Workspace, WorkspaceError
 
 BRANCH_PREFIX = "nightlab/"
@@ -334,29 +335,19 @@ class ResearchLoop:
 
     def _evaluate_candidate(self, started: Experiment, proposal: Proposal, parent: str) -> Experiment:
         """Validate, commit, run (and confirm) a proposal; its record with the decision."""
-        number, what = started.number, started.description
         try:
-            commit = self._commit(number, proposal)
+            commit = self._commit(started.number, proposal)
         except (EditError, WorkspaceError) as exc:
             return replace(started, decision="invalid", reason=str(exc))
-        limit = self.state.train_limit
-        started = replace(started, commit_sha=commit, diff=self.ws.diff(parent, commit), train_limit=limit)
+        started = replace(
+            started,
+            commit_sha=commit,
+            diff=self.ws.diff(parent, commit),
+            train_limit=self.state.train_limit,
+            evaluate_limit=self.state.evaluate_limit,
+        )
         self._announce(started)
-        trials = [self.executor.trial(number, what, commit, seed_offset=0, limit=limit)]
-        judgement, noise = None, None
-        while trials[-1].measurement is not None:
-            judgement, noise = self._judge(trials)
-            if judgement.verdict != "confirm":
-                break
-            n = len(trials)
-            trials.append(
-                self.executor.trial(number, what, commit, seed_offset=n, label=f"confirm {n}", limit=limit)
-            )
-        measured = with_trials(started, trials)
-        if failed := next((t for t in trials if t.failure), None):
-            return replace(measured, decision=failed.failure, reason=failed.reason)
-        assert judgement is not None
-        judged = with_judgement(measured, judgement, noise)
+        judged = measure_candidate(self.executor, self.state, self.config.decide, started)
         return self.executor.checks(judged) if judged.decision == "keep" else judged
 
     def _commit(self, number: int, proposal: Proposal) -> str:
@@ -366,13 +357,6 @@ class ResearchLoop:
         self.ws.write_files(files)
         self.ws.check_harness(self.run.harness)
         return self.ws.commit(f"nightlab #{number}: {proposal.description}", sorted(files))
-
-    def _judge(self, trials: list[Trial]) -> tuple[decide.Judgement, float]:
-        """The decision and the noise floor it used: a re-run candidate's own spread joins the pool."""
-        st = self.state
-        assert st.best is not None
-        values = [t.measurement.value for t in trials if t.measurement is not None]
-        return decide.judge_runs(values, st.repeats, st.best, st.best_runs, st.goal, self.config.decide)
 
     def final_heldout(self) -> list[HeldoutResult]:
         """Open an existing run and score it on the held-out split if not done yet (`report --final`)."""

@@ -1,7 +1,9 @@
 """`nightlab report`: report.md, progress.png and results.tsv for one run, all derived from the journal.
 
 The summary numbers (baseline, best, noise floor, counts, spend) are the loop's own state rebuilt from the
-journal (`state.from_journal`), so the report and the run can never disagree about them.
+journal (`state.from_journal`), so the report and the run can never disagree about them. Descriptions and
+reasons are written by proposals and experiments nobody reviewed: they appear `terminal_safe`, so a report
+shown in a terminal (`cat report.md`) cannot set the clipboard or clear the screen.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from nightlab.errors import NightlabError
 from nightlab.research import decide
 from nightlab.research.journal import STATE_DIR, Experiment, HeldoutResult, Journal, Run
 from nightlab.research.plots import plot_progress
+from nightlab.research.safe_text import terminal_safe
 from nightlab.research.state import LoopState, from_journal
 
 
@@ -45,7 +48,7 @@ def _f(value: float | None, digits: int = 6) -> str:
 
 
 def _cell(text: str | None, limit: int = 120) -> str:
-    one = " ".join((text or "").split()).replace("|", "\\|")
+    one = " ".join(terminal_safe(text or "").split()).replace("|", "\\|")
     return one if len(one) <= limit else one[: limit - 1] + "…"
 
 
@@ -119,6 +122,55 @@ def sandbox_lines(records: Sequence[Experiment]) -> list[str]:
     return lines or ["- sandbox: no experiments yet"]
 
 
+def quarantine_lines(records: Sequence[Experiment]) -> list[str]:
+    """The results that were too good to take on their word: those quarantined (never kept) and the
+    implausible gains kept after re-verification."""
+    held = [r for r in records if r.quarantine]
+    if not held:
+        return []
+    lines = [
+        "## Quarantined and implausible results",
+        "",
+        "Each of these was far past what the noise allows in one step, or past what the metric can honestly "
+        "reach (docs/integrity.md, the plausibility guard). A `quarantine` was never kept; a `keep` held up "
+        "in re-runs beside the best, but a gain this large deserves a look at its diff and log.",
+        "",
+        "| # | decision | first run | runs | why it was held | description |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in held:
+        first = r.metric_runs[0] if r.metric_runs else None
+        lines.append(
+            f"| {r.number} | {r.decision} | {_f(first)} | {len(r.metric_runs)} | {_cell(r.quarantine)} | "
+            f"{_cell(r.description, 80)} |"
+        )
+    return [*lines, ""]
+
+
+def remeasure_lines(records: Sequence[Experiment], noise: float | None) -> list[str]:
+    """The best as recorded and as re-measured beside each re-run candidate: how far the machine drifted."""
+    paired = [r for r in records if r.best_reruns and r.best_before is not None]
+    if not paired:
+        return []
+    lines = [
+        "## The best, re-measured beside the candidates",
+        "",
+        "A candidate is confirmed against the best run again in the same period, not against the best's "
+        "recorded mean; the shift between the two is the machine's drift (or the noise).",
+        "",
+        "| # | best as recorded | best re-measured | runs | shift | shift / noise |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in paired:
+        now = sum(r.best_reruns) / len(r.best_reruns)
+        shift = now - r.best_before
+        lines.append(
+            f"| {r.number} | {_f(r.best_before)} | {_f(now)} | {len(r.best_reruns)} | {shift:+.6g} | "
+            f"{_f(shift / noise, 3) if noise else '-'} |"
+        )
+    return [*lines, ""]
+
+
 def build_report(root: Path, tag: str | None = None, out: Path | None = None) -> ReportFiles:
     """Write report.md, progress.png and results.tsv for a run (default: the latest) into `out`."""
     root = Path(root).resolve()
@@ -188,13 +240,20 @@ def _markdown(
         ]
         for r in keeps:
             confirmed = " (confirmed)" if len(r.metric_runs) > 1 else ""
+            confirmed += " (implausible, re-verified)" if r.quarantine else ""
             lines.append(
                 f"| {r.number} | `{(r.commit_sha or '')[:7]}` | {_f(r.metric)} | {_f(r.margin)} | "
                 f"{_f(r.sigmas, 3)}{confirmed} | {_f(r.probability, 3)} | {_cell(r.description)} |"
             )
     else:
         lines.append("No change beat the baseline by more than the noise.")
-    lines += ["", "## Validation vs held-out test", ""]
+    lines += [
+        "",
+        *quarantine_lines(records),
+        *remeasure_lines(records, noise),
+        "## Validation vs held-out test",
+        "",
+    ]
     if heldout:
         lines += heldout_lines(heldout, goal, decide.bar(noise or 0.0, config.decide))
     elif config.experiment.heldout:

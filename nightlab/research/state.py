@@ -46,9 +46,12 @@ class LoopState:
     best: float | None = None
     best_runs: int = 1  # how many runs the best's metric is the mean of
     best_commit: str = ""
+    best_latest: float | None = None  # the best as last measured, what a first run must beat (`remeasured`)
+    best_latest_runs: int = 1
     noise: float | None = None
     repeats: list[list[float]] = field(default_factory=list)  # runs of the same code, pooled into the noise
     train_limit: float | None = None  # seconds a candidate's training phase may take (see `train_limit`)
+    evaluate_limit: float | None = None  # and its evaluation (see `evaluate_limit`)
     experiments: int = 0  # candidates recorded, whatever their decision
     keeps: int = 0
     decisions: dict[str, int] = field(default_factory=dict)
@@ -67,7 +70,7 @@ def from_journal(
 ) -> LoopState:
     """`state` with everything the journal decides recomputed from `records` (one run's, in order); the
     run's identity, its sandbox and `stop_reason` are kept. Before any measured baseline there is no best,
-    noise or training limit; with no kept candidate the best is the baseline's mean at `base_commit`."""
+    noise or time limit; with no kept candidate the best is the baseline's mean at `base_commit`."""
     base = baseline_values(records)
     candidates = [r for r in records if r.kind == "candidate"]
     kept = [r for r in candidates if r.decision == "keep"]
@@ -78,16 +81,21 @@ def from_journal(
         best, best_runs, best_commit = kept[-1].metric, len(kept[-1].metric_runs), kept[-1].commit_sha
     else:
         best, best_runs, best_commit = baseline, len(base), base_commit
+    best_commit = best_commit or base_commit
+    latest = remeasured(records, best_commit)
     return replace(
         state,
         baseline=baseline,
         baseline_runs=len(base),
         best=best,
         best_runs=max(best_runs, 1),
-        best_commit=best_commit or base_commit,
+        best_commit=best_commit,
+        best_latest=statistics.fmean(latest) if latest else best,
+        best_latest_runs=len(latest) or max(best_runs, 1),
         noise=decide.pooled_noise_floor(repeats) if base else None,
         repeats=repeats,
         train_limit=train_limit(records, experiment) if base else None,
+        evaluate_limit=evaluate_limit(records, experiment) if base else None,
         experiments=len(candidates),
         keeps=len(kept),
         decisions=dict(Counter(r.decision for r in candidates)),
@@ -104,7 +112,7 @@ def draft(state: LoopState, run_id: int, number: int, kind: str, **known: Any) -
         number,
         kind,
         noise=state.noise,
-        best_before=state.best,
+        best_before=state.best_latest,
         sandboxed=state.sandboxed,
         sandbox_reason=state.sandbox_reason,
         **known,
@@ -137,6 +145,7 @@ def with_judgement(experiment: Experiment, judgement: Judgement, noise: float) -
         sigmas=judgement.sigmas,
         probability=judgement.probability,
         noise=noise,
+        quarantine=judgement.quarantine or None,
     )
 
 
@@ -165,11 +174,28 @@ def baseline_values(records: Sequence[Experiment]) -> list[float]:
     ]
 
 
+def remeasured(records: Sequence[Experiment], best_commit: str) -> list[float]:
+    """The runs of the best beside the last candidate confirmed against it since it became the best, or []:
+    the best as the machine measures it now. A first run is screened against them rather than the best's
+    recorded mean, so a machine that drifted does not send every change on to confirmation."""
+    for r in reversed(records):
+        if r.kind == "candidate" and r.commit_sha == best_commit:
+            break
+        if r.parent_commit == best_commit and r.best_reruns:
+            return r.best_reruns
+    return []
+
+
 def repeat_groups(records: Sequence[Experiment]) -> list[list[float]]:
-    """Runs of the same code, for the noise floor: the measured baseline runs, then every candidate measured
-    more than once (its confirmation re-runs)."""
+    """Runs of the same code, for the noise floor: the measured baseline runs, then, of every candidate that
+    was re-run, its re-runs and the best's beside them (`decide.judge_runs` pools the same). A candidate
+    recorded before nightlab re-measured the best counts with all its runs."""
     base = baseline_values(records)
-    repeats = [r.metric_runs for r in records if r.kind == "candidate" and len(r.metric_runs) >= 2]
+    repeats = []
+    for r in records:
+        if r.kind == "candidate":
+            groups = (r.metric_runs[1:], r.best_reruns) if r.best_reruns else (r.metric_runs,)
+            repeats += [g for g in groups if len(g) >= 2]
     return ([base] if base else []) + repeats
 
 
@@ -183,4 +209,16 @@ def train_limit(records: Sequence[Experiment], experiment: ExperimentSection) ->
         reference
         + experiment.budget_tolerance * experiment.budget_seconds
         + experiment.startup_allowance_seconds
+    )
+
+
+def evaluate_limit(records: Sequence[Experiment], experiment: ExperimentSection) -> float | None:
+    """How long a candidate's evaluate phase may take: the baseline's slowest evaluation, plus
+    `evaluate_tolerance` of it and `startup_allowance_seconds`; None without an evaluate step. Longer is an
+    overrun: the evaluator runs the model's code, and work done while being scored escapes the budget."""
+    if not experiment.evaluate:
+        return None
+    walls = [r.timings.get("evaluate", 0.0) for r in records if r.kind == "baseline" and r.decision == "keep"]
+    return (
+        max(walls, default=0.0) * (1 + experiment.evaluate_tolerance) + experiment.startup_allowance_seconds
     )

@@ -41,11 +41,24 @@ def test_the_record_holds_every_run_the_phase_times_in_order_and_the_peak_memory
     assert record.exit_code == 0 and record.peak_rss_mb == 120 and record.description == "d"
 
 
+def test_runs_of_the_best_beside_the_re_runs_are_recorded_apart():
+    trials = [
+        Trial(None, "", Measurement(0.9, {"steps": 1.0}), [phase("train", 1.0, 10)]),
+        Trial(None, "", Measurement(1.2, {"steps": 2.0}), [phase("train (best 1)", 1.5, 30)], True),
+        Trial(None, "", Measurement(1.0), [phase("train (confirm 1)", 1.2, 20)]),
+    ]
+    record = with_trials(Experiment(1, 3, "candidate"), trials)
+    assert record.metric_runs == [0.9, 1.0] and record.metric == pytest.approx(0.95)
+    assert record.best_reruns == [1.2] and record.extra == {"steps": 1.0}  # the candidate's own numbers
+    assert list(record.timings) == ["train", "train (best 1)", "train (confirm 1)"]
+    assert record.peak_rss_mb == 30
+
+
 def test_a_trial_without_a_measurement_leaves_no_metric():
     record = with_trials(
         Experiment(1, 2, "baseline"), [Trial("timeout", "killed", None, [phase("train", 9, 5)])]
     )
-    assert (record.metric, record.metric_runs, record.extra) == (None, [], {})
+    assert (record.metric, record.metric_runs, record.extra, record.best_reruns) == (None, [], {}, [])
 
 
 def _config(**experiment: float) -> NightlabConfig:

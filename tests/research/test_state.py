@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 
 import pytest
 
@@ -14,8 +15,10 @@ from nightlab.research.proposers.base import Proposal, Usage
 from nightlab.research.state import (
     LoopState,
     draft,
+    evaluate_limit,
     from_journal,
     history,
+    remeasured,
     repeat_groups,
     train_limit,
     with_judgement,
@@ -24,11 +27,16 @@ from nightlab.research.state import (
 
 BASE = "b" * 40
 EXP = ExperimentSection(
-    command="python train.py", budget_seconds=10.0, budget_tolerance=0.1, startup_allowance_seconds=2.0
+    command="python train.py",
+    evaluate="python score.py",
+    budget_seconds=10.0,
+    budget_tolerance=0.1,
+    startup_allowance_seconds=2.0,
+    evaluate_tolerance=0.5,
 )
 
 
-def baseline(number: int, metric: float | None, train: float = 9.0) -> Experiment:
+def baseline(number: int, metric: float | None, train: float = 9.0, evaluate: float = 1.0) -> Experiment:
     decision = "keep" if metric is not None else "crash"
     runs = [metric] if metric is not None else []
     return Experiment(
@@ -39,11 +47,13 @@ def baseline(number: int, metric: float | None, train: float = 9.0) -> Experimen
         commit_sha=BASE,
         metric=metric,
         metric_runs=runs,
-        timings={"train": train, "evaluate": 1.0},
+        timings={"train": train, "evaluate": evaluate},
     )
 
 
-def candidate(number: int, decision: str, runs: list[float], cost: float | None = None) -> Experiment:
+def candidate(
+    number: int, decision: str, runs: list[float], cost: float | None = None, best: list[float] | None = None
+) -> Experiment:
     return Experiment(
         1,
         number,
@@ -52,6 +62,7 @@ def candidate(number: int, decision: str, runs: list[float], cost: float | None 
         commit_sha=f"{number:040d}",
         metric=statistics.fmean(runs) if runs else None,
         metric_runs=runs,
+        best_reruns=best or [],
         cost_usd=cost,
         description=f"change {number}",
         patch=f"patch {number}",
@@ -65,7 +76,7 @@ def state_of(records: list[Experiment], state: LoopState | None = None) -> LoopS
 
 def test_before_any_baseline_there_is_no_best_noise_or_limit():
     st = state_of([baseline(1, None)])  # a baseline that crashed measured nothing
-    assert (st.baseline, st.best, st.noise, st.train_limit) == (None, None, None, None)
+    assert (st.baseline, st.best, st.noise, st.train_limit, st.evaluate_limit) == (None,) * 5
     assert st.best_commit == BASE and st.baseline_runs == 0 and st.best_runs == 1
     assert (st.experiments, st.keeps, st.decisions, st.cost_usd) == (0, 0, {}, 0.0)
 
@@ -78,6 +89,14 @@ def test_baselines_set_the_best_the_noise_and_the_training_limit():
     # The slowest baseline training (12 s, over the 10 s budget) + 10% of the budget + the startup allowance.
     assert st.train_limit == pytest.approx(12.0 + 1.0 + 2.0)
     assert train_limit(records[:1], EXP) == pytest.approx(10.0 + 1.0 + 2.0)  # the budget when it is longer
+
+
+def test_the_evaluate_limit_is_the_baselines_slowest_evaluation_plus_tolerance_and_allowance():
+    records = [baseline(1, 1.0, evaluate=4.0), baseline(2, 1.2, evaluate=6.0), baseline(3, None, evaluate=60)]
+    st = state_of(records)
+    assert st.evaluate_limit == evaluate_limit(records, EXP) == pytest.approx(6.0 * 1.5 + 2.0)
+    # a crashed baseline's evaluation does not count, and without an evaluate step there is no limit
+    assert evaluate_limit(records, EXP.model_copy(update={"evaluate": None})) is None
 
 
 def test_the_last_keep_is_the_best_and_confirmed_candidates_join_the_noise_pool():
@@ -100,6 +119,39 @@ def test_the_last_keep_is_the_best_and_confirmed_candidates_join_the_noise_pool(
     assert st.cost_usd == pytest.approx(0.875) and st.max_cost_single == 0.5
     earlier = state_of(records[:3])  # the keep before: its mean over the confirmation re-runs
     assert earlier.best == pytest.approx(0.75) and earlier.best_runs == 3
+
+
+def test_paired_re_runs_pool_the_candidates_re_runs_and_the_bests_not_the_first_run():
+    records = [
+        baseline(1, 1.0),
+        baseline(2, 1.2),
+        candidate(3, "discard", [0.5, 1.1, 1.0], best=[1.05, 1.15]),
+        candidate(4, "keep", [0.8, 0.85], best=[1.1]),  # one re-run, one run of the best: no group
+        candidate(5, "discard", [0.7, 0.9]),  # recorded before the best was re-measured: all its runs
+    ]
+    assert repeat_groups(records) == [[1.0, 1.2], [1.1, 1.0], [1.05, 1.15], [0.7, 0.9]]
+    assert state_of(records).best == pytest.approx(0.825)
+
+
+def test_a_first_run_must_beat_the_best_as_last_measured():
+    def paired(number: int, decision: str, parent: str, best: list[float]) -> Experiment:
+        return replace(candidate(number, decision, [0.5, 0.6], best=best), parent_commit=parent)
+
+    records = [baseline(1, 1.0), baseline(2, 1.2)]
+    assert (state_of(records).best_latest, state_of(records).best_latest_runs) == (pytest.approx(1.1), 2)
+    # The baseline re-measured beside a candidate (the machine got faster): that is the level to beat now.
+    records.append(paired(3, "discard", BASE, [0.9, 0.8]))
+    st = state_of(records)
+    assert (
+        st.best == pytest.approx(1.1) and st.best_latest == pytest.approx(0.85) and st.best_latest_runs == 2
+    )
+    assert remeasured(records, BASE) == [0.9, 0.8]
+    assert draft(st, 1, 4, "candidate").best_before == pytest.approx(0.85)
+    # A keep starts afresh from its own runs; re-measurements of it come from candidates whose parent it is.
+    records.append(paired(4, "keep", BASE, [0.8]))
+    assert state_of(records).best_latest == state_of(records).best == pytest.approx(0.55)
+    records.append(paired(5, "discard", f"{4:040d}", [0.52]))
+    assert state_of(records).best_latest == pytest.approx(0.52) and state_of(records).best_latest_runs == 1
 
 
 def test_what_the_journal_does_not_decide_is_kept():
@@ -146,6 +198,9 @@ def test_a_candidate_record_is_built_from_the_state_the_proposal_and_the_judgeme
     )
     assert (proposed.prompt_tokens, proposed.completion_tokens, proposed.cost_usd) == (7, 3, 0.01)
     judged = with_judgement(proposed, Judgement("keep", 0.3, 4.0, 0.99, "clear gain"), 0.075)
+    assert judged.quarantine is None
+    held = Judgement("keep", 3.0, 60.0, 0.99, "confirmed", quarantine="the first run is 60 noise better")
+    assert with_judgement(proposed, held, 0.05).quarantine == "the first run is 60 noise better"
     assert (judged.decision, judged.reason, judged.margin, judged.sigmas, judged.noise) == (
         "keep",
         "clear gain",

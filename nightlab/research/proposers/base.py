@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from nightlab.config import NightlabConfig
 
 PatchFormat = Literal["search_replace", "unified_diff"]
-Decision = Literal["keep", "discard", "crash", "timeout", "invalid", "overrun"]
+Decision = Literal["keep", "discard", "crash", "timeout", "invalid", "overrun", "quarantine"]
 
 
 @dataclass
