@@ -21,6 +21,7 @@ from nightlab.research.loop import ResearchLoop, RunOptions
 from nightlab.research.workspace import init_workspace
 from tests.research.loop_workspace import commit_all, dump_toml, replace_block
 
+STEPS = 24
 PATCHES = {
     "01-lr.md": replace_block(
         "LEARNING_RATE = 2e-4", "LEARNING_RATE = 3e-3", path="finetune.py", description="raise the LR"
@@ -44,13 +45,17 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         cache / "finetune" / "tiny"
     )  # inside the cache, which the sandbox shows read-only
     ws = init_workspace("finetune", tmp / "ws")
+    # A fixed number of steps, well inside the budget: what an experiment learns must not depend on how busy
+    # the machine is.
+    finetune = ws / "finetune.py"
+    finetune.write_text(finetune.read_text().replace("STEPS = 1000", f"STEPS = {STEPS}"))
     config = tomllib.loads((ws / "nightlab.toml").read_text())
-    config["experiment"].update(budget_seconds=3, startup_allowance_seconds=300, timeout_seconds=600)
+    config["experiment"].update(budget_seconds=300, startup_allowance_seconds=300, timeout_seconds=900)
     config["experiment"]["env"]["FINETUNE_MODEL"] = str(model)
     config["decide"] = {"baseline_runs": 2}
     config["proposer"]["replay"] = {"patches": str(tmp / "patches")}
     (ws / "nightlab.toml").write_text(dump_toml(config))
-    commit_all(ws, "test settings: the tiny model, a short budget")
+    commit_all(ws, "test settings: the tiny model, a few steps")
     (tmp / "patches").mkdir()
     for name, text in PATCHES.items():
         (tmp / "patches" / name).write_text(text)
@@ -82,7 +87,7 @@ def test_loop_keeps_the_better_lr_and_records_the_crash(finished_run: dict) -> N
     assert lr.decision == "keep", lr.reason
     assert lr.metric < min(b.metric for b in baseline)
     extra = lr.extra
-    assert extra["train_steps"] >= 1 and 0 <= extra["accuracy"] <= 1 and extra["eval_tokens"] > 0
+    assert extra["train_steps"] == STEPS and 0 <= extra["accuracy"] <= 1 and extra["eval_tokens"] > 0
     assert loss.decision == "crash" and loss.metric is None
 
 
