@@ -183,6 +183,14 @@ class ProposerSection(_Section):
     outage_seconds: float = Field(
         1800.0, ge=0, description="how long the loop retries a proposer whose service is down before it stops"
     )
+    plateau_after: int = Field(
+        20, ge=0, description="candidates in a row that keep nothing make a plateau (0: never)"
+    )
+    on_plateau: Literal["explore", "stop"] = Field(
+        "explore",
+        description="on a plateau, explore: the proposer is told (the llm to change direction, tune to "
+        "sample at random until the next keep); stop: the run ends, saying so",
+    )
 
     @field_validator("kind")
     @classmethod

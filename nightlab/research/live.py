@@ -29,6 +29,7 @@ DECISION_STYLE = {
     "invalid": "magenta",
     "overrun": "red",
     "quarantine": "bold magenta",
+    "duplicate": "dim",
 }
 
 

@@ -28,6 +28,7 @@ from nightlab.research.execution import Executor, WrapFactory, with_trials
 from nightlab.research.heldout import score_heldout
 from nightlab.research.journal import Experiment, HeldoutResult, Journal, Pending, Run
 from nightlab.research.live import Observer, SilentView
+from nightlab.research.novelty import NoveltyGate, duplicate_reason
 from nightlab.research.proposers.base import Outcome, Proposal, ProposalContext, Proposer, ProposerUnavailable
 from nightlab.research.state import LoopState, draft, from_journal, history, with_proposal
 from nightlab.research.workspace import Workspace, WorkspaceError
@@ -91,6 +92,7 @@ class ResearchLoop:
         self.wrap_for: WrapFactory = wrap_for
         self.journal = Journal.for_workspace(self.root)
         self._pending: Pending | None = None  # the marker of the experiment in flight
+        self.novelty = NoveltyGate(self.ws.editable_at)
         self.last_invalid: str | None = None
 
     def open(self, *, with_proposer: bool = False) -> bool:
@@ -256,6 +258,11 @@ class ResearchLoop:
             return f"reached --hours {opts.hours}"
         if (cap := opts.max_cost) is not None and st.cost_usd + st.max_cost_single > cap:
             return f"the next proposal could exceed --max-cost ${cap:.2f} (spent ${st.cost_usd:.4f})"
+        if self._on_plateau() and self.config.proposer.on_plateau == "stop":
+            return (
+                f"plateau: the last {st.since_keep} experiments kept nothing (proposer.plateau_after "
+                f"{self.config.proposer.plateau_after}, on_plateau = stop)"
+            )
         return ""
 
     def _baseline(self) -> None:
@@ -291,7 +298,12 @@ class ResearchLoop:
             noise=self.state.noise,
             history=history(self.journal.experiments(self.run.id)),
             last_invalid_reason=self.last_invalid,
+            plateau=self.state.since_keep if self._on_plateau() else 0,
         )
+
+    def _on_plateau(self) -> bool:
+        after = self.config.proposer.plateau_after
+        return after > 0 and self.state.since_keep >= after
 
     def _propose(self) -> Proposal | str:
         """The next proposal, or why there is none. A proposer whose service is down (an LLM outage that
@@ -329,9 +341,16 @@ class ResearchLoop:
         kept = outcome.decision == "keep" and outcome.commit_sha
         self.executor.checkout(outcome.commit_sha if kept else parent)
         outcome = self._finish(outcome)
-        self.last_invalid = outcome.reason if outcome.decision == "invalid" else None
-        self.proposer.feedback(proposal, Outcome(outcome.decision, outcome.metric, outcome.reason))
+        self.last_invalid = outcome.reason if outcome.decision in ("invalid", "duplicate") else None
+        self.proposer.feedback(proposal, Outcome(outcome.decision, self._scored(outcome), outcome.reason))
         return ""
+
+    def _scored(self, record: Experiment) -> float | None:
+        """What the record's code scored: its metric, or for a duplicate the earlier experiment's."""
+        if record.decision != "duplicate":
+            return record.metric
+        earlier = self.novelty.earlier(self.journal.experiments(self.run.id), record)
+        return earlier.metric if earlier else None
 
     def _evaluate_candidate(self, started: Experiment, proposal: Proposal, parent: str) -> Experiment:
         """Validate, commit, run (and confirm) a proposal; its record with the decision."""
@@ -346,6 +365,8 @@ class ResearchLoop:
             train_limit=self.state.train_limit,
             evaluate_limit=self.state.evaluate_limit,
         )
+        if earlier := self.novelty.earlier(self.journal.experiments(self.run.id), started):
+            return replace(started, decision="duplicate", reason=duplicate_reason(earlier))
         self._announce(started)
         judged = measure_candidate(self.executor, self.state, self.config.decide, started)
         return self.executor.checks(judged) if judged.decision == "keep" else judged

@@ -19,7 +19,7 @@ from nightlab.research import decide
 from nightlab.research.journal import STATE_DIR, Experiment, HeldoutResult, Journal, Run
 from nightlab.research.plots import plot_progress
 from nightlab.research.safe_text import terminal_safe
-from nightlab.research.state import LoopState, from_journal
+from nightlab.research.state import LoopState, from_journal, plateaus
 
 
 class ReportError(NightlabError, RuntimeError):
@@ -171,6 +171,28 @@ def remeasure_lines(records: Sequence[Experiment], noise: float | None) -> list[
     return [*lines, ""]
 
 
+def plateau_lines(candidates: Sequence[Experiment], config: NightlabConfig) -> list[str]:
+    """The stretches of `proposer.plateau_after` or more candidates in a row that kept nothing, and the
+    duplicates the novelty gate refused to run."""
+    after = config.proposer.plateau_after
+    spans = plateaus(candidates, after)
+    duplicates = sum(r.decision == "duplicate" for r in candidates)
+    if not spans and not duplicates:
+        return []
+    lines = ["## Plateaus and repeats", ""]
+    for first, last in spans:
+        count = sum(first <= r.number <= last for r in candidates)
+        lines.append(
+            f"- plateau: #{first} to #{last}, {count} experiments in a row kept nothing (plateau_after "
+            f"{after}, on_plateau = {config.proposer.on_plateau})"
+        )
+    if duplicates:
+        lines.append(
+            f"- {duplicates} proposals repeated code already measured and were not run (`duplicate`)"
+        )
+    return [*lines, ""]
+
+
 def build_report(root: Path, tag: str | None = None, out: Path | None = None) -> ReportFiles:
     """Write report.md, progress.png and results.tsv for a run (default: the latest) into `out`."""
     root = Path(root).resolve()
@@ -251,6 +273,7 @@ def _markdown(
         "",
         *quarantine_lines(records),
         *remeasure_lines(records, noise),
+        *plateau_lines(candidates, config),
         "## Validation vs held-out test",
         "",
     ]

@@ -54,6 +54,7 @@ class LoopState:
     evaluate_limit: float | None = None  # and its evaluation (see `evaluate_limit`)
     experiments: int = 0  # candidates recorded, whatever their decision
     keeps: int = 0
+    since_keep: int = 0  # candidates recorded since the last keep (or since the baseline)
     decisions: dict[str, int] = field(default_factory=dict)
     cost_usd: float = 0.0
     max_cost_single: float = 0.0  # the most one proposal cost so far: what the next one may cost
@@ -98,10 +99,31 @@ def from_journal(
         evaluate_limit=evaluate_limit(records, experiment) if base else None,
         experiments=len(candidates),
         keeps=len(kept),
+        since_keep=since_last_keep(candidates),
         decisions=dict(Counter(r.decision for r in candidates)),
         cost_usd=sum(costs),
         max_cost_single=max(costs, default=0.0),
     )
+
+
+def since_last_keep(candidates: Sequence[Experiment]) -> int:
+    """How many of the candidates came after the last kept one (all of them when none was kept)."""
+    last = max((i for i, r in enumerate(candidates) if r.decision == "keep"), default=-1)
+    return len(candidates) - 1 - last
+
+
+def plateaus(candidates: Sequence[Experiment], length: int) -> list[tuple[int, int]]:
+    """The first and last number of each run of at least `length` candidates in a row that kept nothing."""
+    spans: list[tuple[int, int]] = []
+    streak: list[Experiment] = []
+    for r in [*candidates, None]:
+        if r is not None and r.decision != "keep":
+            streak.append(r)
+            continue
+        if length and len(streak) >= length:
+            spans.append((streak[0].number, streak[-1].number))
+        streak = []
+    return spans
 
 
 def draft(state: LoopState, run_id: int, number: int, kind: str, **known: Any) -> Experiment:

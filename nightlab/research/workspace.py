@@ -197,6 +197,12 @@ class Workspace:
     def read_editable(self) -> dict[str, str]:
         return {rel: (self.root / rel).read_text(encoding="utf-8") for rel in self.editable_files()}
 
+    def editable_at(self, commit: str) -> dict[str, str]:
+        """The editable files as `commit` holds them, read from git without touching the working tree."""
+        names = self.git("ls-tree", "-r", "-z", "--name-only", commit).split("\0")
+        editable = [n for n in names if n and is_editable(n, self.config.workspace.editable)]
+        return {rel: self.git("show", f"{commit}:{rel}") for rel in editable}
+
     def write_files(self, files: dict[str, str]) -> None:
         """Write new texts of editable files (a patch may also create a new file matching the globs)."""
         for rel, text in files.items():

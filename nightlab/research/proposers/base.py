@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from nightlab.config import NightlabConfig
 
 PatchFormat = Literal["search_replace", "unified_diff"]
-Decision = Literal["keep", "discard", "crash", "timeout", "invalid", "overrun", "quarantine"]
+Decision = Literal["keep", "discard", "crash", "timeout", "invalid", "overrun", "quarantine", "duplicate"]
 
 
 @dataclass
@@ -71,6 +71,7 @@ class ProposalContext:
     noise: float | None
     history: list[PastExperiment]
     last_invalid_reason: str | None = None
+    plateau: int = 0  # on a plateau, the candidates in a row that kept nothing; else 0
 
 
 @dataclass

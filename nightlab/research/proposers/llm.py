@@ -157,7 +157,12 @@ def build_user_prompt(context: ProposalContext, history_limit: int) -> str:
         sections.append("# Experiments so far\nNone yet besides the baseline.")
     if context.last_invalid_reason:
         rejected = context.last_invalid_reason
-        sections.append(f"# Your previous proposal could not be applied\n{rejected}\nAvoid that mistake.")
+        sections.append(f"# Your previous proposal was not run\n{rejected}\nAvoid that mistake.")
+    if context.plateau:
+        sections.append(
+            f"# Plateau\nThe last {context.plateau} experiments kept nothing. Step back and try a different "
+            "direction from the recent ones, not another variation of them."
+        )
     sections.append("Propose the next experiment now, in the required format.")
     return "\n\n".join(sections)
 

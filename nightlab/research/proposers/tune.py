@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 # How often to re-ask the sampler when a trial rounds to the values already in the files.
 _MAX_NO_OP_TRIALS = 20
-_MEASURED = ("keep", "discard")
+_MEASURED = ("keep", "discard", "duplicate")  # a duplicate comes back with its earlier result
 
 
 class KnobRange(ProposerSettings):
@@ -173,6 +173,7 @@ class TuneProposer(PluggableProposer):
         self.max_trials = max_trials
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(direction=goal, sampler=optuna.samplers.TPESampler(seed=config.seed))
+        self._explorer = optuna.samplers.RandomSampler(seed=config.seed)
         self._pending: list[tuple[str, Trial]] = []
         self._proposed = 0
 
@@ -187,7 +188,7 @@ class TuneProposer(PluggableProposer):
         if not space:
             return None
         for _ in range(_MAX_NO_OP_TRIALS):
-            trial = self.study.ask(space)
+            trial = self._ask(space, explore=context.plateau > 0)
             literals = {
                 name: format_number(value, name in self._integer) for name, value in trial.params.items()
             }
@@ -221,6 +222,17 @@ class TuneProposer(PluggableProposer):
         metric = outcome.metric
         measured = outcome.decision in _MEASURED and metric is not None and math.isfinite(metric)
         self._tell(trial, metric if measured else None)
+
+    def _ask(self, space: dict[str, BaseDistribution], explore: bool) -> Trial:
+        """The next trial from TPE, or on a plateau from a seeded random sampler: TPE narrows onto the region
+        it believes best, and when nothing there is kept any more, wider samples are the way out."""
+        if not explore:
+            return self.study.ask(space)
+        tpe, self.study.sampler = self.study.sampler, self._explorer
+        try:
+            return self.study.ask(space)
+        finally:
+            self.study.sampler = tpe
 
     def _tell(self, trial: Trial, value: float | None) -> None:
         """The trial's value, or a failed trial when there is none."""
