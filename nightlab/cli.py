@@ -99,6 +99,9 @@ def run_command(
 @app.command()
 def status(
     tag: str | None = typer.Option(None, help="Run to show (default: the latest)."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the run as one JSON document (history, best, noise) for agents."
+    ),
     workspace: Path = WORKSPACE_OPTION,
 ) -> None:
     """Show the experiments of a run from the journal."""
@@ -110,6 +113,7 @@ def status(
     from nightlab.research.live import DECISION_STYLE
     from nightlab.research.report import find_run
     from nightlab.research.safe_text import terminal_safe
+    from nightlab.research.summary import run_json
 
     def shown(text: str) -> str:
         """An agent's words as plain text: no escape sequences, no rich markup."""
@@ -119,6 +123,9 @@ def status(
         _fail(RuntimeError(f"{workspace.resolve()} has no nightlab journal yet; start with `nightlab run`"))
     journal = Journal.for_workspace(workspace)
     try:
+        if as_json:
+            typer.echo(run_json(journal, tag))
+            return
         journal.verify_chain()
         run = find_run(journal, tag)
         records = journal.experiments(run.id)
@@ -157,6 +164,9 @@ def report(
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default: .nightlab/reports/<tag>/).")
     ] = None,
+    as_json: bool = typer.Option(
+        False, "--json", help="Also write report.json: the run as one document (see `status --json`)."
+    ),
     workspace: Path = WORKSPACE_OPTION,
 ) -> None:
     """Write report.md, progress.png and results.tsv for a run."""
@@ -164,6 +174,7 @@ def report(
     from nightlab.research.live import make_view
     from nightlab.research.loop import ResearchLoop, RunOptions
     from nightlab.research.report import build_report, find_run
+    from nightlab.research.summary import run_json
 
     try:
         if final:
@@ -174,9 +185,18 @@ def report(
                 journal.close()
             ResearchLoop(workspace, RunOptions(tag=run.tag), observer=make_view()).final_heldout()
         files = build_report(workspace, tag, out)
+        written = [files.report, files.plot, files.tsv]
+        if as_json:
+            journal = Journal.for_workspace(workspace)
+            try:
+                document = run_json(journal, tag)
+            finally:
+                journal.close()
+            written.append(files.report.with_name("report.json"))
+            written[-1].write_text(document + "\n", encoding="utf-8")
     except NightlabError as exc:
         _fail(exc)
-    typer.echo(f"wrote {files.report}\nwrote {files.plot}\nwrote {files.tsv}")
+    typer.echo("\n".join(f"wrote {path}" for path in written))
 
 
 # --- training service commands: serve, models ---

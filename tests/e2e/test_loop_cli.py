@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -56,6 +58,25 @@ def test_run_status_report(tmp_path):
     result = runner.invoke(app, ["report", "-C", str(root), "--final", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert {p.name for p in out.iterdir()} == {"report.md", "progress.png", "results.tsv"}
+
+    # The same run as one document, for an agent: what the table shows, and what a proposer sees.
+    result = runner.invoke(app, ["status", "-C", str(root), "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["schema"] == "nightlab.run/1" and doc["run"]["tag"] == "cli" and doc["run"]["metric"] == "loss"
+    rows = doc["experiments"]
+    assert [(r["number"], r["kind"], r["decision"]) for r in rows] == [
+        (1, "baseline", "keep"),
+        (2, "baseline", "keep"),
+        (3, "candidate", "keep"),
+    ]
+    assert "LEARNING_RATE = 0.05" in rows[2]["diff"] and rows[2]["metric_runs"]
+    assert doc["best"]["commit"] == rows[2]["commit_sha"] and doc["best"]["metric"] == rows[2]["metric"]
+    assert doc["noise"] > 0 and doc["counts"]["kept"] == 1 and doc["counts"]["since_last_keep"] == 0
+    assert doc["plateau"]["now"] is False and {h["label"] for h in doc["heldout"]} == {"baseline", "best"}
+    result = runner.invoke(app, ["report", "-C", str(root), "--json", "--out", str(out)])
+    assert result.exit_code == 0 and "report.json" in result.output
+    assert json.loads((out / "report.json").read_text()) == doc
 
 
 def _refused(root, *args: str) -> str:
