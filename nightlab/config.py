@@ -93,6 +93,12 @@ class MetricSection(_Section):
         description="harness: only signed lines from the evaluate step count; log: parse the run log",
     )
     extra: list[str] = Field(default_factory=list, description="other `name: value` lines to record")
+    progress: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="a number training prints as it goes (`loss 3.2`): recorded as a curve, and a first run "
+        "whose curve is hopeless is aborted (decide.early_abort); it never helps a run be kept",
+    )
 
     @field_validator("pattern")
     @classmethod
@@ -139,6 +145,16 @@ class DecideSection(_Section):
         description="the best value the metric can honestly reach (a loss's lower bound, an accuracy of 1); "
         "a run past it is quarantined and never kept",
     )
+    early_abort: bool = Field(
+        True, description="with metric.progress, stop a candidate's first run whose progress is hopeless"
+    )
+    abort_after: float = Field(
+        0.25, ge=0, lt=1, description="the fraction of the budget before which no run is aborted"
+    )
+    abort_sigmas: float = Field(
+        3.0, gt=0, description="how far behind every kept run's curve, in the curve's noise, is hopeless"
+    )
+    abort_readings: int = Field(3, ge=1, description="hopeless readings in a row that abort a run")
 
     @field_validator("baseline_runs")
     @classmethod

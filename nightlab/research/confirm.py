@@ -16,6 +16,7 @@ from nightlab.config import DecideSection
 from nightlab.research import decide
 from nightlab.research.execution import Executor, Trial, measured, with_trials
 from nightlab.research.journal import Experiment
+from nightlab.research.progress import abort_rule
 from nightlab.research.state import LoopState, with_judgement
 
 
@@ -33,7 +34,17 @@ def measure_candidate(
             number, what, sha, seed_offset=n, label=label, limit=limit, evaluate_limit=evaluate_limit
         )
 
-    trials = [run(commit, 0, "", started.train_limit, started.evaluate_limit)]
+    abort = abort_rule(state.kept_curves, state.baseline_curves, state.goal, rule)
+    first = executor.trial(
+        number,
+        what,
+        commit,
+        seed_offset=0,
+        limit=started.train_limit,
+        evaluate_limit=started.evaluate_limit,
+        abort=abort,
+    )
+    trials = [first]
     judgement, noise = None, None
     while trials[-1].failure is None:
         judgement, noise = _judge(trials, state, rule)

@@ -21,7 +21,7 @@ import os
 import secrets
 import statistics
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -32,6 +32,7 @@ from nightlab.hardware import accelerator
 from nightlab.research.journal import STATE_DIR, Experiment, Run
 from nightlab.research.live import Observer
 from nightlab.research.metrics import Measurement, MetricError, measure
+from nightlab.research.progress import AbortRule, ProgressWatch
 from nightlab.research.runner import PhaseResult, Wrap, clean_env, kill_group, run_phase
 from nightlab.research.workspace import Workspace, WorkspaceError
 
@@ -54,6 +55,7 @@ class Trial:
     measurement: Measurement | None
     phases: list[PhaseResult]
     remeasures_best: bool = False  # a run of the best beside a candidate's re-run, not of the candidate
+    curve: list[list[float]] = field(default_factory=list)  # the training's progress (see progress.py)
 
     @property
     def exit_code(self) -> int | None:
@@ -162,23 +164,42 @@ class Executor:
         limit: float | None,
         evaluate_limit: float | None = None,
         label: str = "",
+        abort: AbortRule | None = None,
     ) -> Trial:
         """Train and evaluate `commit`; a training phase longer than `limit` seconds, or an evaluation longer
-        than `evaluate_limit`, is an overrun."""
+        than `evaluate_limit`, is an overrun; one whose progress `abort` finds hopeless is stopped. The
+        trial carries the training's progress curve when `metric.progress` names one."""
         self.checkout(commit)
         try:
             self.ws.check_harness(self.run.harness)
         except WorkspaceError as exc:
             raise ExecutionError(f"{exc}; something outside nightlab is changing the workspace") from exc
-        exp = self.config.experiment
+        exp, progress = self.config.experiment, self.config.metric.progress
+        watch = ProgressWatch(progress, exp.budget_seconds, abort) if progress else None
         suffix = f" ({label})" if label else ""
         self.nonce = secrets.token_hex(16)
-        train = self.phase(number, description, "train" + suffix, exp.command, seed_offset)
+        train = self.phase(number, description, "train" + suffix, exp.command, seed_offset, watch=watch)
+        result = self._after_training(number, description, suffix, seed_offset, train, limit, evaluate_limit)
+        return replace(result, curve=watch.curve) if watch else result
+
+    def _after_training(
+        self,
+        number: int | str,
+        description: str,
+        suffix: str,
+        seed_offset: int,
+        train: PhaseResult,
+        limit: float | None,
+        evaluate_limit: float | None,
+    ) -> Trial:
+        exp = self.config.experiment
         phases = [train]
         if train.timed_out:
             return _timed_out("training", phases, exp.timeout_seconds)
         if tampered := self._tampering("training", phases):
             return tampered
+        if train.stopped:
+            return Trial("aborted", train.stopped, None, phases)
         if train.exit_code != 0:
             return Trial("crash", _with_tail(f"command {failure_words(train)}", train), None, phases)
         if limit is not None and train.wall_seconds > limit:
@@ -243,8 +264,10 @@ class Executor:
         seed_offset: int,
         *,
         key: str | None = None,
+        watch: ProgressWatch | None = None,
     ) -> PhaseResult:
-        """Run one phase of an experiment, logged to the experiment's log file and shown to the view."""
+        """Run one phase of an experiment, logged to the experiment's log file and shown to the view (and to
+        `watch`, which may stop it)."""
         exp = self.config.experiment
         kind = phase.split(" ")[0]
         limit = exp.budget_seconds if kind == "train" else exp.timeout_seconds
@@ -258,8 +281,9 @@ class Executor:
             timeout=exp.timeout_seconds,
             env=env,
             wrap=self.wrap_for(kind, env),
-            on_line=self.view.output,
+            on_line=self.view.output if watch is None else _both(self.view.output, watch.feed),
             on_start=self.on_start,
+            stop=None if watch is None else lambda: watch.stop_reason,
         )
 
     def checks(self, kept: Experiment) -> Experiment:
@@ -316,10 +340,18 @@ class Executor:
         return clean_env(extra)
 
 
+def _both(first: Callable[[str], None], second: Callable[[str], None]) -> Callable[[str], None]:
+    def feed(line: str) -> None:
+        first(line)
+        second(line)
+
+    return feed
+
+
 def with_trials(experiment: Experiment, trials: list[Trial]) -> Experiment:
     """`experiment` with what its trials (in the order they ran) measured: the mean metric and each run, the
-    best's runs beside them, the harness's extra numbers, the wall time of every phase, the first exit code
-    and the peak memory."""
+    best's runs beside them, the harness's extra numbers, the wall time of every phase, the first exit code,
+    the peak memory and the first run's progress curve."""
     values = measured(t for t in trials if not t.remeasures_best)
     phases = [p for t in trials for p in t.phases]
     extra: dict[str, float] = {}
@@ -335,6 +367,7 @@ def with_trials(experiment: Experiment, trials: list[Trial]) -> Experiment:
         timings={p.phase: round(p.wall_seconds, 3) for p in phases},
         exit_code=trials[0].exit_code,
         peak_rss_mb=max((p.peak_rss_mb for p in phases), default=None),
+        curve=trials[0].curve,
     )
 
 

@@ -82,6 +82,7 @@ EXPERIMENT_COLUMNS = [
     "evaluate_limit",
     "best_reruns_json",
     "quarantine",
+    "curve_json",
 ]
 HELDOUT_COLUMNS = [
     "run_id",
@@ -99,7 +100,7 @@ CHAINED = {"runs": RUN_COLUMNS, "experiments": EXPERIMENT_COLUMNS, "heldout": HE
 # Columns added after journals were first written: an older database gets them on open, and a row's hash
 # leaves them out while they are NULL, so rows written before them still verify.
 ADDED_COLUMNS = {
-    "experiments": ("train_limit", "evaluate_limit", "best_reruns_json", "quarantine"),
+    "experiments": ("train_limit", "evaluate_limit", "best_reruns_json", "quarantine", "curve_json"),
     "heldout": ("sandboxed", "sandbox_reason"),
 }
 
@@ -156,7 +157,7 @@ class Experiment:
     run_id: int
     number: int
     kind: str  # baseline | candidate
-    decision: str = ""  # keep | discard | crash | timeout | invalid | overrun | quarantine | duplicate
+    decision: str = ""  # keep discard crash timeout invalid overrun quarantine duplicate aborted
     reason: str = ""
     commit_sha: str | None = None
     parent_commit: str | None = None
@@ -190,6 +191,7 @@ class Experiment:
     evaluate_limit: float | None = None
     best_reruns: list[float] = field(default_factory=list)  # the best re-measured beside the re-runs
     quarantine: str | None = None  # why the result was too good to take on its word
+    curve: list[list[float]] = field(default_factory=list)  # [budget fraction, progress] of the first run
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,7 @@ _JSON_FIELDS = {
     "extra_json": "extra",
     "timings_json": "timings",
     "best_reruns_json": "best_reruns",
+    "curve_json": "curve",
 }
 _JSON_COLUMNS = {name: column for column, name in _JSON_FIELDS.items()}
 _UNSORTED_JSON = {"timings_json"}

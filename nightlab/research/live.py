@@ -30,6 +30,7 @@ DECISION_STYLE = {
     "overrun": "red",
     "quarantine": "bold magenta",
     "duplicate": "dim",
+    "aborted": "yellow",
 }
 
 

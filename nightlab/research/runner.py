@@ -65,10 +65,11 @@ class PhaseResult:
     timed_out: bool
     output: str
     log_path: Path
+    stopped: str = ""  # why nightlab stopped the phase before it ended, if it did (see `run_phase`'s `stop`)
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and not self.timed_out
+        return self.exit_code == 0 and not self.timed_out and not self.stopped
 
     def tail(self, lines: int = 8) -> str:
         """The last `lines` of the output, terminal-safe: error messages and journal reasons quote it."""
@@ -237,11 +238,12 @@ class _Output:
 
 
 def _supervise(
-    proc: subprocess.Popen[bytes], start: float, timeout: float
-) -> tuple[bool, resource.struct_rusage | None, int, float]:
-    """Wait for `proc` (at most `timeout` seconds from `start`), sampling its tree's memory, then kill its
-    group; `proc.returncode` is set. Returns (timed out, rusage, peak RSS in bytes, wall seconds)."""
-    timed_out, status, rusage, peak = False, 0, None, 0
+    proc: subprocess.Popen[bytes], start: float, timeout: float, stop: Callable[[], str] | None
+) -> tuple[bool, str, resource.struct_rusage | None, int, float]:
+    """Wait for `proc` (at most `timeout` seconds from `start`, and while `stop` gives no reason), sampling
+    its tree's memory, then kill its group; `proc.returncode` is set. Returns (timed out, why it was stopped,
+    rusage, peak RSS in bytes, wall seconds)."""
+    timed_out, stopped, status, rusage, peak = False, "", 0, None, 0
     try:
         ps = psutil.Process(proc.pid)
     except psutil.Error:
@@ -253,8 +255,9 @@ def _supervise(
                 break
             if ps is not None:
                 peak = max(peak, _tree_rss(ps))
-            if time.monotonic() - start > timeout:
-                timed_out = True
+            timed_out = time.monotonic() - start > timeout
+            stopped = "" if timed_out or stop is None else stop()
+            if timed_out or stopped:
                 kill_group(proc.pid)
                 _, status, rusage = os.wait4(proc.pid, 0)
                 break
@@ -267,7 +270,7 @@ def _supervise(
             proc.kill()
             proc.wait()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return timed_out, rusage, peak, wall
+    return timed_out, stopped, rusage, peak, wall
 
 
 def run_phase(
@@ -282,12 +285,14 @@ def run_phase(
     on_line: LineSink | None = None,
     on_start: Callable[[int], None] | None = None,
     limits: OutputLimits = OUTPUT_LIMITS,
+    stop: Callable[[], str] | None = None,
 ) -> PhaseResult:
     """Run `bash -c command` and wait for it (at most `timeout` seconds), appending its output to `log_path`.
 
     `env` is the complete environment of the phase (build it with `clean_env`); `wrap` may rewrite the argv,
     e.g. to run it inside a sandbox; `on_start` gets the process group id as soon as it exists; `on_line`
-    gets each line made terminal-safe, while the log and the result keep what was printed (within `limits`).
+    gets each line made terminal-safe, while the log and the result keep what was printed (within `limits`);
+    `stop`, polled while the phase runs, ends it (its whole group) as soon as it gives a reason.
     """
     argv = ["bash", "-c", command]
     if wrap is not None:
@@ -319,11 +324,11 @@ def run_phase(
             on_start(proc.pid)
         reader = threading.Thread(target=pump, name=f"nightlab-{phase}-log", daemon=True)
         reader.start()
-        timed_out, rusage, peak, wall = _supervise(proc, start, timeout)
+        timed_out, stopped, rusage, peak, wall = _supervise(proc, start, timeout, stop)
         reader.join(timeout=5)
         exit_code = None if timed_out else proc.returncode
-        verdict = "timed out" if timed_out else f"exit {exit_code}"
+        verdict = "timed out" if timed_out else f"stopped: {stopped}" if stopped else f"exit {exit_code}"
         text = output.finish()
         log.write(f"=== {phase}: {verdict} after {wall:.2f}s\n".encode())
     peak_mb = max(peak, (rusage.ru_maxrss * 1024) if rusage else 0) / 2**20
-    return PhaseResult(phase, exit_code, wall, peak_mb, timed_out, text, log_path)
+    return PhaseResult(phase, exit_code, wall, peak_mb, timed_out, text, log_path, stopped)

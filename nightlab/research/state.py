@@ -52,6 +52,8 @@ class LoopState:
     repeats: list[list[float]] = field(default_factory=list)  # runs of the same code, pooled into the noise
     train_limit: float | None = None  # seconds a candidate's training phase may take (see `train_limit`)
     evaluate_limit: float | None = None  # and its evaluation (see `evaluate_limit`)
+    baseline_curves: list[list[list[float]]] = field(default_factory=list)  # progress of the baseline runs
+    kept_curves: list[list[list[float]]] = field(default_factory=list)  # and of every kept run
     experiments: int = 0  # candidates recorded, whatever their decision
     keeps: int = 0
     since_keep: int = 0  # candidates recorded since the last keep (or since the baseline)
@@ -97,6 +99,10 @@ def from_journal(
         repeats=repeats,
         train_limit=train_limit(records, experiment) if base else None,
         evaluate_limit=evaluate_limit(records, experiment) if base else None,
+        baseline_curves=[
+            r.curve for r in records if r.kind == "baseline" and r.decision == "keep" and r.curve
+        ],
+        kept_curves=[r.curve for r in records if r.decision == "keep" and r.curve],
         experiments=len(candidates),
         keeps=len(kept),
         since_keep=since_last_keep(candidates),

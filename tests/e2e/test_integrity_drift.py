@@ -57,7 +57,8 @@ def main():
 if __name__ == "__main__":
     sys.exit(main())
 '''
-NO_OP = replace_block("SEED = 42", "SEED = 42  # the seed", description="comment the seed")
+# New code (a comment alone would be refused as a duplicate before it ran) that computes what the old did.
+NO_OP = replace_block("SEED = 42", "SEED = 40 + 2", description="spell the seed as a sum")
 # 0.39 better (about 39 noise): a real gain, below the plausibility guard.
 REAL = replace_block("MOMENTUM = 0.5", "MOMENTUM = 0.52", description="raise the momentum")
 
@@ -83,7 +84,7 @@ def drift_run(tmp_path_factory):
 
 def test_a_change_that_does_nothing_is_not_kept_when_the_machine_drifts(drift_run):
     _, state, rows = drift_run
-    no_op = rows["comment the seed"]
+    no_op = rows["spell the seed as a sum"]
     assert no_op.metric_runs[0] < rows["baseline"].metric - 0.05  # it looked like a large gain
     assert no_op.decision == "discard" and no_op.reason.startswith("not confirmed after")
     # The best was measured again beside the candidate's re-runs, in the same (quiet) period.
@@ -106,6 +107,6 @@ def test_the_report_shows_the_best_re_measured(drift_run, tmp_path):
     assert result.exit_code == 0, result.output
     text = (tmp_path / "report.md").read_text()
     assert "## The best, re-measured beside the candidates" in text
-    no_op = rows["comment the seed"]
+    no_op = rows["spell the seed as a sum"]
     mean = sum(no_op.best_reruns) / len(no_op.best_reruns)
     assert f"| {no_op.number} | {no_op.best_before:.6g} | {mean:.6g} |" in text

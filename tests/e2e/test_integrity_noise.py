@@ -189,6 +189,10 @@ def test_twenty_changes_that_change_nothing_real_keep_none(null_run):
     state, rows = null_run
     candidates = [r for r in rows if r.kind == "candidate"]
     assert len(candidates) == 20 and state.experiments == 20
+    # A comment and a docstring leave the baseline's code as it was: not even run.
+    duplicates = {r.description for r in candidates if r.decision == "duplicate"}
+    assert duplicates == {"comment the training loop", "reword the docstring"}
+    candidates = [r for r in candidates if r.decision != "duplicate"]
     assert [r.decision for r in candidates if r.decision != "discard"] == []
     assert state.keeps == 0
     for r in candidates:
@@ -206,7 +210,7 @@ def test_twenty_changes_that_change_nothing_real_keep_none(null_run):
 def test_margins_are_recorded_in_noise_units(null_run):
     _, rows = null_run
     for r in rows:
-        if r.kind == "candidate":
+        if r.kind == "candidate" and r.decision != "duplicate":
             assert r.sigmas == pytest.approx(r.margin / r.noise)
             assert r.sigmas < DEFAULTS.z or "not confirmed" in r.reason
 

@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from nightlab.config import NightlabConfig
 
 PatchFormat = Literal["search_replace", "unified_diff"]
-Decision = Literal["keep", "discard", "crash", "timeout", "invalid", "overrun", "quarantine", "duplicate"]
+Decision = Literal[
+    "keep", "discard", "crash", "timeout", "invalid", "overrun", "quarantine", "duplicate", "aborted"
+]
 
 
 @dataclass
