@@ -155,6 +155,11 @@ class DecideSection(_Section):
         3.0, gt=0, description="how far behind every kept run's curve, in the curve's noise, is hopeless"
     )
     abort_readings: int = Field(3, ge=1, description="hopeless readings in a row that abort a run")
+    abort_against: Literal["kept", "best"] = Field(
+        "kept",
+        description="kept: a run is hopeless behind every kept run's curve, the baseline's included (no "
+        "keep is lost to a slow start); best: behind the best's, which saves more but risks a late gain",
+    )
 
     @field_validator("baseline_runs")
     @classmethod

@@ -34,7 +34,7 @@ def measure_candidate(
             number, what, sha, seed_offset=n, label=label, limit=limit, evaluate_limit=evaluate_limit
         )
 
-    abort = abort_rule(state.kept_curves, state.baseline_curves, state.goal, rule)
+    abort = abort_rule(state.kept_curves, state.best_curves, state.baseline_curves, state.goal, rule)
     first = executor.trial(
         number,
         what,

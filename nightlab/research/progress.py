@@ -86,10 +86,12 @@ class AbortRule:
 
 
 def abort_rule(
-    kept: list[Curve], baseline: list[Curve], goal: Goal, decide: DecideSection
+    kept: list[Curve], best: list[Curve], baseline: list[Curve], goal: Goal, decide: DecideSection
 ) -> AbortRule | None:
-    """The rule for a candidate's first run, or None where there is nothing to judge by: early abort off,
-    no kept curve, or fewer than two baseline curves to measure the noise with."""
+    """The rule for a candidate's first run, judged against the `kept` curves or the `best`'s as
+    `decide.abort_against` says, or None where there is nothing to judge by: early abort off, no such
+    curve, or fewer than two baseline curves to measure the noise with."""
+    kept = kept if decide.abort_against == "kept" else best
     if not decide.early_abort or not kept:
         return None
     noise = curve_noise(baseline, decide.abort_after)

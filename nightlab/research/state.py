@@ -54,6 +54,7 @@ class LoopState:
     evaluate_limit: float | None = None  # and its evaluation (see `evaluate_limit`)
     baseline_curves: list[list[list[float]]] = field(default_factory=list)  # progress of the baseline runs
     kept_curves: list[list[list[float]]] = field(default_factory=list)  # and of every kept run
+    best_curves: list[list[list[float]]] = field(default_factory=list)  # and of the best's first runs
     experiments: int = 0  # candidates recorded, whatever their decision
     keeps: int = 0
     since_keep: int = 0  # candidates recorded since the last keep (or since the baseline)
@@ -103,6 +104,9 @@ def from_journal(
             r.curve for r in records if r.kind == "baseline" and r.decision == "keep" and r.curve
         ],
         kept_curves=[r.curve for r in records if r.decision == "keep" and r.curve],
+        best_curves=[
+            r.curve for r in records if r.decision == "keep" and r.commit_sha == best_commit and r.curve
+        ],
         experiments=len(candidates),
         keeps=len(kept),
         since_keep=since_last_keep(candidates),

@@ -11,42 +11,13 @@ from nightlab.research.loop import ResearchLoop, RunOptions
 from tests.research.loop_workspace import make_workspace, replace_block
 
 BUDGET = 2.0
-READINGS = 10
-# The quadratic toy's train.py, "training" for the budget: ten progress readings that fall towards the
-# loss its knobs will score, with seeded noise, then the knobs for the harness.
-TRAIN = f'''"""Knobs for the quadratic harness, with a progress curve on the way."""
-
-import json
-import os
-import random
-import time
-from pathlib import Path
-
-LEARNING_RATE = 0.3
-WIDTH = 4
-PRINTED = None
-MOMENTUM = 0.5
-SEED = 42
-OPTIMUM = {{"LEARNING_RATE": 0.05, "WIDTH": 16.0, "MOMENTUM": 0.9}}
-SCALE = {{"LEARNING_RATE": 0.1, "WIDTH": 8.0, "MOMENTUM": 0.2}}
-
-
-def main():
-    seed = SEED + int(os.environ.get("NIGHTLAB_SEED_OFFSET", "0"))
-    rng = random.Random(seed)
-    knobs = {{"LEARNING_RATE": LEARNING_RATE, "WIDTH": WIDTH, "MOMENTUM": MOMENTUM}}
-    bowl = sum(((knobs[k] - OPTIMUM[k]) / SCALE[k]) ** 2 for k in OPTIMUM)
-    for i in range({READINGS}):
-        time.sleep({BUDGET} / {READINGS})
-        loss = bowl + 10.0 * (1 - i / {READINGS}) + rng.gauss(0.0, 0.05)
-        print(f"step {{i}} | loss {{loss if PRINTED is None else PRINTED:.4f}}", flush=True)
-    Path("run").mkdir(exist_ok=True)
-    Path("run/model.json").write_text(json.dumps({{"knobs": knobs, "seed": seed}}))
-
-
-if __name__ == "__main__":
-    main()
-'''
+READINGS = 10  # the quadratic template's simulated training prints ten progress readings
+# The line of the template's simulated training that prints its progress, and a liar's version of it.
+PROGRESSING = "{loss(knobs, seed, 'val') + 10.0 * (1 - step / steps):.4f}"
+LIAR = replace_block(
+    f'    print(f"step {{step}} | loss {PROGRESSING}", flush=True)',
+    '    print(f"step {step} | loss 0.0", flush=True)',
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +25,18 @@ def abort_run(tmp_path_factory):
     root = make_workspace(
         tmp_path_factory.mktemp("abort"),
         config={
-            "experiment": {"budget_seconds": BUDGET, "timeout_seconds": 60.0},
+            "experiment": {
+                "budget_seconds": BUDGET,
+                "timeout_seconds": 60.0,
+                "env": {"QUADRATIC_WORK_SECONDS": str(0.9 * BUDGET)},
+            },
             "metric": {"progress": "loss"},
             "decide": {"baseline_runs": 2},
         },
-        files={"train.py": TRAIN},
         patches={
             "1.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 1.0", description="raise the LR"),
             "2.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05", description="lower the LR"),
-            "3.md": replace_block(
-                "WIDTH = 4\nPRINTED = None",
-                "WIDTH = 1\nPRINTED = 0.0",
-                description="narrow, printing a great loss",
-            ),
+            "3.md": replace_block("WIDTH = 4", "WIDTH = 1", description="narrow, print 0 loss") + LIAR,
         },
     )
     ResearchLoop(root, RunOptions(tag="a", proposer="replay")).run_loop()
@@ -95,6 +65,6 @@ def test_a_good_change_runs_its_budget_and_is_kept(abort_run):
 
 def test_printed_progress_never_helps_bad_code_be_kept(abort_run):
     rows, _ = abort_run
-    liar = rows["narrow, printing a great loss"]
+    liar = rows["narrow, print 0 loss"]
     assert liar.decision == "discard" and liar.metric is not None
     assert all(value == 0.0 for _, value in liar.curve)

@@ -16,11 +16,21 @@ MOMENTUM = 0.5
 SEED = 42
 
 
+def simulate_training(knobs: dict, seed: int, seconds: float, steps: int = 10) -> None:
+    """Sleep `seconds` in `steps`, printing a loss that falls towards what these knobs will score (the
+    harness's own loss), so that demos and benchmarks get a realistic duration and a progress curve."""
+    from evaluate import loss
+
+    for step in range(steps):
+        time.sleep(seconds / steps)
+        print(f"step {step} | loss {loss(knobs, seed, 'val') + 10.0 * (1 - step / steps):.4f}", flush=True)
+
+
 def main() -> None:
     seed = SEED + int(os.environ.get("NIGHTLAB_SEED_OFFSET", "0"))
-    # Simulated work, so demos and benchmarks can give each experiment a realistic duration.
-    time.sleep(float(os.environ.get("QUADRATIC_WORK_SECONDS", "0")))
     knobs = {"LEARNING_RATE": LEARNING_RATE, "WIDTH": WIDTH, "MOMENTUM": MOMENTUM}
+    if work := float(os.environ.get("QUADRATIC_WORK_SECONDS", "0")):
+        simulate_training(knobs, seed, work)
     out = Path("run")
     out.mkdir(exist_ok=True)
     (out / "model.json").write_text(json.dumps({"knobs": knobs, "seed": seed}))
