@@ -185,7 +185,7 @@ def report(
                 journal.close()
             ResearchLoop(workspace, RunOptions(tag=run.tag), observer=make_view()).final_heldout()
         files = build_report(workspace, tag, out)
-        written = [files.report, files.plot, files.tsv]
+        written = [files.report, files.plot, files.tsv, *([files.curves] if files.curves else [])]
         if as_json:
             journal = Journal.for_workspace(workspace)
             try:

@@ -85,3 +85,35 @@ def plot_progress(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_curves(experiments: Sequence[Experiment], progress_name: str, path: Path) -> Path | None:
+    """curves.png: the training progress of every run that printed some (`metric.progress`), against the
+    fraction of the budget spent: kept runs green, aborted ones red, the rest grey. None when no run has a
+    curve."""
+    with_curves = [e for e in experiments if e.curve]
+    if not with_curves:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
+    styles = {
+        "keep": {"color": "#1a9641", "linewidth": 1.6, "zorder": 3},
+        "aborted": {"color": "#d7191c", "linewidth": 1.2, "linestyle": "--", "zorder": 2},
+    }
+    labelled: set[str] = set()
+    for e in with_curves:
+        kind = e.decision if e.decision in styles else "other"
+        style = styles.get(kind, {"color": "#9a9a9a", "linewidth": 0.8, "zorder": 1})
+        label = {"keep": "kept", "aborted": "aborted"}.get(kind, "not kept") if kind not in labelled else None
+        labelled.add(kind)
+        ax.plot([f for f, _ in e.curve], [v for _, v in e.curve], label=label, **style)
+    ax.set_xlabel("fraction of the training budget")
+    ax.set_ylabel(progress_name)
+    ax.set_title(f"nightlab: training progress of {len(with_curves)} runs")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

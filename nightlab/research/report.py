@@ -17,7 +17,7 @@ from nightlab.config import NightlabConfig
 from nightlab.errors import NightlabError
 from nightlab.research import decide
 from nightlab.research.journal import STATE_DIR, Experiment, HeldoutResult, Journal, Run
-from nightlab.research.plots import plot_progress
+from nightlab.research.plots import plot_curves, plot_progress
 from nightlab.research.safe_text import terminal_safe
 from nightlab.research.state import LoopState, from_journal, plateaus
 
@@ -31,6 +31,7 @@ class ReportFiles:
     report: Path
     plot: Path
     tsv: Path
+    curves: Path | None = None  # training progress, when metric.progress gave the runs curves
 
 
 def find_run(journal: Journal, tag: str | None) -> Run:
@@ -194,7 +195,8 @@ def plateau_lines(candidates: Sequence[Experiment], config: NightlabConfig) -> l
 
 
 def build_report(root: Path, tag: str | None = None, out: Path | None = None) -> ReportFiles:
-    """Write report.md, progress.png and results.tsv for a run (default: the latest) into `out`."""
+    """Write report.md, progress.png, results.tsv and, where runs have progress curves, curves.png for a run
+    (default: the latest) into `out`."""
     root = Path(root).resolve()
     if not (root / STATE_DIR / "journal.sqlite").is_file():
         raise ReportError(f"{root} has no nightlab journal yet; start with `nightlab run`")
@@ -208,13 +210,14 @@ def build_report(root: Path, tag: str | None = None, out: Path | None = None) ->
         config = NightlabConfig.model_validate(run.config)
         state = from_journal(LoopState(), records, run.base_commit, config.experiment)
         plot = plot_progress(records, run.metric_name, config.metric.goal, out / "progress.png", state.noise)
+        curves = plot_curves(records, config.metric.progress or "progress", out / "curves.png")
         tsv = journal.export_tsv(out / "results.tsv", run.id)
-        text = _markdown(run, config, records, journal.heldout(run.id), state)
+        text = _markdown(run, config, records, journal.heldout(run.id), state, curves is not None)
         report = out / "report.md"
         report.write_text(text, encoding="utf-8")
     finally:
         journal.close()
-    return ReportFiles(report, plot, tsv)
+    return ReportFiles(report, plot, tsv, curves)
 
 
 def _markdown(
@@ -223,6 +226,7 @@ def _markdown(
     records: list[Experiment],
     heldout: list[HeldoutResult],
     state: LoopState,
+    with_curves: bool = False,
 ) -> str:
     goal, name, noise = config.metric.goal, run.metric_name, state.noise
     candidates = [r for r in records if r.kind == "candidate"]
@@ -252,6 +256,7 @@ def _markdown(
         "",
         "![progress](progress.png)",
         "",
+        *(["## Training progress", "", "![training progress](curves.png)", ""] if with_curves else []),
         "## Kept changes",
         "",
     ]

@@ -8,6 +8,7 @@ import pytest
 
 from nightlab.research.journal import Journal
 from nightlab.research.loop import ResearchLoop, RunOptions
+from nightlab.research.report import build_report
 from tests.research.loop_workspace import make_workspace, replace_block
 
 BUDGET = 2.0
@@ -44,11 +45,11 @@ def abort_run(tmp_path_factory):
     rows = journal.experiments(journal.find_run("a").id)
     journal.close()
     baselines = [r for r in rows if r.kind == "baseline"]
-    return {r.description: r for r in rows if r.kind == "candidate"}, baselines
+    return {r.description: r for r in rows if r.kind == "candidate"}, baselines, root
 
 
 def test_a_hopeless_run_is_stopped_early_with_its_curve(abort_run):
-    rows, baselines = abort_run
+    rows, baselines, _ = abort_run
     assert all(len(b.curve) == READINGS for b in baselines)
     raised = rows["raise the LR"]
     assert raised.decision == "aborted" and raised.metric is None, raised.reason
@@ -58,13 +59,20 @@ def test_a_hopeless_run_is_stopped_early_with_its_curve(abort_run):
 
 
 def test_a_good_change_runs_its_budget_and_is_kept(abort_run):
-    rows, _ = abort_run
+    rows, _, _ = abort_run
     lower = rows["lower the LR"]
     assert lower.decision == "keep" and len(lower.curve) == READINGS
 
 
+def test_the_report_draws_the_curves(abort_run, tmp_path):
+    _, _, root = abort_run
+    files = build_report(root, "a", tmp_path)
+    assert files.curves is not None and files.curves.stat().st_size > 10_000
+    assert "![training progress](curves.png)" in files.report.read_text()
+
+
 def test_printed_progress_never_helps_bad_code_be_kept(abort_run):
-    rows, _ = abort_run
+    rows, _, _ = abort_run
     liar = rows["narrow, print 0 loss"]
     assert liar.decision == "discard" and liar.metric is not None
     assert all(value == 0.0 for _, value in liar.curve)
