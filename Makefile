@@ -24,6 +24,11 @@ system-packages:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && apt-get install -y -qq bubblewrap) >/dev/null 2>&1 || echo "warning: could not install bubblewrap"; \
 	  else echo "note: install bubblewrap (e.g. 'sudo apt-get install bubblewrap') to sandbox experiments"; fi; }
+	@# chromium: the browser the dashboard's tests drive (Playwright cannot download its own offline).
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 || echo "warning: could not install chromium"; \
+	  else echo "note: install chromium (e.g. 'sudo apt-get install chromium') to run the dashboard's browser tests"; fi; }
 
 setup: system-packages $(BIN)/nightlab
 

@@ -199,6 +199,25 @@ def report(
     typer.echo("\n".join(f"wrote {path}" for path in written))
 
 
+@app.command()
+def dashboard(
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8765, help="Port to listen on."),
+    workspace: Path = WORKSPACE_OPTION,
+) -> None:
+    """Serve a web dashboard of the workspace's runs: live status, experiments, progress, diffs and logs."""
+    import uvicorn
+
+    from nightlab.web.app import create_dashboard_app
+
+    try:
+        app_ = create_dashboard_app(workspace)
+    except NightlabError as exc:
+        _fail(exc)
+    typer.echo(f"nightlab dashboard of {workspace.resolve()} on http://{host}:{port}/ (Ctrl-C stops it)")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 # --- training service commands: serve, models ---
 @app.command()
 def serve(

@@ -1,0 +1,1 @@
+"""The dashboard: a run's status, experiments, progress, diffs and logs as web pages."""
