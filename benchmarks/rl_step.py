@@ -28,12 +28,12 @@ from nightlab.recipes.rl import RLConfig, RLRun, group_advantages, trains_on
 from nightlab.train.api.background import BackgroundServer, serve_in_thread
 
 
-def start_service(data_dir: Path) -> BackgroundServer:
+def start_service(data_dir: Path, model: str) -> BackgroundServer:
     from nightlab.train.api.app import create_app
     from nightlab.train.engine import Engine
     from nightlab.train.settings import ServeSettings
 
-    settings = ServeSettings(data_dir=data_dir, device="cpu", api_keys=["tml-bench"])
+    settings = ServeSettings(data_dir=data_dir, device="cpu", api_keys=["tml-bench"], allowed_models=[model])
     return serve_in_thread(create_app(settings, Engine(data_dir, device="cpu", show_progress=False)))
 
 
@@ -168,7 +168,7 @@ def main() -> None:
             model = args.model
         else:
             parser.error("pass --model DIR (see `nightlab models list`) or --tiny")
-        with start_service(Path(tmp) / "serve") as background:
+        with start_service(Path(tmp) / "serve", model) as background:
             cfg = RLConfig(
                 background.url,
                 model,

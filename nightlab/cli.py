@@ -243,6 +243,17 @@ def serve(
     preload: Annotated[
         list[str] | None, typer.Option("--preload", help="A base model to load before serving, repeatable.")
     ] = None,
+    allow_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-model",
+            help="A model directory or hub id clients may also name, repeatable (besides the prepared models "
+            "and the preloads; nothing else is ever opened for a client).",
+        ),
+    ] = None,
+    max_loaded_bases: int = typer.Option(
+        2, min=1, help="Base models kept in memory; the least recently used idle one is unloaded past it."
+    ),
 ) -> None:
     """Serve the Tinker training API (/api/v1) and an OpenAI-compatible API (/v1): LoRA fine-tuning here."""
     from nightlab.train.api.app import serve as run_service
@@ -254,6 +265,8 @@ def serve(
             device=device,
             api_keys=[*(api_key or []), *keys_from_env()],
             preload=preload or [],
+            allowed_models=allow_model or [],
+            max_loaded_bases=max_loaded_bases,
             host=host,
             port=port,
         )

@@ -2,13 +2,17 @@
 
 A path reads `tinker://<training_run_id>/weights/<name>` (adapter + optimizer state, to resume training) or
 `tinker://<training_run_id>/sampler_weights/<name>` (adapter only, to sample). The database lets a restarted
-server list and load everything it saved. Writes are atomic: a checkpoint is written to a temporary directory
-and renamed into place, so a crash or Ctrl-C never leaves a half-written checkpoint under a real name.
+server list and load everything it saved. Writes are atomic and durable: a checkpoint is written to a
+temporary directory, flushed to disk, renamed into place and recorded, so a crash, Ctrl-C or power loss never
+leaves a half-written checkpoint under a real name. At start every recorded checkpoint is checked against its
+files; one whose files are gone or changed is logged, listed with `files_missing`, and refused on load with a
+clear error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,11 +28,16 @@ from typing import Any, Literal
 
 from nightlab.train.errors import UserError
 
+logger = logging.getLogger(__name__)
+
 SCHEME = "tinker://"
 Kind = Literal["training", "sampler"]
 SEGMENT_OF_KIND: dict[Kind, str] = {"training": "weights", "sampler": "sampler_weights"}
 KIND_OF_SEGMENT: dict[str, Kind] = {v: k for k, v in SEGMENT_OF_KIND.items()}
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # use .match; \Z, as $ lets a final newline in
+MAX_TTL_S = 10 * 365 * 24 * 3600  # ten years: any longer is "forever", which is leaving ttl_seconds out
+MAX_PAGE_LIMIT = 10_000
+MAX_PAGE_OFFSET = 2**31 - 1
 _TEMP_PREFIX = ".tmp-"
 
 _SCHEMA = """
@@ -77,6 +86,7 @@ class Checkpoint:
     size_bytes: int
     user_metadata: dict[str, str] | None
     expires_at: float | None
+    missing: str | None = None  # what is wrong with its files, if they are gone or changed since it was saved
 
     @property
     def tinker_path(self) -> str:
@@ -93,6 +103,7 @@ class Checkpoint:
             "public": False,
             "user_metadata": self.user_metadata,
             "expires_at": iso(self.expires_at),
+            "files_missing": self.missing is not None,  # nightlab's own field; SDKs ignore it
         }
 
 
@@ -107,8 +118,52 @@ def parse_path(tinker_path: str) -> tuple[str, Kind, str]:
     return parts[0], KIND_OF_SEGMENT[parts[1]], f"{parts[1]}/{parts[2]}"
 
 
+def check_new_checkpoint(name: str, ttl_seconds: int | None) -> None:
+    """Refuse a checkpoint name or lifetime that cannot be stored, before anything is written."""
+    if not NAME_RE.match(name):
+        raise UserError(f"invalid checkpoint name {name!r}: use letters, digits, '.', '_' or '-' (max 128)")
+    if ttl_seconds is not None and not 1 <= ttl_seconds <= MAX_TTL_S:
+        raise UserError(
+            f"ttl_seconds must be between 1 and {MAX_TTL_S} (ten years), got {ttl_seconds}; "
+            "leave it out to keep the checkpoint until it is deleted"
+        )
+
+
+def check_page(limit: int, offset: int) -> None:
+    """Refuse a listing page the database cannot express, saying which values are allowed."""
+    if not 1 <= limit <= MAX_PAGE_LIMIT:
+        raise UserError(f"limit must be between 1 and {MAX_PAGE_LIMIT}, got {limit}")
+    if not 0 <= offset <= MAX_PAGE_OFFSET:
+        raise UserError(f"offset must be between 0 and {MAX_PAGE_OFFSET}, got {offset}")
+
+
 def _dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _damage(directory: Path, size_bytes: int) -> str | None:
+    """What is wrong with a saved checkpoint's files (a directory is never changed once saved), or None."""
+    if not directory.is_dir():
+        return f"its directory {directory} is missing"
+    size = _dir_size(directory)
+    if size != size_bytes:
+        return f"its files in {directory} hold {size} bytes, not the {size_bytes} it was saved with"
+    return None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a directory opens read-only too, and fsync flushes its entries
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root`, deepest first, then `root` itself."""
+    for path in sorted(root.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        _fsync(path)
+    _fsync(root)
 
 
 class CheckpointStore:
@@ -121,6 +176,8 @@ class CheckpointStore:
         self._db = open_db(Path(data_dir) / "service.db")
         self._db.executescript(_SCHEMA)
         self._sweep()
+        self._damaged: dict[tuple[str, str], str] = {}  # (run_id, checkpoint_id) -> what is wrong
+        self._verify()
 
     def _sweep(self) -> None:
         """Remove what an interrupted save left, and the previous process's ephemeral sampler weights."""
@@ -131,6 +188,26 @@ class CheckpointStore:
         for directory in self.root.glob("*/*/*") if self.root.is_dir() else []:
             if str(directory.relative_to(self.root)) not in known:
                 shutil.rmtree(directory, ignore_errors=True)
+
+    def _verify(self) -> None:
+        """Check every recorded checkpoint against its files: what a crash, a full disk or a hand took away
+        is named now, in the log, rather than failing a load later."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT run_id, checkpoint_id, directory, size_bytes FROM checkpoints"
+            ).fetchall()
+        for run_id, checkpoint_id, directory, size_bytes in rows:
+            problem = _damage(self.root / directory, size_bytes)
+            if problem is not None:
+                self._damaged[(run_id, checkpoint_id)] = problem
+                logger.warning(
+                    "checkpoint %s%s/%s: %s; it is listed with files_missing and refused on load until its "
+                    "files are restored or it is deleted",
+                    SCHEME,
+                    run_id,
+                    checkpoint_id,
+                    problem,
+                )
 
     # --- training runs ---
     def add_run(
@@ -176,6 +253,7 @@ class CheckpointStore:
     def runs(
         self, owner: str, limit: int = 20, offset: int = 0, session_id: str | None = None
     ) -> tuple[list[TrainingRun], int]:
+        check_page(limit, offset)
         where, args = "owner=?", [owner]
         if session_id is not None:
             where, args = where + " AND session_id=?", [*args, session_id]
@@ -207,6 +285,14 @@ class CheckpointStore:
         run = self.run(run_id, owner)
         for ckpt in self.checkpoints(run_id, owner):
             if ckpt.checkpoint_id == checkpoint_id:
+                problem = ckpt.missing or _damage(ckpt.directory, ckpt.size_bytes)  # may be gone since start
+                if problem is not None:
+                    self._damaged[(run_id, checkpoint_id)] = problem
+                    raise UserError(
+                        f"checkpoint {tinker_path} cannot be loaded: {problem}; restore its files, "
+                        "or delete it (RestClient.delete_checkpoint_from_tinker_path)",
+                        410,
+                    )
                 return run, ckpt
         raise UserError(
             f"no checkpoint {tinker_path!r}; list them with RestClient.list_checkpoints({run_id!r})", 404
@@ -217,9 +303,21 @@ class CheckpointStore:
         return self._select("run_id=?", [run_id])
 
     def user_checkpoints(self, owner: str, limit: int = 100, offset: int = 0) -> tuple[list[Checkpoint], int]:
+        check_page(limit, offset)
         where = "run_id IN (SELECT run_id FROM training_runs WHERE owner=?)"
         everything = self._select(where, [owner])
         return everything[offset : offset + limit], len(everything)
+
+    def count(self, owner: str, besides: tuple[str, Kind, str] | None = None) -> int:
+        """How many checkpoints `owner` holds, not counting `besides` (run_id, kind, name): one that a save
+        under that name would replace."""
+        where, args = "run_id IN (SELECT run_id FROM training_runs WHERE owner=?)", [owner]
+        if besides is not None:
+            run_id, kind, name = besides
+            where += " AND NOT (run_id=? AND checkpoint_id=?)"
+            args += [run_id, f"{SEGMENT_OF_KIND[kind]}/{name}"]
+        with self._lock:
+            return self._db.execute(f"SELECT COUNT(*) FROM checkpoints WHERE {where}", args).fetchone()[0]
 
     def _select(self, where: str, args: list[Any]) -> list[Checkpoint]:
         self._expire()
@@ -237,6 +335,7 @@ class CheckpointStore:
                 size_bytes=r["size_bytes"],
                 user_metadata=json.loads(r["user_metadata"]) if r["user_metadata"] else None,
                 expires_at=r["expires_at"],
+                missing=self._damaged.get((r["run_id"], r["checkpoint_id"])),
             )
             for r in rows
         ]
@@ -271,10 +370,7 @@ class CheckpointStore:
         retires the one it replaces, so readers (and the engine's cache of adapters by path) never see a
         directory change under them.
         """
-        if not NAME_RE.match(name):
-            raise UserError(
-                f"invalid checkpoint name {name!r}: use letters, digits, '.', '_' or '-' (max 128)"
-            )
+        check_new_checkpoint(name, ttl_seconds)
         self.run(run_id, owner)
         checkpoint_id = f"{SEGMENT_OF_KIND[kind]}/{name}"
         with self._lock:
@@ -288,13 +384,7 @@ class CheckpointStore:
             )
         relative = Path(run_id.replace(":", "_")) / SEGMENT_OF_KIND[kind] / f"{name}.{uuid.uuid4().hex[:8]}"
         final = self.root / relative
-        tmp = final.with_name(_TEMP_PREFIX + final.name)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            write(tmp)
-            tmp.rename(final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        self._write_in_place(write, final)
         now = time.time()
         ckpt = Checkpoint(
             run_id=run_id,
@@ -320,9 +410,24 @@ class CheckpointStore:
                     ckpt.expires_at,
                 ),
             )
+        self._damaged.pop((run_id, checkpoint_id), None)
         if previous:
             shutil.rmtree(self.root / previous["directory"], ignore_errors=True)
         return ckpt
+
+    def _write_in_place(self, write: Callable[[Path], None], final: Path) -> None:
+        """Write beside `final`, flush to disk, then rename into place: contents reach the disk before the
+        name that publishes them, and the rename (and any new directory above it) right after."""
+        tmp = final.with_name(_TEMP_PREFIX + final.name)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write(tmp)
+            _fsync_tree(tmp)
+            tmp.rename(final)
+            for directory in (final.parent, final.parent.parent, self.root):
+                _fsync(directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def delete(self, run_id: str, checkpoint_id: str, owner: str) -> None:
         ckpt = next((c for c in self.checkpoints(run_id, owner) if c.checkpoint_id == checkpoint_id), None)
@@ -332,6 +437,7 @@ class CheckpointStore:
             self._db.execute(
                 "DELETE FROM checkpoints WHERE run_id=? AND checkpoint_id=?", (run_id, checkpoint_id)
             )
+        self._damaged.pop((run_id, checkpoint_id), None)
         shutil.rmtree(ckpt.directory, ignore_errors=True)
 
     def ephemeral_dir(self, model_id: str) -> Path:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -65,9 +66,11 @@ class Engine:
         self.device = (hardware.accelerator() or "cpu") if device == "auto" else device
         self.precision = precision
         self.show_progress = show_progress
-        self._bases: dict[str, LoadedBase] = {}
+        self._bases: OrderedDict[str, LoadedBase] = OrderedDict()  # least recently used first
         self._adapters: dict[str, Adapter | None] = {}  # None: id reserved while its adapter is built
         self._lock = threading.Lock()  # guards the two dicts above and the load locks
+        self._catalog: models.ModelCatalog | None = None  # None: any local model or hub id (library use)
+        self.max_loaded_bases: int | None = None  # None: never unload a base
         self._load_locks: dict[str, threading.Lock] = {}
         self._slots = itertools.count()
         self._sample_calls = 0
@@ -77,8 +80,20 @@ class Engine:
 
     # -- models --
 
+    def serve_only(self, allowed: Iterable[str], max_loaded_bases: int | None = None) -> None:
+        """From now on take only servable model names: the prepared models, `allowed`, and the bases loaded so
+        far (a server's preloads). Keep at most `max_loaded_bases` bases in memory."""
+        with self._lock:
+            loaded = list(self._bases)
+        self._catalog = models.ModelCatalog(self.data_dir, [*allowed, *loaded])
+        self.max_loaded_bases = max_loaded_bases
+        with self._lock:
+            self._evict_idle()
+
     def _resolve(self, name: str) -> models.ResolvedModel:
         try:
+            if self._catalog is not None:
+                return self._catalog.find(name)
             return models.resolve(name, self.data_dir)
         except models.UnknownModelError as error:
             raise EngineError(str(error)) from None
@@ -87,6 +102,7 @@ class Engine:
         resolved = self._resolve(name)
         with self._lock:
             if resolved.name in self._bases:
+                self._bases.move_to_end(resolved.name)
                 return self._bases[resolved.name]
             load_lock = self._load_locks.setdefault(resolved.name, threading.Lock())
         with load_lock:
@@ -96,7 +112,25 @@ class Engine:
             base = self._load_base(name, resolved)
             with self._lock:
                 self._bases[resolved.name] = base
+                self._evict_idle()
             return base
+
+    def _evict_idle(self) -> None:
+        """Unload the least recently used bases past `max_loaded_bases`, never the newest nor one that
+        training clients use; work already running on an evicted base finishes on it, and the next request
+        loads it again. The caller holds `_lock`."""
+        if self.max_loaded_bases is None:
+            return
+        newest = next(reversed(self._bases), None)
+        in_use = {adapter.base.info.name for adapter in self._adapters.values() if adapter is not None}
+        idle = [name for name in self._bases if name not in in_use and name != newest]
+        for name in idle[: len(self._bases) - self.max_loaded_bases]:
+            del self._bases[name]
+
+    def loaded(self) -> list[str]:
+        """Names of the bases in memory, least recently used first."""
+        with self._lock:
+            return list(self._bases)
 
     def _load_base(self, name: str, resolved: models.ResolvedModel) -> LoadedBase:
         try:
@@ -117,10 +151,11 @@ class Engine:
         return LoadedBase(info, model, tokenizer, self.device, autocast, lora_targets(model))
 
     def models(self) -> list[ModelInfo]:
-        """Servable base models: the loaded ones and every prepared one, without loading weights."""
+        """Servable base models: the loaded ones and every prepared or allowed one, without loading them."""
         with self._lock:
             infos = {name: base.info for name, base in self._bases.items()}
-        for resolved in models.list_prepared(self.data_dir):
+        servable = self._catalog.servable().values() if self._catalog else models.list_prepared(self.data_dir)
+        for resolved in servable:
             if resolved.name in infos:
                 continue
             arch, context = models.describe(resolved)
@@ -186,6 +221,7 @@ class Engine:
             raise
         with self._lock:
             self._adapters[model_id] = adapter
+            self._bases.setdefault(base.info.name, base)  # evicted while the adapter was built: in use again
 
     def adapter_info(self, model_id: str) -> tuple[str, LoraSpec]:
         adapter = self._adapter(model_id)
@@ -197,6 +233,7 @@ class Engine:
             adapter.base.remove_slot(adapter.slot)
         with self._lock:
             self._adapters.pop(model_id, None)
+            self._evict_idle()
 
     # -- training --
 
@@ -350,12 +387,10 @@ class Engine:
         try:
             with base.lock:
                 if adapter_dir is None:
-                    if base.peft is None:
-                        return sampling.generate(base.model, base.tokenizer, requests)
-                    with base.peft.disable_adapter():
-                        return sampling.generate(base.peft, base.tokenizer, requests)
+                    with base.peft.disable_adapter() if base.peft is not None else nullcontext():
+                        return sampling.generate(base.model, base.tokenizer, requests, base.autocast)
                 slot = self._sampler_slot(base, adapter_dir)  # first, as it may wrap the base into base.peft
                 base.peft.set_adapter(slot)
-                return sampling.generate(base.peft, base.tokenizer, requests)
+                return sampling.generate(base.model, base.tokenizer, requests, base.autocast)
         except SamplingInputError as error:
             raise EngineError(str(error)) from None

@@ -24,18 +24,18 @@ TOKENS_PER_MICROBATCH = 4096  # padded tokens per forward; bounds the (tokens x 
 
 
 def pick_autocast(device: str, precision: Precision) -> torch.dtype | None:
-    """bf16 autocast for training where the hardware has fast bf16 matmuls (LoRA weights stay fp32)."""
+    """The autocast of training AND sampling on a base (LoRA weights and logits stay fp32 either way).
+
+    "auto" is bf16 on GPUs with bf16 only. On CPU it is fp32: bf16 would make AMX training ~1.8x faster but
+    sampling slower, and the sampler's logprobs would drift from the trainer's by up to a few tenths of a
+    nat (bf16 rounding on differently shaped matmuls), which RL importance ratios take for a policy change.
+    """
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if kind == "cpu":
-        # AMX tiles make bf16 matmuls several times faster than fp32 on CPU; without them autocast only costs.
-        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        return torch.bfloat16 if amx() else None
+    if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
     return None
 
 
@@ -115,22 +115,29 @@ def microbatches(data: list[Checked]) -> Iterator[list[int]]:
 # --- running the model ---
 
 
-def logits(base: LoadedBase, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """fp32 logits; under autocast only the transformer body runs in bf16, the unembedding stays fp32 so
-    target logprobs (and importance ratios built on them) stay accurate."""
-    model = base.peft.get_base_model()
-    device_type = torch.device(base.device).type
-    autocast = torch.autocast(device_type, dtype=base.autocast) if base.autocast else nullcontext()
+def causal_logits(
+    model, autocast: torch.dtype | None, *, keep: int = 0, **inputs: Any
+) -> tuple[torch.Tensor, Any]:
+    """fp32 logits of the last `keep` positions (all when 0), and the KV cache when `inputs` ask for one.
+
+    Training and sampling both score tokens here, so a sampler and its trainer agree on the same weights (RL
+    importance ratios compare the two). Under autocast only the transformer body runs in bf16; the
+    unembedding stays fp32 so target logprobs stay accurate. `model` is the HF model, LoRA layers included.
+    """
+    autocast_ctx = (
+        torch.autocast(model.device.type, dtype=autocast) if autocast is not None else nullcontext()
+    )
     config = model.config
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
-        with autocast:  # the head is more than a matmul here: let the model apply it
-            output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return output.logits.float()
+        with autocast_ctx:  # the head is more than a matmul here: let the model apply it
+            output = model(**inputs, logits_to_keep=keep)
+        return output.logits.float(), output.past_key_values
     body = getattr(model, model.base_model_prefix)
-    with autocast:
-        output = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    with autocast_ctx:
+        output = body(**inputs)
     head = model.get_output_embeddings()
-    return head(output.last_hidden_state.to(head.weight.dtype)).float()
+    hidden = output.last_hidden_state[:, -keep:]
+    return head(hidden.to(head.weight.dtype)).float(), output.past_key_values
 
 
 def target_logprobs(base: LoadedBase, batch: list[Checked]) -> list[torch.Tensor]:
@@ -146,7 +153,13 @@ def target_logprobs(base: LoadedBase, batch: list[Checked]) -> list[torch.Tensor
         attention_mask[row, :size] = 1
         target = torch.from_numpy(datum.targets)
         targets[row, :size, : (1 if target.dim() == 1 else target.shape[1])] = target.view(size, -1)
-    scores = logits(base, input_ids.to(base.device), attention_mask.to(base.device))
+    scores, _ = causal_logits(
+        base.model,
+        base.autocast,
+        input_ids=input_ids.to(base.device),
+        attention_mask=attention_mask.to(base.device),
+        use_cache=False,
+    )
     targets = targets.to(base.device)
     if width == 1:  # one target per position: the fused kernel, about a third faster than gather - logsumexp
         flat = F.cross_entropy(scores.flatten(0, 1), targets.flatten(), reduction="none")

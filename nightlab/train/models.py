@@ -2,7 +2,7 @@
 
 The served name of every local model is its directory path, because clients (the Tinker cookbook among them)
 load the tokenizer with `AutoTokenizer.from_pretrained(model_name)`: a path works offline on the same machine,
-a bare alias does not.
+a bare alias does not. A server takes client names through `ModelCatalog` only: the models it serves.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
@@ -123,6 +123,49 @@ def list_prepared(data_dir: Path) -> list[ResolvedModel]:
     if not (root / SMOLLM2_DIRNAME).is_dir() and smollm2_gguf_dir() is not None:
         found.append(resolve("smollm2", data_dir))
     return found
+
+
+class ModelCatalog:
+    """The models a server serves: those prepared under the data dir, plus the names its operator allowed.
+
+    A client's name is only matched against this set, never opened as a path or fetched from the hub: the
+    refusal reads the same whether or not a directory of that name exists, and nothing is downloaded that the
+    operator did not prepare or allow. Prepared models are looked up on each call, so one prepared while the
+    server runs is served at once.
+    """
+
+    def __init__(self, data_dir: Path, allowed: Iterable[str] = ()) -> None:
+        self.data_dir = Path(data_dir)
+        # the operator's names may be resolved freely (errors say why one is unusable)
+        self._allowed = {model.name: model for model in (resolve(name, self.data_dir) for name in allowed)}
+
+    def servable(self) -> dict[str, ResolvedModel]:
+        """Every servable model by its served name: prepared ones first, then the allowed ones."""
+        return {m.name: m for m in list_prepared(self.data_dir)} | self._allowed
+
+    def find(self, name: str) -> ResolvedModel:
+        """The servable model `name` refers to (a served name, a prepared name or alias, a path to a servable
+        directory); refuses anything else with one message that lists what is served."""
+        servable = self.servable()
+        for candidate in _spellings(name, self.data_dir):
+            if candidate in servable:
+                return servable[candidate]
+        listed = ", ".join(servable) or "none yet (`nightlab models prepare smollm2` adds one)"
+        raise UnknownModelError(f"model {name[:200]!r} is not served here; served models: {listed}")
+
+
+def _spellings(name: str, data_dir: Path) -> list[str]:
+    """The served names `name` may stand for, computed without asking the file system whether it exists."""
+    name = name.strip()
+    if not name:
+        return []
+    spellings = [name, SMOLLM2_HUB_ID] if name.lower() in SMOLLM2_ALIASES else [name]
+    for path in (models_dir(data_dir) / _prepared_dirname(name), Path(name).expanduser()):
+        try:  # resolve() follows symlinks where they exist and never fails on a missing path
+            spellings.append(str(path.resolve()))
+        except (OSError, RuntimeError, ValueError):  # a symlink loop, an unknown ~user, a NUL byte
+            continue
+    return spellings
 
 
 # --- metadata without loading weights ---

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from nightlab.train.errors import UserError
+
 Precision = Literal["auto", "fp32", "bf16"]
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 
 
 @dataclass
@@ -18,15 +22,35 @@ class LoraSpec:
     train_attn: bool = True
     train_unembed: bool = True
 
+    def __post_init__(self) -> None:
+        low, high = SEED_RANGE
+        if self.seed is not None and not low <= self.seed <= high:
+            raise UserError(f"LoRA seed must be between {low} and {high}, got {self.seed}")
+
 
 @dataclass
 class AdamParams:
+    """AdamW settings; refused when not finite or out of range, before they can turn an adapter into NaN."""
+
     learning_rate: float = 1e-4
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-12
     weight_decay: float = 0.0
     grad_clip_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not math.isfinite(value):
+                raise UserError(f"Adam parameter {name} must be a finite number, got {value}")
+        if self.learning_rate < 0 or self.eps < 0 or self.weight_decay < 0:
+            raise UserError(
+                f"Adam learning_rate, eps and weight_decay must be >= 0, got {self.learning_rate}, "
+                f"{self.eps} and {self.weight_decay}"
+            )
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"Adam {name} must be in [0, 1), got {getattr(self, name)}")
 
 
 @dataclass

@@ -18,6 +18,7 @@ count it. EOS stops a sequence unless `stop_at_eos` is False (Tinker's `stop=[]`
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections import deque
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from nightlab.train.errors import SamplingInputError
+from nightlab.train.forward import causal_logits
 
 MAX_BATCH_ROWS = 64  # sequences decoded together; larger request sets run in several batches
 
@@ -90,10 +92,14 @@ class SampleResult:
     topk_prompt_logprobs: list[list[tuple[int, float]] | None] | None = None
 
 
-def generate(model, tokenizer, requests: list[SampleRequest]) -> list[SampleResult]:
+def generate(
+    model, tokenizer, requests: list[SampleRequest], autocast: torch.dtype | None = None
+) -> list[SampleResult]:
     """Batched generation over all requests (x num_samples) with the model as-is (adapter already active).
 
-    All requests are validated before any work, so one bad request fails the call without partial results.
+    `autocast` must be what training uses on this model, so that sampled and prompt logprobs are the ones the
+    trainer computes. All requests are validated before any work, so one bad request fails the call without
+    partial results.
     """
     vocab = model.get_input_embeddings().num_embeddings
     max_context = getattr(model.config, "max_position_embeddings", None)
@@ -106,7 +112,7 @@ def generate(model, tokenizer, requests: list[SampleRequest]) -> list[SampleResu
         with torch.inference_mode():
             results: list[SampleResult] = []
             for chunk in _chunks(requests):
-                results.extend(_generate_batch(model, tokenizer, chunk, eos_ids))
+                results.extend(_generate_batch(model, autocast, tokenizer, chunk, eos_ids))
             return results
     finally:
         model.train(was_training)
@@ -405,9 +411,9 @@ def _prompt_scores(
 
 
 def _generate_batch(
-    model, tokenizer, requests: list[SampleRequest], eos_ids: frozenset[int]
+    model, autocast: torch.dtype | None, tokenizer, requests: list[SampleRequest], eos_ids: frozenset[int]
 ) -> list[SampleResult]:
-    device = next(model.parameters()).device
+    device = model.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     width = max(len(r.prompt_tokens) for r in requests)
     ids = torch.full((len(requests), width), pad, dtype=torch.long)
@@ -416,25 +422,29 @@ def _generate_batch(
         ids[i, width - len(r.prompt_tokens) :] = torch.tensor(r.prompt_tokens)
         mask[i, width - len(r.prompt_tokens) :] = 1
     scored = [len(r.prompt_tokens) for r in requests if r.prompt_logprobs or r.topk_prompt_logprobs]
-    out = model(
+    logits, cache = causal_logits(
+        model,
+        autocast,
+        keep=max(scored, default=1),
         input_ids=ids.to(device),
         attention_mask=mask.to(device),
         position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
         use_cache=True,
-        logits_to_keep=max(scored, default=1),
     )
-    prompt_scores = [_prompt_scores(r, out.logits[i]) for i, r in enumerate(requests)]
+    prompt_scores = [_prompt_scores(r, logits[i]) for i, r in enumerate(requests)]
     owner = [i for i, r in enumerate(requests) for _ in range(r.num_samples)]
     seqs = [_Sequence(r, j, eos_ids, tokenizer, width) for r in requests for j in range(r.num_samples)]
-    _decode(model, out.past_key_values, mask, out.logits[:, -1].float().cpu(), owner, seqs, device)
+    step = functools.partial(causal_logits, model, autocast, keep=1, use_cache=True)
+    _decode(step, cache, mask, logits[:, -1].cpu(), owner, seqs, device)
     return [
         SampleResult([s.result() for s, o in zip(seqs, owner, strict=True) if o == i], *scores)
         for i, scores in enumerate(prompt_scores)
     ]
 
 
-def _decode(model, cache, mask: torch.Tensor, last: torch.Tensor, owner: list[int], seqs, device) -> None:
-    """The decode loop: one forward per step over the sequences still running."""
+def _decode(step, cache, mask: torch.Tensor, last: torch.Tensor, owner: list[int], seqs, device) -> None:
+    """The decode loop: one forward per step (`step`, which returns logits and the cache) over the sequences
+    still running."""
     index = torch.tensor(owner)
     cache.batch_select_indices(index.to(device))
     mask, last = mask[index], last[index]
@@ -459,12 +469,11 @@ def _decode(model, cache, mask: torch.Tensor, last: torch.Tensor, owner: list[in
             active = [active[i] for i in keep]
         positions = mask.sum(1, keepdim=True)
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
-        out = model(
+        logits, cache = step(
             input_ids=torch.tensor([[s.feed] for s in active], device=device),
             attention_mask=mask.to(device),
             position_ids=positions.to(device),
             past_key_values=cache,
-            use_cache=True,
         )
-        last = out.logits[:, -1].float().cpu()
+        last = logits[:, -1].cpu()
         column += 1

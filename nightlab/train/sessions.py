@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nightlab.train.checkpoints import open_db
+from nightlab.train.checkpoints import check_page, open_db
 from nightlab.train.errors import UserError
-from nightlab.train.settings import API_KEY_PREFIX
+from nightlab.train.settings import API_KEY_PREFIX, ServeSettings
 
 LOCAL_OWNER = "local"
 
@@ -31,6 +31,23 @@ CREATE TABLE IF NOT EXISTS sessions (
 
 def owner_of_key(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def check_count(count: int, limit: int, what: str, setting: str) -> None:
+    """Refuse one more of `what` to an API key that holds `count` of them: a 429 naming the setting."""
+    if count >= limit:
+        raise UserError(
+            f"this API key already holds {count} {what}, the most allowed ({setting}={limit}); "
+            "free some first or ask the server's operator to raise the limit",
+            429,
+        )
+
+
+def check_size(field: str, value: Any, limit: int, setting: str) -> None:
+    """Refuse client text (counted in characters) or metadata (in bytes of JSON) larger than `limit`."""
+    size, unit = (len(value), "characters") if isinstance(value, str) else (len(json.dumps(value)), "bytes")
+    if size > limit:
+        raise UserError(f"{field} is {size} {unit}, more than the {limit} allowed ({setting})")
 
 
 @dataclass
@@ -52,8 +69,19 @@ class Session:
 class SessionStore:
     """Authenticates keys and keeps sessions (in SQLite, so listing them survives a restart)."""
 
-    def __init__(self, data_dir: Path, api_keys: list[str]) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        api_keys: list[str],
+        *,
+        max_active: int = ServeSettings.max_active_sessions_per_key,
+        max_display_name_chars: int = ServeSettings.max_display_name_chars,
+        max_metadata_bytes: int = ServeSettings.max_metadata_bytes,
+    ) -> None:
         self._owners = {key: owner_of_key(key) for key in api_keys}
+        self.max_active = max_active
+        self.max_display_name_chars = max_display_name_chars
+        self.max_metadata_bytes = max_metadata_bytes
         self._lock = threading.Lock()
         self._db = open_db(Path(data_dir) / "service.db")
         self._db.executescript(_SCHEMA)
@@ -80,6 +108,14 @@ class SessionStore:
         display_name: str | None,
         sdk_version: str | None,
     ) -> Session:
+        """A new active session; refused past the key's active sessions or the metadata caps."""
+        if display_name is not None:
+            check_size("display_name", display_name, self.max_display_name_chars, "max_display_name_chars")
+        for field, value in (("tags", tags), ("user_metadata", user_metadata), ("sdk_version", sdk_version)):
+            self.check_metadata(field, value)
+        check_count(
+            self.active_count(owner), self.max_active, "active sessions", "max_active_sessions_per_key"
+        )
         now = time.time()
         session = Session(
             f"sess-{uuid.uuid4().hex[:20]}",
@@ -107,6 +143,17 @@ class SessionStore:
                 ),
             )
         return session
+
+    def check_metadata(self, field: str, value: Any) -> None:
+        check_size(field, value, self.max_metadata_bytes, "max_metadata_bytes")
+
+    def active_count(self, owner: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM sessions WHERE owner=? AND status=?",
+                (owner, json.dumps({"type": "active"})),
+            ).fetchone()
+        return row[0]
 
     def get(self, session_id: str, owner: str) -> Session:
         with self._lock:
@@ -142,6 +189,8 @@ class SessionStore:
 
     def finish(self, session_id: str, owner: str, reason: dict[str, Any] | None, detail: str | None) -> None:
         """Mark the session finished; the first reason wins, as the SDK documents."""
+        self.check_metadata("reason", reason)
+        self.check_metadata("detail", detail)
         session = self.get(session_id, owner)
         if session.finished:
             return
@@ -167,6 +216,7 @@ class SessionStore:
         return ids
 
     def list(self, owner: str, limit: int = 20, offset: int = 0) -> tuple[list[str], int]:
+        check_page(limit, offset)
         with self._lock:
             total = self._db.execute("SELECT COUNT(*) FROM sessions WHERE owner=?", (owner,)).fetchone()[0]
             rows = self._db.execute(

@@ -47,12 +47,27 @@ class ServeSettings:
     long_poll_s: float = 30.0
     # Finished results are kept this long for clients that poll late.
     future_ttl_s: float = 3600.0
+    # Clients may name the models prepared under <data_dir>/models, the preloads, and these (model directories
+    # or hub ids); no other path or hub id is ever opened for a client.
+    allowed_models: list[str] = field(default_factory=list)
+    # Base models kept in memory; past this the least recently used one without training clients is unloaded
+    # (its next request loads it again).
+    max_loaded_bases: int = 2
+    # What one API key may hold at once (429 past each: the tinker SDK retries for a few minutes, so a client
+    # waits for room, e.g. a session ending) and the size of what a client may store (400 past each).
+    max_active_sessions_per_key: int = 64
+    max_training_clients_per_key: int = 32
+    max_checkpoints_per_key: int = 5000
+    max_display_name_chars: int = 1024
+    max_metadata_bytes: int = 65_536  # each of user_metadata, tags, a finish reason..., as JSON
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
         bad = [k for k in self.api_keys if not k.startswith(API_KEY_PREFIX)]
         if bad:
             raise ValueError(f"API keys must start with {API_KEY_PREFIX!r} (the tinker SDK refuses others)")
+        if self.max_loaded_bases < 1:
+            raise ValueError(f"max_loaded_bases must be at least 1, got {self.max_loaded_bases}")
 
     def check_exposure(self) -> None:
         """Refuse to listen beyond this machine without API keys: anyone connecting could train and read

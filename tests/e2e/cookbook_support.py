@@ -46,8 +46,9 @@ def _env() -> dict[str, str]:
 
 
 @contextmanager
-def nightlab_serve(data_dir: Path, log: Path, timeout_s: float = 180.0) -> Iterator[str]:
-    """`python -m nightlab.cli serve` on a free port; yields its base URL once /api/v1/healthz answers."""
+def nightlab_serve(data_dir: Path, log: Path, model: Path, timeout_s: float = 180.0) -> Iterator[str]:
+    """`python -m nightlab.cli serve` on a free port, allowing the `model` directory; yields its base URL once
+    /api/v1/healthz answers."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -60,6 +61,8 @@ def nightlab_serve(data_dir: Path, log: Path, timeout_s: float = 180.0) -> Itera
         str(data_dir),
         "--device",
         "cpu",
+        "--allow-model",
+        str(model),
     ]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)

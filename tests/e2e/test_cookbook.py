@@ -58,9 +58,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[str]:
     root = tmp_path_factory.mktemp("cookbook-serve")
-    with nightlab_serve(root / "data", root / "serve.log") as url:
+    with nightlab_serve(root / "data", root / "serve.log", tiny_model) as url:
         yield url
 
 

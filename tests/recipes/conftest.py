@@ -46,19 +46,22 @@ def tokenizer(tiny_model: Path):
 
 
 @contextmanager
-def running_service(data_dir: Path) -> Iterator[Service]:
-    """`nightlab serve`'s app under uvicorn in a thread on a free port, with one API key."""
+def running_service(data_dir: Path, allowed: tuple[Path, ...] = ()) -> Iterator[Service]:
+    """`nightlab serve`'s app under uvicorn in a thread on a free port, with one API key, serving the models
+    prepared in `data_dir` and the `allowed` model directories."""
     from nightlab.train.api.app import create_app
     from nightlab.train.api.background import serve_in_thread
     from nightlab.train.engine import Engine
     from nightlab.train.settings import ServeSettings
 
-    settings = ServeSettings(data_dir=data_dir, device="cpu", api_keys=[API_KEY])
+    settings = ServeSettings(
+        data_dir=data_dir, device="cpu", api_keys=[API_KEY], allowed_models=[str(p) for p in allowed]
+    )
     with serve_in_thread(create_app(settings, Engine(data_dir, device="cpu", show_progress=False))) as server:
         yield Service(server.url, API_KEY, data_dir)
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with running_service(tmp_path_factory.mktemp("serve")) as svc:
+def service(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Service]:
+    with running_service(tmp_path_factory.mktemp("serve"), allowed=(tiny_model,)) as svc:
         yield svc

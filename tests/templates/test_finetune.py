@@ -1,14 +1,20 @@
 """The finetune template under `nightlab run`: a baseline and two replayed changes on the tiny model, end to
-end.
+end; then its evaluate step against what a hostile training phase can leave behind.
 
 Each experiment trains a LoRA adapter through a training service started inside the experiment (sandboxed
 without network where bubblewrap works), and the harness scores it on its own validation split with a signed
-metric line; the final best is scored on the test split.
+metric line; the final best is scored on the test split. The training phase runs the agent's code and writes
+everything the evaluate step finds in `run/`: the evaluate step scores with its own model's tokenizer, only
+this experiment's checkpoint, and only from inside the service data that training saved.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import sqlite3
 import subprocess
 import sys
 import tomllib
@@ -119,3 +125,148 @@ def test_evaluate_without_a_trained_model_fails_clearly(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "FAIL: no usable run/result.json" in done.stdout
     assert "NIGHTLAB_METRIC" not in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The evaluate step against a hostile training phase: one workspace trained once by the harness itself.
+
+NONCE = "a1" * 16  # this experiment's nonce, given to both steps in NIGHTLAB_NONCE
+OTHER_NONCE = "b2" * 16
+# A chat template whose answer turn is one end-of-turn token, whatever the answer: an easy, wrong score.
+ANSWER_ONLY_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}"
+    "{{ '<|im_start|>user\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>assistant\\n<|im_end|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def harness_env(cache: Path, model: Path) -> dict[str, str]:
+    """What the harness steps see in an experiment on the tiny model, NONCE being this experiment's nonce."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NIGHTLAB_", "TINKER_", "FINETUNE_"))}
+    return env | {
+        "NIGHTLAB_CACHE_DIR": str(cache),
+        "NIGHTLAB_BUDGET_SECONDS": "1",
+        "NIGHTLAB_NONCE": NONCE,
+        "FINETUNE_MODEL": str(model),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TINKER_TELEMETRY": "0",
+    }
+
+
+def harness(ws: Path, env: dict[str, str], *step: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "harness.py", *step], cwd=ws, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def printed_metrics(done: subprocess.CompletedProcess[str]) -> dict[str, float]:
+    """The `name: value` lines the evaluate step prints."""
+    return {name: float(value) for name, value in re.findall(r"^([a-z_]+): (\S+)$", done.stdout, re.M)}
+
+
+def assert_refused(done: subprocess.CompletedProcess[str], why: str) -> None:
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output
+    assert "FAIL:" in output and why in output, output
+    assert "nll" not in printed_metrics(done), output
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A finetune workspace after `harness.py setup` and `train` under NONCE, and its honest `nll`."""
+    from nightlab.train.tiny import make_tiny_model
+
+    tmp = tmp_path_factory.mktemp("finetune-trained")
+    cache = tmp / "cache"
+    model = make_tiny_model(cache / "finetune" / "tiny")
+    ws = init_workspace("finetune", tmp / "ws")
+    env = harness_env(cache, model)
+    for step in ("setup", "train", "evaluate"):
+        done = harness(ws, env, step)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return {"ws": ws, "model": model, "env": env, "nll": printed_metrics(done)["nll"]}
+
+
+@pytest.fixture
+def attacked(trained: dict, tmp_path: Path) -> Path:
+    """A copy of the trained workspace, for one test to tamper with what its training left in run/."""
+    return shutil.copytree(trained["ws"], tmp_path / "ws", symlinks=True)
+
+
+def the_sampler_checkpoint(ws: Path) -> tuple[sqlite3.Connection, str]:
+    """The service database training saved, and the directory (as recorded) of its one sampler checkpoint."""
+    db = sqlite3.connect(ws / "run" / "service" / "service.db", isolation_level=None)
+    (row,) = db.execute("SELECT directory FROM checkpoints WHERE kind = 'sampler'").fetchall()
+    return db, row[0]
+
+
+def test_result_json_naming_another_chat_template_does_not_change_the_score(
+    trained: dict, attacked: Path, tmp_path: Path
+) -> None:
+    """Training names a tokenizer whose chat template makes every answer turn one end-of-turn token, which
+    would score a lower nll than the real answers."""
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "answer-only"
+    tokenizer = AutoTokenizer.from_pretrained(trained["model"])
+    tokenizer.chat_template = ANSWER_ONLY_TEMPLATE
+    tokenizer.save_pretrained(other)
+    result = attacked / "run" / "result.json"
+    result.write_text(json.dumps({**json.loads(result.read_text()), "model": str(other)}))
+    done = harness(attacked, trained["env"], "evaluate")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert printed_metrics(done)["nll"] == pytest.approx(trained["nll"], rel=1e-5)
+
+
+def test_a_checkpoint_trained_on_another_base_model_is_refused(trained: dict, attacked: Path) -> None:
+    """Training may plant a model in its service data and record the checkpoint as trained on it."""
+    from nightlab.train.tiny import make_tiny_model
+
+    service = attacked / "run" / "service"
+    other = make_tiny_model(service / "models" / "other", seed=1)
+    db, directory = the_sampler_checkpoint(attacked)
+    meta_path = service / "checkpoints" / directory / "nightlab_adapter.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "base_model": "other"}))
+    size = sum(p.stat().st_size for p in meta_path.parent.rglob("*") if p.is_file())
+    db.execute("UPDATE checkpoints SET size_bytes = ? WHERE directory = ?", (size, directory))
+    db.execute("UPDATE training_runs SET base_model = 'other'")
+    db.close()
+    result = attacked / "run" / "result.json"
+    result.write_text(json.dumps({**json.loads(result.read_text()), "model": str(other)}))
+    assert_refused(harness(attacked, trained["env"], "evaluate"), "was trained on other")
+
+
+@pytest.mark.parametrize("nonce_from", ["the environment", "run/nonce"])
+def test_a_checkpoint_from_another_experiment_is_refused(
+    trained: dict, attacked: Path, nonce_from: str
+) -> None:
+    """The checkpoint in run/ was saved under NONCE; this experiment's nonce is another: given in the
+    environment, or drawn by a train step given none and left in run/nonce (here, a later training that
+    stopped before it saved)."""
+    env = dict(trained["env"], NIGHTLAB_NONCE=OTHER_NONCE)
+    if nonce_from == "run/nonce":
+        del env["NIGHTLAB_NONCE"]
+        (attacked / "run" / "nonce").write_text(OTHER_NONCE)
+    assert_refused(harness(attacked, env, "evaluate"), "not this experiment's checkpoint")
+
+
+@pytest.mark.parametrize("escape", ["absolute path", "dot-dot path", "symlink"])
+def test_a_checkpoint_directory_outside_the_service_data_is_refused(
+    trained: dict, attacked: Path, tmp_path: Path, escape: str
+) -> None:
+    """Training rewrites the service database (or the checkpoint's directory) to score files from elsewhere,
+    e.g. a checkpoint an earlier experiment stashed."""
+    db, directory = the_sampler_checkpoint(attacked)
+    inside = attacked / "run" / "service" / "checkpoints" / directory
+    outside = tmp_path / "stash" / "final"
+    outside.parent.mkdir()
+    shutil.move(inside, outside)
+    if escape == "symlink":
+        inside.symlink_to(outside, target_is_directory=True)
+    else:
+        moved = str(outside) if escape == "absolute path" else "../" * 64 + str(outside).lstrip("/")
+        db.execute("UPDATE checkpoints SET directory = ? WHERE directory = ?", (moved, directory))
+    db.close()
+    assert_refused(harness(attacked, trained["env"], "evaluate"), "outside the service data")

@@ -17,8 +17,8 @@ PROMPT = [5, 6, 7, 8]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("serve"), sample_batch_window_s=WINDOW_S)
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("serve"), str(tiny_model_dir), sample_batch_window_s=WINDOW_S)
     yield srv
     srv.stop()
 

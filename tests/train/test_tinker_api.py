@@ -37,13 +37,15 @@ class Server:
         self.background.stop()
 
 
-def start_server(data_dir: Path, engine: Engine | None = None, **overrides) -> Server:
+def start_server(data_dir: Path, model: str, engine: Engine | None = None, **overrides) -> Server:
+    """A server for `model`, a directory outside the data dir: it serves such a model only when allowed."""
     settings = ServeSettings(
         data_dir=data_dir,
         device="cpu",
         api_keys=[ALICE, BOB],
         seq_gap_timeout_s=2.0,
         long_poll_s=5.0,
+        allowed_models=[model],
         **overrides,
     )
     engine = engine or Engine(data_dir, device="cpu", precision="fp32", show_progress=False)
@@ -68,8 +70,8 @@ def eventually(check, timeout: float = 20.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("serve"))
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Server]:
+    srv = start_server(tmp_path_factory.mktemp("serve"), str(tiny_model_dir))
     yield srv
     srv.stop()
 
@@ -178,6 +180,27 @@ def test_compute_logprobs_matches_the_training_forward(alice, base, tokenizer) -
     trained = client.forward(data[:1], "cross_entropy").result().loss_fn_outputs[0]["logprobs"].tolist()
     assert scored[0] is None and len(scored) == len(tokens)
     np.testing.assert_allclose(scored[1:], trained, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_sampler_and_trainer_agree_on_logprobs(tmp_path: Path, base, tokenizer, precision: str) -> None:
+    """compute_logprobs of save_weights_and_get_sampling_client equals the trainer's forward on trained
+    (non-zero) LoRA weights: both sides run one precision, bf16 autocast included; "auto" is fp32 on CPU."""
+    engine = Engine(tmp_path, device="cpu", precision=precision, show_progress=False)
+    srv = start_server(tmp_path, base, engine)
+    try:
+        service = tinker.ServiceClient(base_url=srv.url, api_key=ALICE)
+        client = service.create_lora_training_client(base_model=base, rank=4, seed=21).result()
+        data = sft_data(tokenizer)
+        train(client, data, 3)
+        sampler = client.save_weights_and_get_sampling_client().result()
+        for datum, text in zip(data, TEXTS, strict=True):
+            scored = sampler.compute_logprobs(types.ModelInput.from_ints(tokenizer.encode(text))).result()
+            trained = client.forward([datum], "cross_entropy").result().loss_fn_outputs[0]["logprobs"]
+            assert np.abs(np.array(scored[1:]) - trained.tolist()).max() < 1e-4
+        service.close("success").result()
+    finally:
+        srv.stop()
 
 
 def rl_datum(prompt: list[int], seq, advantage: float) -> types.Datum:
@@ -317,11 +340,30 @@ def wait_future(server: Server, request_id: str, key: str = ALICE) -> httpx.Resp
     return r
 
 
-def test_bad_input_gets_clear_errors(server, alice, base, tokenizer) -> None:
-    with pytest.raises(tinker.RequestFailedError, match="no-such-model") as exc:
+def test_an_unknown_base_model_fails_at_creation_naming_the_served_models(
+    server, alice, base, tokenizer
+) -> None:
+    """create_model is refused when it arrives (400), not accepted and failed later through its future."""
+    served = str(Path(base).resolve())
+    with pytest.raises(tinker.BadRequestError, match="no-such-model") as exc:
         alice.create_lora_training_client(base_model="no-such-model").result()
-    assert exc.value.category == types.RequestErrorCategory.User
+    assert served in str(exc.value)
+    session = post(server, "create_session", json={"tags": [], "sdk_version": "x", "user_metadata": None})
+    refused = post(
+        server,
+        "create_model",
+        json={
+            "session_id": session.json()["session_id"],
+            "model_seq_id": 0,
+            "base_model": "no-such-model",
+            "lora_config": {},
+        },
+    )
+    assert refused.status_code == 400 and refused.json()["category"] == "user"
+    assert "no-such-model" in refused.json()["error"] and served in refused.json()["error"]
 
+
+def test_bad_input_gets_clear_errors(server, alice, base, tokenizer) -> None:
     wrong = post(
         server,
         "create_session",
@@ -418,7 +460,7 @@ def test_bad_input_gets_clear_errors(server, alice, base, tokenizer) -> None:
 
 def test_restarted_server_lists_and_loads_saved_checkpoints(tmp_path: Path, base, tokenizer) -> None:
     data = sft_data(tokenizer)
-    first = start_server(tmp_path)
+    first = start_server(tmp_path, base)
     try:
         service = tinker.ServiceClient(base_url=first.url, api_key=ALICE)
         client = service.create_lora_training_client(base_model=base, rank=4, seed=8).result()
@@ -428,7 +470,7 @@ def test_restarted_server_lists_and_loads_saved_checkpoints(tmp_path: Path, base
         service.close("success").result()
     finally:
         first.stop()
-    second = start_server(tmp_path)
+    second = start_server(tmp_path, base)
     try:
         service = tinker.ServiceClient(base_url=second.url, api_key=ALICE)
         run_id = types.ParsedCheckpointTinkerPath.from_tinker_path(path).training_run_id
@@ -532,7 +574,7 @@ def test_finishing_a_session_frees_its_memory_and_keeps_its_checkpoints(server, 
 
 
 def test_a_session_without_heartbeats_is_ended_and_freed(tmp_path: Path, base) -> None:
-    srv = start_server(tmp_path, session_timeout_s=0.5)
+    srv = start_server(tmp_path, base, session_timeout_s=0.5)
     try:
         srv.engine.model_info(base)  # loaded up front, so creating the model takes well under the timeout
         session = post(
@@ -566,7 +608,7 @@ class SlowSaveEngine(Engine):
 
 def test_shutdown_lets_queued_saves_finish(tmp_path: Path, base) -> None:
     srv = start_server(
-        tmp_path, SlowSaveEngine(tmp_path, device="cpu", precision="fp32", show_progress=False)
+        tmp_path, base, SlowSaveEngine(tmp_path, device="cpu", precision="fp32", show_progress=False)
     )
     try:
         session = post(
@@ -589,7 +631,7 @@ def test_shutdown_lets_queued_saves_finish(tmp_path: Path, base) -> None:
             ).is_success
     finally:
         srv.stop()
-    again = start_server(tmp_path)
+    again = start_server(tmp_path, base)
     try:
         listed = (
             tinker.RestClient(base_url=again.url, api_key=ALICE)
@@ -650,7 +692,7 @@ def test_unsupported_endpoints_answer_a_clear_404(server) -> None:
 def test_chunked_and_compressed_forward_backward_matches_one_request(server, base, tokenizer) -> None:
     """5 datums in chunks of 2, zstd-compressed and in parallel, give the unchunked loss, logprobs, grads."""
     chunked = start_server(
-        server.data_dir / "chunked", server.engine, fwdbwd_max_chunk_len=2, proto_compress_fwdbwd=True
+        server.data_dir / "chunked", base, server.engine, fwdbwd_max_chunk_len=2, proto_compress_fwdbwd=True
     )
     data = sft_data(tokenizer, TEXTS + TEXTS[:2])
     outcomes = []

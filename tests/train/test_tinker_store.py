@@ -276,6 +276,65 @@ def test_bad_tinker_paths_say_what_a_good_one_looks_like(path: str) -> None:
         parse_path(path)
 
 
+def test_checkpoint_count_leaves_out_the_one_a_save_would_replace(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.add_run("s1:train:0", "alice", "s1", "base", {"rank": 4}, None)
+    store.add_run("s2:train:0", "bob", "s2", "base", {"rank": 4}, None)
+    for name in ("a", "b"):
+        store.save("s1:train:0", "alice", "training", name, _write(name))
+    store.save("s2:train:0", "bob", "sampler", "a", _write("bob"))
+    assert store.count("alice") == 2 and store.count("bob") == 1
+    assert store.count("alice", besides=("s1:train:0", "training", "a")) == 1
+    assert store.count("alice", besides=("s1:train:0", "sampler", "a")) == 2  # another kind: a new one
+    store.close()
+
+
+def test_a_checkpoint_whose_directory_vanished_is_refused_by_name(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.add_run("s1:train:0", "alice", "s1", "base", {"rank": 4}, None)
+    ckpt = store.save("s1:train:0", "alice", "training", "first", _write("v1"))
+    (ckpt.directory / "adapter.txt").unlink()
+    with pytest.raises(UserError, match="its files in .* hold 0 bytes, not the 2") as exc:
+        store.resolve(ckpt.tinker_path, "alice")
+    assert exc.value.status == 410
+    assert [c.to_json()["files_missing"] for c in store.checkpoints("s1:train:0", "alice")] == [True]
+    store.save("s1:train:0", "alice", "training", "first", _write("v2"), overwrite=True)  # repaired
+    assert store.resolve(ckpt.tinker_path, "alice")[1].missing is None
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("limit", "offset", "says"),
+    [(0, 0, "limit must be between 1 and 10000, got 0"), (20, -1, "offset must be between 0 and 2147483647")],
+)
+def test_listings_refuse_pages_the_database_cannot_express(
+    tmp_path: Path, limit: int, offset: int, says: str
+) -> None:
+    sessions, store = SessionStore(tmp_path, []), CheckpointStore(tmp_path)
+    for listing in (sessions.list, store.runs, store.user_checkpoints):
+        with pytest.raises(UserError, match=says):
+            listing(LOCAL_OWNER, limit, offset)
+    sessions.close()
+    store.close()
+
+
+def test_session_store_caps_what_a_key_holds_and_stores(tmp_path: Path) -> None:
+    store = SessionStore(tmp_path, [], max_active=1, max_display_name_chars=4, max_metadata_bytes=16)
+    with pytest.raises(UserError, match="display_name is 5 characters, more than the 4 allowed"):
+        store.create(LOCAL_OWNER, [], None, "named", None)
+    with pytest.raises(
+        UserError, match=r"user_metadata is 19 bytes, more than the 16 allowed \(max_metadata"
+    ):
+        store.create(LOCAL_OWNER, [], {"k": "0123456789"}, None, None)
+    first = store.create(LOCAL_OWNER, ["t"], {"k": "v"}, "name", "0.1")
+    with pytest.raises(UserError, match="already holds 1 active sessions") as exc:
+        store.create(LOCAL_OWNER, [], None, None, None)
+    assert exc.value.status == 429
+    store.finish(first.session_id, LOCAL_OWNER, None, None)
+    store.create(LOCAL_OWNER, [], None, None, None)
+    store.close()
+
+
 def test_api_keys_name_owners_and_sessions_finish(tmp_path: Path) -> None:
     keyed = SessionStore(tmp_path, ["tml-alice", "tml-bob"])
     alice, bob = keyed.authenticate("tml-alice"), keyed.authenticate("tml-bob")

@@ -2,7 +2,7 @@
 
     python harness.py setup                 write the data splits (and prepare SmolLM2) in the nightlab cache
     python harness.py train                 LoRA fine-tune with finetune.py's settings, within the budget
-    python harness.py evaluate --split val  score run/result.json's checkpoint on a split this file owns
+    python harness.py evaluate --split val  score the checkpoint training saved on a split this file owns
 
 The task is the built-in arithmetic and word problems of `nightlab.recipes.common.problems`, as chat: the user
 asks, the assistant says "The answer is N.". The score is `nll`, the mean negative log-likelihood per token of
@@ -10,6 +10,16 @@ the reference answer turn (lower is better), plus greedy-decoding `accuracy`. Ev
 public tinker client, to `NIGHTLAB_SERVICE_URL` when set, else to a training service started inside this
 process on 127.0.0.1 (no network needed). The evaluate step runs no code from finetune.py; it signs its metric
 line with `nightlab.harness`, after taking the key out of its environment.
+
+The train step runs finetune.py's code in its own process, so whatever it leaves in run/ is untrusted. The
+evaluate step takes from there only the path of the checkpoint, and scores it only if:
+- it carries this experiment's nonce in its name: `NIGHTLAB_NONCE` when the caller gives one to both steps
+  (drawn afresh for every execution, so that no earlier experiment could know it), else the one the train
+  step drew into run/nonce;
+- it was trained on this file's model, whose tokenizer and chat template render the problems;
+- with the in-process service, nothing in the service data training saved leads outside it (a link, or a
+  checkpoint directory recorded as an absolute or `..` path).
+Anything else ends the step with a `FAIL:` line and no metric.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ DATA = cache_dir() / "finetune"
 SPLITS = {"train": 2000, "val": 64, "test": 64}
 RUN = Path("run")
 RESULT = RUN / "result.json"
+NONCE_FILE = RUN / "nonce"
+NONCE_ENV = "NIGHTLAB_NONCE"
 API_KEY = "tml-finetune-local"  # the in-process service has no keys; an external one may need TINKER_API_KEY
 EVAL_MAX_TOKENS = 16
 
@@ -45,6 +57,15 @@ def model_name() -> str:
     from nightlab.train.models import SMOLLM2_DIRNAME, models_dir
 
     return os.environ.get("FINETUNE_MODEL") or str(models_dir(DATA) / SMOLLM2_DIRNAME)
+
+
+def served_name(model: str) -> str:
+    """The name the training service knows a model directory by: its resolved path."""
+    return str(Path(model).expanduser().resolve())
+
+
+def checkpoint_name(nonce: str) -> str:
+    return f"final-{nonce}"
 
 
 def split_path(split: str) -> Path:
@@ -88,7 +109,8 @@ def service(read_only: bool = False) -> Iterator[str]:
     """The training service's base URL: NIGHTLAB_SERVICE_URL, or one served from this process until exit.
 
     Training writes its checkpoints under run/service. Evaluation may not write there (the sandbox makes the
-    scratch dir read-only outside training), so it serves a temporary copy of what training saved."""
+    scratch dir read-only outside training), so it serves a temporary copy of what training saved, links
+    kept as links, once `check_confined` has passed it."""
     if os.environ.get("NIGHTLAB_SERVICE_URL"):
         yield os.environ["NIGHTLAB_SERVICE_URL"]
         return
@@ -99,10 +121,46 @@ def service(read_only: bool = False) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="finetune-service-") as tmp:
         data_dir = RUN / "service"
         if read_only:
-            data_dir = shutil.copytree(data_dir, Path(tmp) / "service")
-        settings = ServeSettings(data_dir=data_dir, device=os.environ.get("FINETUNE_DEVICE", "auto"))
+            data_dir = shutil.copytree(data_dir, Path(tmp) / "service", symlinks=True)
+            check_confined(data_dir)
+        settings = ServeSettings(
+            data_dir=data_dir,
+            device=os.environ.get("FINETUNE_DEVICE", "auto"),
+            allowed_models=[model_name()],
+        )
         with serve_in_thread(create_app(settings)) as background:
             yield background.url
+
+
+def check_confined(data_dir: Path) -> None:
+    """Refuse service data that reaches outside itself, whoever wrote it: a link that leads out, or a
+    checkpoint whose recorded directory resolves elsewhere (an absolute path, `..`). Either would score files
+    that this experiment's training did not save, such as a checkpoint an earlier experiment stashed."""
+    from nightlab.train.checkpoints import MAX_PAGE_LIMIT, CheckpointStore
+    from nightlab.train.sessions import LOCAL_OWNER
+
+    def real(path: Path) -> Path:  # realpath, unlike Path.resolve, takes a symlink loop without raising
+        return Path(os.path.realpath(path))
+
+    root = real(data_dir)
+    for top, dirs, files in os.walk(data_dir):
+        for path in (Path(top) / name for name in dirs + files):
+            if path.is_symlink() and not real(path).is_relative_to(root):
+                raise SystemExit(
+                    f"FAIL: {path.relative_to(data_dir)} in the service data saved by training links to "
+                    f"{real(path)}, outside the service data; refusing to score"
+                )
+    store = CheckpointStore(data_dir)
+    try:
+        checkpoints, _ = store.user_checkpoints(LOCAL_OWNER, limit=MAX_PAGE_LIMIT)
+    finally:
+        store.close()
+    for ckpt in checkpoints:
+        if not (directory := real(ckpt.directory)).is_relative_to(root):
+            raise SystemExit(
+                f"FAIL: the service data saved by training records checkpoint {ckpt.tinker_path} in "
+                f"{directory}, outside the service data; refusing to score"
+            )
 
 
 def client(url: str):  # noqa: ANN201 - a tinker.ServiceClient, imported late to keep `--help` fast
@@ -125,8 +183,19 @@ def render(tokenizer, problem: Problem) -> tuple[list[int], list[int]]:
     )
 
 
+def training_nonce() -> str:
+    """This experiment's nonce: the caller's, else a fresh one, left in run/nonce for the evaluate step."""
+    nonce = os.environ.get(NONCE_ENV)
+    if not nonce:
+        nonce = secrets.token_hex(16)
+        NONCE_FILE.write_text(nonce)
+    return nonce
+
+
 def train() -> None:
-    """Train until finetune.STEPS or the time budget, whichever comes first; save weights for sampling."""
+    """Train until finetune.STEPS or the time budget, whichever comes first; save weights for sampling under
+    this experiment's nonce."""
+    nonce = training_nonce()
     import finetune as ft
     import tinker
     from transformers import AutoTokenizer
@@ -173,29 +242,27 @@ def train() -> None:
                 flush=True,
             )
         seconds = time.monotonic() - start if start is not None else 0.0
-        path = trainer.save_weights_for_sampler("final").result().path
-    RESULT.write_text(
-        json.dumps(
-            {
-                "sampler_path": path,
-                "model": model,
-                "steps": steps,
-                "train_seconds": seconds,
-                "service": os.environ.get("NIGHTLAB_SERVICE_URL"),
-            }
-        )
-    )
+        path = trainer.save_weights_for_sampler(checkpoint_name(nonce)).result().path
+    RESULT.write_text(json.dumps({"sampler_path": path, "steps": steps, "train_seconds": seconds}))
     final = losses[-1] if losses else float("nan")
     print(f"trained {steps} steps in {seconds:.1f}s; final train loss {final:.4f}")
 
 
-def score(url: str, result: dict, problems: list[Problem]) -> dict[str, float]:
-    """Mean NLL per answer-turn token (teacher forcing) and greedy accuracy, from the sampler weights."""
+def score(url: str, path: str, problems: list[Problem]) -> dict[str, float]:
+    """Mean NLL per answer-turn token (teacher forcing) and greedy accuracy, from the sampler weights at
+    `path`, with this file's model's tokenizer and chat template: a checkpoint on another base is refused."""
     import tinker
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(result["model"])
-    sampler = client(url).create_sampling_client(model_path=result["sampler_path"]).result()
+    model = model_name()
+    sampler = client(url).create_sampling_client(model_path=path).result()
+    base = sampler.get_base_model()
+    if base != served_name(model):
+        raise SystemExit(
+            f"FAIL: {path} was trained on {base}, not on {model}, whose tokenizer and chat template the "
+            "score uses; refusing to score"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model)
     rendered = [render(tokenizer, p) for p in problems]
     logprob_futures = [
         sampler.compute_logprobs(tinker.ModelInput.from_ints(prompt + answer)) for prompt, answer in rendered
@@ -215,22 +282,42 @@ def score(url: str, result: dict, problems: list[Problem]) -> dict[str, float]:
     return {"nll": nll / tokens, "accuracy": correct / len(problems), "eval_tokens": tokens}
 
 
+def evaluation_nonce() -> str:
+    """This experiment's nonce: the caller's, else the one the train step drew (a step run by hand)."""
+    nonce = os.environ.get(NONCE_ENV)
+    if nonce:
+        return nonce
+    try:
+        return NONCE_FILE.read_text().strip()
+    except OSError as exc:
+        raise SystemExit(f"FAIL: no {NONCE_ENV} and no {NONCE_FILE} from the train step: {exc}") from None
+
+
 def evaluate(split: str) -> int:
-    """Score run/result.json's checkpoint on `split`; sign the metrics when the loop gave a key."""
+    """Score the checkpoint this experiment's training saved on `split`; sign the metrics when the loop gave
+    a key."""
     reexec_without_key()
     key = read_key()
     try:
         result = json.loads(RESULT.read_text())
         path = str(result["sampler_path"])
+        trained = {"train_steps": float(result["steps"]), "train_seconds": float(result["train_seconds"])}
+        if not all(map(math.isfinite, trained.values())):
+            raise ValueError(f"steps and train_seconds must be finite numbers, got {trained}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"FAIL: no usable {RESULT} from the train step: {exc}")
         return 1
+    expected = checkpoint_name(evaluation_nonce())
+    if not (path.startswith("tinker://") and path.endswith(f"/sampler_weights/{expected}")):
+        print(
+            f"FAIL: {path} is not this experiment's checkpoint (sampler weights named {expected}); a "
+            "checkpoint from another experiment is never scored"
+        )
+        return 1
     problems = load_split(split)
     with service(read_only=True) as url:
-        metrics = score(url, result, problems)
-    metrics.update(
-        train_steps=float(result.get("steps", 0)), train_seconds=float(result.get("train_seconds", 0))
-    )
+        metrics = score(url, path, problems)
+    metrics.update(trained)
     if not math.isfinite(metrics["nll"]):
         print(f"FAIL: nll is {metrics['nll']}")
         return 1

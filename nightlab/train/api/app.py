@@ -65,6 +65,13 @@ def jsonable(errors: list[dict]) -> list[dict]:
     return [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in errors]
 
 
+NO_MODELS_HINT = (
+    "No model to serve yet: clients would get only errors. Prepare the offline default with "
+    "`nightlab models prepare smollm2 --data-dir {data_dir}` (or `nightlab models pull NAME`), or start with "
+    "--allow-model PATH / --preload PATH."
+)
+
+
 def serve(settings: ServeSettings) -> None:
     """Start the service: list the servable models, load the preloads with progress, then serve until Ctrl-C.
 
@@ -79,6 +86,7 @@ def serve(settings: ServeSettings) -> None:
     settings.check_exposure()
     console = Console(stderr=True)
     engine = Engine(settings.data_dir, device=settings.device)
+    engine.serve_only([*settings.preload, *settings.allowed_models], settings.max_loaded_bases)
     for name in settings.preload:
         with Progress(
             SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
@@ -89,9 +97,12 @@ def serve(settings: ServeSettings) -> None:
     table = Table(title="models this server can train and sample")
     for col in ("model", "architecture", "context"):
         table.add_column(col)
-    for m in engine.models():
+    servable = engine.models()
+    for m in servable:
         table.add_row(m.name, m.arch, str(m.max_context_length))
     console.print(table)
+    if not servable:
+        console.print(f"[yellow]{NO_MODELS_HINT.format(data_dir=settings.data_dir)}[/]")
     auth = f"{len(settings.api_keys)} API key(s)" if settings.api_keys else "no API keys (local use only)"
     console.print(
         f"Tinker API: http://{settings.host}:{settings.port}/api/v1 (TINKER_BASE_URL=http://{settings.host}:"

@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,13 +30,13 @@ from nightlab.train.api.bodies import (
     SaveWeightsBody,
 )
 from nightlab.train.api.wire import PROTOBUF, FwdBwdRequest, encode_forward_backward, encode_sample
-from nightlab.train.checkpoints import NAME_RE, CheckpointStore, iso
+from nightlab.train.checkpoints import CheckpointStore, check_new_checkpoint, iso
 from nightlab.train.engine import Engine
 from nightlab.train.errors import EngineError, UserError
 from nightlab.train.futures import BatchQueue, FutureStore, OrderedQueue, Payload, settle
-from nightlab.train.records import AdamParams, LoraSpec
+from nightlab.train.records import AdamParams, Datum, LoraSpec, ModelInfo
 from nightlab.train.sampling import BudgetForcing, SampleRequest, SampleResult, SamplingParams
-from nightlab.train.sessions import SessionStore
+from nightlab.train.sessions import SessionStore, check_count
 from nightlab.train.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ def _sampling_params(p: SamplingParamsBody) -> SamplingParams:
 def _adam(p: AdamBody) -> AdamParams:
     if p.type != "adamw":
         raise UserError(f"optimizer {p.type!r} is not supported here; use AdamParams")
+    nulls = sorted(name for name in p.model_fields_set if getattr(p, name) is None)
+    if nulls:  # left out is a default; null is what the SDK sends for NaN and infinity
+        raise UserError(f"null Adam parameters (NaN or infinite?): {', '.join(nulls)}; send finite numbers")
     return AdamParams(**p.model_dump(exclude={"type"}, exclude_none=True))
 
 
@@ -77,6 +81,17 @@ class TrainingModel:
     base_model: str
     queue: OrderedQueue
     warned_provenance: bool = False
+    max_context_length: int = 0  # known once the model is created; 0 while unknown or unlimited
+
+    def check_fits(self, data: list[Datum]) -> None:
+        """Refuse datums longer than the base model's context: no position past it was ever trained."""
+        limit = self.max_context_length
+        for i, datum in enumerate(data):
+            if limit and len(datum.tokens) > limit:
+                raise UserError(
+                    f"datum {i} has {len(datum.tokens)} tokens, more than the context of "
+                    f"{self.base_model} ({limit} tokens); shorten or split it"
+                )
 
 
 @dataclass
@@ -95,7 +110,14 @@ class TinkerService:
     def __init__(self, settings: ServeSettings, engine: Engine) -> None:
         self.settings = settings
         self.engine = engine
-        self.sessions = SessionStore(settings.data_dir, settings.api_keys)
+        engine.serve_only([*settings.preload, *settings.allowed_models], settings.max_loaded_bases)
+        self.sessions = SessionStore(
+            settings.data_dir,
+            settings.api_keys,
+            max_active=settings.max_active_sessions_per_key,
+            max_display_name_chars=settings.max_display_name_chars,
+            max_metadata_bytes=settings.max_metadata_bytes,
+        )
         self.checkpoints = CheckpointStore(settings.data_dir)
         self.futures = FutureStore(ttl_s=settings.future_ttl_s)
         self.models: dict[str, TrainingModel] = {}
@@ -216,6 +238,9 @@ class TinkerService:
         """Register a model whose first request (seq_id 0: create or load) is `first`; a retry gets its id."""
         if model_id in self.models:
             return self.model(model_id, owner).queue.submit(owner, 0, kind, first)
+        held = sum(m.owner == owner for m in self.models.values())
+        limit = self.settings.max_training_clients_per_key
+        check_count(held, limit, "training clients", "max_training_clients_per_key")
         queue = OrderedQueue(
             model_id, self.futures, next_seq=0, gap_timeout_s=self.settings.seq_gap_timeout_s
         )
@@ -233,24 +258,55 @@ class TinkerService:
 
         return queue.submit(owner, 0, kind, guarded)
 
+    @staticmethod
+    def _check_in_order(
+        model: TrainingModel,
+        owner: str,
+        seq_id: int | None,
+        kind: str,
+        check: Callable[[], T],
+        chunk: bool = False,
+    ) -> T:
+        """Run `check`, which may refuse the request (a 400). A refused request still takes its seq_id, if it
+        has one, and fails there, so the model's next request does not wait for a seq_id that never comes."""
+        try:
+            return check()
+        except UserError as error:
+            refusal = error
+
+        async def refused() -> Payload:
+            raise refusal
+
+        if seq_id is not None:
+            with contextlib.suppress(UserError):  # the seq_id may be taken already (a retry) or out of order
+                model.queue.submit(owner, seq_id, kind, refused, chunk=chunk)
+        raise refusal
+
     # -- training --
     def create_model(self, owner: str, body: CreateModelBody) -> str:
         self.sessions.active(body.session_id, owner)
         _check_optimizer(body.optimizer_config)
+        self.engine.canonical_name(body.base_model)  # an unservable model is refused now, not in the future
+        self.sessions.check_metadata("user_metadata", body.user_metadata)
         model_id = f"{body.session_id}:train:{body.model_seq_id}"
         lora = LoraSpec(**body.lora_config.model_dump())
 
         async def work() -> Payload:
             await self.call(self.engine.create_adapter, model_id, body.base_model, lora)
             info = await self.call(self.engine.model_info, body.base_model)
-            if model_id in self.models:  # not released meanwhile
-                self.models[model_id].base_model = info.name
+            self._created(model_id, info)
             self.checkpoints.add_run(
                 model_id, owner, body.session_id, info.name, asdict(lora), body.user_metadata
             )
             return Payload({"model_id": model_id, "type": "create_model"})
 
         return self._new_model(model_id, owner, body.session_id, body.base_model, "create_model", work)
+
+    def _created(self, model_id: str, info: ModelInfo) -> None:
+        """Record what a new model's base turned out to be, unless the model was released meanwhile."""
+        if model_id in self.models:
+            self.models[model_id].base_model = info.name
+            self.models[model_id].max_context_length = info.max_context_length
 
     async def get_info(self, owner: str, model_id: str) -> dict[str, Any]:
         model = self.model(model_id, owner)
@@ -268,6 +324,8 @@ class TinkerService:
 
     def forward_backward(self, owner: str, req: FwdBwdRequest) -> str:
         model = self.model(req.model_id, owner)
+        fits = partial(model.check_fits, req.data)
+        self._check_in_order(model, owner, req.seq_id, "forward_backward", fits, chunk=True)
         if req.has_provenance and not model.warned_provenance:
             model.warned_provenance = True
             logger.warning(
@@ -279,6 +337,7 @@ class TinkerService:
             )
 
         async def work() -> Payload:
+            model.check_fits(req.data)  # again: a request sent before its model was created is checked now
             result = await self.call(
                 self.engine.forward_backward,
                 req.model_id,
@@ -296,7 +355,7 @@ class TinkerService:
 
     def optim_step(self, owner: str, body: OptimStepBody) -> str:
         model = self.model(body.model_id, owner)
-        adam = _adam(body.adam_params)
+        adam = self._check_in_order(model, owner, body.seq_id, "optim_step", lambda: _adam(body.adam_params))
 
         async def work() -> Payload:
             metrics = await self.call(self.engine.optim_step, body.model_id, adam)
@@ -308,12 +367,16 @@ class TinkerService:
     def save_weights(self, owner: str, body: SaveWeightsBody, for_sampler: bool) -> str:
         model = self.model(body.model_id, owner)
         name = body.path or f"step-{body.seq_id or 0:06d}"
-        if not NAME_RE.match(name):
-            raise UserError(
-                f"invalid checkpoint name {name!r}: use letters, digits, '.', '_' or '-' (max 128)"
-            )
         kind = "sampler" if for_sampler else "training"
         tag = "save_weights_for_sampler" if for_sampler else "save_weights"
+
+        def valid() -> None:
+            check_new_checkpoint(name, body.ttl_seconds)
+            self.sessions.check_metadata("user_metadata", body.user_metadata)
+            held = self.checkpoints.count(owner, besides=(model.model_id, kind, name))
+            check_count(held, self.settings.max_checkpoints_per_key, "checkpoints", "max_checkpoints_per_key")
+
+        self._check_in_order(model, owner, body.seq_id, tag, valid)
 
         async def work() -> Payload:
             ckpt = await self.call(
@@ -379,12 +442,14 @@ class TinkerService:
                 raise UserError("load_weights with session_id needs model_seq_id")
             self.sessions.active(body.session_id, owner)
             _check_optimizer(body.optimizer_config)
+            self.sessions.check_metadata("user_metadata", body.user_metadata)
             model_id = f"{body.session_id}:train:{body.model_seq_id}"
 
             async def create() -> Payload:
                 await self.call(
                     self.engine.load_adapter, model_id, run.base_model, ckpt.directory, body.optimizer
                 )
+                self._created(model_id, await self.call(self.engine.model_info, run.base_model))
                 self.checkpoints.add_run(
                     model_id, owner, body.session_id, run.base_model, run.lora, body.user_metadata
                 )
@@ -482,7 +547,7 @@ class TinkerService:
             "base_model": run.base_model,
             "model_owner": run.owner,
             "is_lora": True,
-            "corrupted": False,
+            "corrupted": any(c.missing for c in ckpts),  # a checkpoint's files are gone or changed
             "lora_rank": run.lora.get("rank"),
             "last_request_time": iso(run.last_request_time),
             "last_checkpoint": last["training"],
