@@ -405,12 +405,26 @@ class ProbePlan:
     """Probes spread over a pass through `batches` batches, at places drawn from `rng` that the model cannot
     predict: new future tokens twice and a replaced row once in the batch just scored, and new future tokens
     once in a batch of random tokens. A probe only ever shows the model tokens it was already asked to
-    predict."""
+    predict.
 
-    def __init__(self, logits: Logits, vocab: int, shape: tuple[int, int], batches: int, rng: random.Random):
+    The probes are answered by `probe_logits`, a second model that never saw the batches scored by
+    `logits`: a model that remembers its earlier answers could otherwise give a probe the same (peeked)
+    logits it gave the batch, and pass. Two processes that share nothing cannot agree on a logit that
+    depends on tokens only one of them was shown."""
+
+    def __init__(
+        self,
+        logits: Logits,
+        vocab: int,
+        shape: tuple[int, int],
+        batches: int,
+        rng: random.Random,
+        probe_logits: Logits | None = None,
+    ):
         import torch
 
         self.logits, self.vocab, self.shape = logits, vocab, shape
+        self.probe_logits = probe_logits or logits
         self.gen = torch.Generator().manual_seed(rng.getrandbits(63))
         self.due: dict[
             int, list[tuple[Probe, bool]]
@@ -430,6 +444,6 @@ class ProbePlan:
                 base = (x, self.logits(x))
             else:
                 base = last
-            reason = probe(self.logits, *base, self.vocab, self.gen)
+            reason = probe(self.probe_logits, *base, self.vocab, self.gen)
             if reason:
                 raise ValueError(reason)

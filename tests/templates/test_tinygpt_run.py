@@ -265,6 +265,73 @@ def test_evaluate_rejects_a_model_that_sees_what_it_predicts(trained, leak, refu
     assert "NIGHTLAB_METRIC" not in done.stdout
 
 
+# A model that peeks at the next input token and remembers its answers: every prefix it has seen gets the
+# answer it got the first time, so re-sending a scored batch with another future cannot catch it.
+REMEMBERING_PEEKER = """
+import pickle as _pickle
+
+_forward = GPT.forward
+_memo = {}
+_SHARED = [Path(d) / "nightlab-memo.pkl" for d in ("/tmp", "/dev/shm", Path.home())]
+
+
+def _recall():
+    for path in _SHARED:
+        try:
+            _memo.update(_pickle.loads(path.read_bytes()))
+        except (OSError, ValueError, EOFError, _pickle.UnpicklingError):
+            pass
+
+
+def _share():
+    for path in _SHARED:
+        try:
+            path.write_bytes(_pickle.dumps(_memo))
+        except OSError:
+            pass
+
+
+def _remembered(self, idx, targets=None):
+    out = _forward(self, idx, targets)
+    if targets is not None:
+        return out
+    if SHARE_MEMO:
+        _recall()
+    out = out.clone()
+    for b in range(idx.shape[0]):
+        row = idx[b].tolist()
+        for t in range(len(row)):
+            key = hash(tuple(row[: t + 1]))
+            if key not in _memo:
+                answer = out[b, t].clone()
+                if t + 1 < len(row):
+                    answer[row[t + 1]] += 30.0
+                _memo[key] = answer
+            out[b, t] = _memo[key]
+    if SHARE_MEMO:
+        _share()
+    return out
+
+
+GPT.forward = _remembered
+"""
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["in-memory", "shared-through-files"])
+def test_a_model_that_peeks_and_remembers_its_answers_is_caught(trained, share):
+    """The probes are answered by a second worker that never saw the scored batches; with `share` the model
+    also tries to hand its memory to that worker through files (/tmp, /dev/shm, its home)."""
+    ws, env, _ = trained
+    code = f"SHARE_MEMO = {share}\n" + REMEMBERING_PEEKER
+    done = _evaluate(ws, env, "--train-file", str(_variant(ws, f"train_memo_{share}.py", code)), key=KEY)
+    sandbox = re.search(r"model worker: sandbox (.*)", done.stderr)
+    if share and not (sandbox and sandbox.group(1).startswith("on")):
+        pytest.skip(f"unsandboxed ({done.stderr.strip()}): two workers of one user share /tmp")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(r"^FAIL: .*not causal", done.stdout, re.MULTILINE), done.stdout
+    assert "NIGHTLAB_METRIC" not in done.stdout
+
+
 def test_a_worker_that_hangs_is_killed_at_the_limit(trained):
     ws, env, _ = trained
     stuck = _variant(ws, "train_stuck.py", "import time as _time\n_time.sleep(600)\n")

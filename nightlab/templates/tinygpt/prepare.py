@@ -330,11 +330,14 @@ def check_causality(model: torch.nn.Module, vocab: int, trials: int = 2) -> str 
     return harness.check_causality(lambda x: model_logits(model, x, vocab), vocab, (2, SEQ_LEN), trials)
 
 
-def score_with_probes(logits: harness.Logits, data: EvalTokens, rng: random.Random) -> tuple[float, int, int]:
-    """Score every batch in order and probe the model between them, at places drawn from `rng` (see
-    `nightlab.harness.ProbePlan`). Raises ValueError naming a failed probe."""
+def score_with_probes(
+    logits: harness.Logits, data: EvalTokens, rng: random.Random, probe_logits: harness.Logits | None = None
+) -> tuple[float, int, int]:
+    """Score every batch in order and probe the model between them, at places drawn from `rng`, the probes
+    answered by `probe_logits` (see `nightlab.harness.ProbePlan`). Raises ValueError naming a failed probe."""
     batches = data.batches()
-    probes = harness.ProbePlan(logits, data.vocab, (EVAL_BATCH, SEQ_LEN), len(batches), rng)
+    shape = (EVAL_BATCH, SEQ_LEN)
+    probes = harness.ProbePlan(logits, data.vocab, shape, len(batches), rng, probe_logits)
     nats, nbytes, scored = 0.0, 0, 0
     last: tuple[torch.Tensor, torch.Tensor] | None = None
     for done, (x, y) in enumerate(batches):
@@ -404,7 +407,8 @@ def _worker_logits(worker: harness.ModelWorker, vocab: int) -> harness.Logits:
 
 
 def evaluate_main(split: str, checkpoint: Path, train_file: Path, key: str | None) -> None:
-    """Score the checkpoint with train.py's model in a worker process; print the score, signed if keyed."""
+    """Score the checkpoint with train.py's model in a worker process, probed through a second one that never
+    sees the scored batches; print the score, signed if keyed."""
     start = time.time()
     try:
         data = read_eval_tokens(split)
@@ -413,8 +417,9 @@ def evaluate_main(split: str, checkpoint: Path, train_file: Path, key: str | Non
     weights, config = _read_checkpoint(checkpoint)
     here = Path(__file__).resolve()
     argv = [sys.executable, str(here), "model-worker", "--train-file", str(train_file.resolve())]
-    try:
-        with harness.ModelWorker(
+
+    def worker() -> harness.ModelWorker:
+        return harness.ModelWorker(
             argv,
             code=train_file,
             hidden=_hidden_from_worker(),
@@ -422,11 +427,16 @@ def evaluate_main(split: str, checkpoint: Path, train_file: Path, key: str | Non
             keep_env=("TINYGPT_",),
             env={"NIGHTLAB_CACHE_DIR": str(cache_dir())},
             max_message=EVAL_BATCH * SEQ_LEN * data.vocab * 4 + (1 << 20),
-        ) as worker:  # gone when this block ends, before anything is signed
-            print(f"model worker: sandbox {worker.sandbox}", file=sys.stderr, flush=True)
-            worker.start({"config": config, "vocab": data.vocab}, weights, limit=WORKER_READY_SECONDS)
+        )
+
+    try:
+        with worker() as scorer, worker() as prober:  # gone when this block ends, before anything is signed
+            print(f"model worker: sandbox {scorer.sandbox}", file=sys.stderr, flush=True)
+            for w in (scorer, prober):
+                w.start({"config": config, "vocab": data.vocab}, weights, limit=WORKER_READY_SECONDS)
             rng = random.Random(os.urandom(32))
-            nats, nbytes, scored = score_with_probes(_worker_logits(worker, data.vocab), data, rng)
+            logits, probe_logits = (_worker_logits(w, data.vocab) for w in (scorer, prober))
+            nats, nbytes, scored = score_with_probes(logits, data, rng, probe_logits)
         bpb = bits_per_byte(nats, nbytes)
     except (harness.WorkerError, ValueError) as exc:
         _fail(str(exc))
@@ -435,7 +445,7 @@ def evaluate_main(split: str, checkpoint: Path, train_file: Path, key: str | Non
         print(harness.sign_metrics(metrics, key), flush=True)
     print(
         f"split: {split}\nval_bpb: {bpb:.6f}\neval_seconds: {metrics['eval_seconds']:.1f}\n"
-        f"worker_sandbox: {worker.sandbox}",
+        f"worker_sandbox: {scorer.sandbox}",
         flush=True,
     )
 
