@@ -254,6 +254,17 @@ def serve(
     max_loaded_bases: int = typer.Option(
         2, min=1, help="Base models kept in memory; the least recently used idle one is unloaded past it."
     ),
+    max_request_mb: float = typer.Option(
+        64, min=0.001, help="The largest request body accepted, in MiB (compressed bodies: once expanded)."
+    ),
+    allow_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-origin",
+            help="A web page origin (e.g. http://localhost:3000) allowed to call the API, repeatable; "
+            "browsers' requests are refused otherwise.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the Tinker training API (/api/v1) and an OpenAI-compatible API (/v1): LoRA fine-tuning here."""
     from nightlab.train.api.app import serve as run_service
@@ -267,6 +278,8 @@ def serve(
             preload=preload or [],
             allowed_models=allow_model or [],
             max_loaded_bases=max_loaded_bases,
+            max_request_bytes=int(max_request_mb * 2**20),
+            allowed_origins=allow_origin or [],
             host=host,
             port=port,
         )

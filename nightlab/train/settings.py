@@ -60,6 +60,10 @@ class ServeSettings:
     max_checkpoints_per_key: int = 5000
     max_display_name_chars: int = 1024
     max_metadata_bytes: int = 65_536  # each of user_metadata, tags, a finish reason..., as JSON
+    # The largest request body read at all (413 past it), and the most a compressed one may expand to.
+    max_request_bytes: int = 64 << 20
+    # Web pages (`Origin` values, e.g. "http://localhost:3000") allowed to call the API; none by default.
+    allowed_origins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from nightlab.train.api.guards import RequestGuards
 from nightlab.train.api.openai import build_router as build_openai_router
 from nightlab.train.api.service import TinkerService
 from nightlab.train.api.tinker import build_router, error_response, validation_message
@@ -40,6 +41,8 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
     app.state.tinker = service  # the OpenAI routes find checkpoints and API keys here
     app.include_router(build_router(service), prefix="/api/v1")
     app.include_router(build_openai_router(engine), prefix="/v1")
+    keys = frozenset(settings.api_keys)
+    app.add_middleware(RequestGuards, settings=settings, known_key=keys.__contains__)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:

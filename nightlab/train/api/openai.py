@@ -25,7 +25,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from nightlab.train.api.openai_bodies import MAX_BATCH, ChatBody, CompletionBody, parse_body
-from nightlab.train.api.openai_prompts import Job, Target, chat_job, completion_job
+from nightlab.train.api.openai_prompts import (
+    Job,
+    Target,
+    chat_job,
+    chat_prompt,
+    completion_job,
+    completion_prompts,
+)
 from nightlab.train.api.openai_responses import respond
 from nightlab.train.engine import Engine
 from nightlab.train.errors import EngineError, OpenAIError, UserError
@@ -121,7 +128,10 @@ def build_router(engine: Engine) -> APIRouter:
         try:
             body = parse_body(CompletionBody, await request.body())
             body.refuse_unsupported()
-            job = completion_job(await target(request, body.model), body)
+            to = await target(request, body.model)
+            # Tokenizing a long prompt takes seconds: off the event loop, which must keep answering others.
+            prompts = await asyncio.to_thread(completion_prompts, body.prompt, to.tokenizer, to.context)
+            job = completion_job(to, body, prompts)
             return await respond(job, body, lambda: run(request, job), "text_completion")
         except OpenAIError as exc:
             return _error_response(exc)
@@ -131,7 +141,9 @@ def build_router(engine: Engine) -> APIRouter:
         try:
             body = parse_body(ChatBody, await request.body())
             body.refuse_unsupported()
-            job = chat_job(await target(request, body.model), body)
+            to = await target(request, body.model)
+            tokens = await asyncio.to_thread(chat_prompt, body.messages, to.tokenizer, to.context)
+            job = chat_job(to, body, tokens)
             return await respond(job, body, lambda: run(request, job), "chat.completion")
         except OpenAIError as exc:
             return _error_response(exc)

@@ -18,6 +18,9 @@ from nightlab.train.sampling import BudgetForcing, SampleRequest, SamplingParams
 
 DEFAULT_CHAT_MAX_TOKENS = 1024  # OpenAI's "until the context ends" is hours on a CPU; cap the default
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# No token of a real tokenizer spans more characters than this: a prompt longer than the context times it
+# cannot fit, and is refused before the tokenizer spends seconds on it.
+MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclass
@@ -50,14 +53,15 @@ class Job:
     events: asyncio.Queue[tuple[int, int]] = field(default_factory=asyncio.Queue)  # (choice, token)
 
 
-def completion_job(target: Target, body: CompletionBody) -> Job:
-    prompts = completion_prompts(body.prompt, target.tokenizer)
+def completion_job(target: Target, body: CompletionBody, prompts: list[list[int]]) -> Job:
+    """The job for `body`'s tokenized `prompts` (from `completion_prompts`, which may take seconds: run it
+    off the event loop; the job itself belongs to the loop)."""
     max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
     return _job(target, body, prompts, max_tokens, body.logprobs)
 
 
-def chat_job(target: Target, body: ChatBody) -> Job:
-    tokens = chat_prompt(body.messages, target.tokenizer)
+def chat_job(target: Target, body: ChatBody, tokens: list[int]) -> Job:
+    """The job for `body`'s rendered prompt `tokens` (from `chat_prompt`, off the event loop)."""
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if limit is None:
         limit = max(0, min(DEFAULT_CHAT_MAX_TOKENS, target.context - len(tokens)))
@@ -65,29 +69,47 @@ def chat_job(target: Target, body: ChatBody) -> Job:
     return _job(target, body, [tokens], limit, top)
 
 
-def completion_prompts(prompt: Any, tokenizer) -> list[list[int]]:
-    """OpenAI's four prompt forms: a string, strings, a token list, token lists."""
+def check_fits(length: int, context: int, unit: str, limit: int, param: str) -> None:
+    """Refuse a prompt whose `length` in `unit`s is over `limit`: it cannot fit the model's `context`."""
+    if context and length > limit:
+        raise OpenAIError(
+            400,
+            f"this model's context is {context} tokens and the prompt has {length} {unit} (at most {limit} "
+            "can fit): shorten it",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
+def completion_prompts(prompt: Any, tokenizer, context: int = 0) -> list[list[int]]:
+    """OpenAI's four prompt forms: a string, strings, a token list, token lists; each checked against the
+    `context` before it is tokenized."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if prompt and all(isinstance(p, int) for p in prompt):
         prompt = [prompt]
     if not prompt:
         raise OpenAIError(400, "prompt is empty", param="prompt")
-    out = []
+    out, vocab = [], len(tokenizer)  # len() of a Hugging Face tokenizer rebuilds its vocabulary: once
     for p in prompt:
+        if isinstance(p, str):
+            check_fits(len(p), context, "characters", context * MAX_CHARS_PER_TOKEN, "prompt")
+        else:
+            check_fits(len(p), context, "tokens", context, "prompt")
         tokens = tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
         if not tokens:
             raise OpenAIError(
                 400, "a prompt encodes to no tokens; send at least one character", param="prompt"
             )
-        if any(not 0 <= t < len(tokenizer) for t in tokens):
-            raise OpenAIError(400, f"prompt token ids must be in [0, {len(tokenizer)})", param="prompt")
+        if any(not 0 <= t < vocab for t in tokens):
+            raise OpenAIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
         out.append(tokens)
     return out
 
 
-def chat_prompt(messages: list[ChatMessage], tokenizer) -> list[int]:
-    """Render messages with the model's own chat template, ready for the assistant's turn."""
+def chat_prompt(messages: list[ChatMessage], tokenizer, context: int = 0) -> list[int]:
+    """Render messages with the model's own chat template, ready for the assistant's turn; messages too long
+    for the `context` are refused before rendering."""
     rendered = []
     for m in messages:
         msg = m.model_dump(exclude_none=True)
@@ -97,6 +119,8 @@ def chat_prompt(messages: list[ChatMessage], tokenizer) -> list[int]:
             msg["content"] = "".join(part.get("text", "") for part in m.content)
         msg.setdefault("content", "")
         rendered.append(msg)
+    chars = sum(len(str(m["content"])) for m in rendered)
+    check_fits(chars, context, "characters", context * MAX_CHARS_PER_TOKEN, "messages")
     if not getattr(tokenizer, "chat_template", None):
         raise OpenAIError(400, "this model has no chat template; use /v1/completions", param="messages")
     try:

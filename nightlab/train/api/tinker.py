@@ -141,7 +141,9 @@ def build_router(service: TinkerService) -> APIRouter:
             raise UserError(
                 f"forward_backward takes a protobuf body ({PROTOBUF}), as the tinker SDK sends", 415
             )
-        req = decode_forward_backward(await request.body(), request.headers.get("content-encoding"))
+        req = decode_forward_backward(
+            await request.body(), request.headers.get("content-encoding"), service.settings.max_request_bytes
+        )
         return _future(service.forward_backward(who, req), req.model_id)
 
     @router.post("/optim_step")

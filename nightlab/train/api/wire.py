@@ -4,6 +4,8 @@ sample results, between protobuf bytes and the engine's types."""
 from __future__ import annotations
 
 import hashlib
+import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,12 +18,21 @@ from nightlab.train.records import Datum
 from nightlab.train.sampling import SampleResult
 
 PROTOBUF = "application/x-protobuf"
+# A loss_fn_inputs tensor holds at most this many cells per token of its datum (a full distribution over a
+# large vocabulary fits): a declared shape past it is refused before anything of that size is made.
+MAX_CELLS_PER_TOKEN = 1 << 18
 _NP_OF_DTYPE = {pb.DTYPE_FLOAT32: np.float32, pb.DTYPE_INT64: np.int64, pb.DTYPE_INT32: np.int32}
 
 
-def _tensor(name: str, t: pb.Tensor) -> np.ndarray:
-    """A loss_fn_inputs tensor, dense or sparse CSR (unlisted cells are 0), as a numpy array of its shape."""
+def _tensor(name: str, t: pb.Tensor, max_cells: int) -> np.ndarray:
+    """A loss_fn_inputs tensor, dense or sparse CSR (unlisted cells are 0), as a numpy array of its shape,
+    which may declare at most `max_cells` cells."""
     shape = [int(s) for s in t.shape]
+    if any(s < 0 for s in shape) or math.prod(shape) > max_cells:
+        raise UserError(
+            f"loss_fn_inputs[{name!r}] declares shape {shape}: at most {max_cells} cells "
+            f"({MAX_CELLS_PER_TOKEN} per token of its datum) are accepted"
+        )
     try:
         if t.dtype == pb.DTYPE_BFLOAT16:
             decode = lambda b: (np.frombuffer(b, np.uint16).astype(np.uint32) << 16).view(np.float32)  # noqa: E731
@@ -58,7 +69,8 @@ def _datum(i: int, d: pb.Datum) -> Datum:
         tokens.extend(np.frombuffer(chunk.encoded_text.tokens, np.int32).tolist())
     if not tokens:
         raise UserError(f"datum {i} has no tokens")
-    return Datum(tokens=tokens, loss_fn_inputs={k: _tensor(k, v) for k, v in d.loss_fn_inputs.items()})
+    cells = len(tokens) * MAX_CELLS_PER_TOKEN
+    return Datum(tokens=tokens, loss_fn_inputs={k: _tensor(k, v, cells) for k, v in d.loss_fn_inputs.items()})
 
 
 @dataclass
@@ -73,13 +85,27 @@ class FwdBwdRequest:
     has_provenance: bool  # datums carry provenance spans (SDK 0.38 stable_reinforce); nightlab ignores them
 
 
-def decode_forward_backward(body: bytes, content_encoding: str | None) -> FwdBwdRequest:
-    """Parse the SDK's protobuf ForwardBackwardRequest (zstd-compressed when it says so)."""
+def _expand(body: bytes, max_bytes: int) -> bytes:
+    """A zstd body decompressed in steps, stopping one byte past `max_bytes`."""
+    out = bytearray()
+    with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(body), read_across_frames=True) as reader:
+        while len(out) <= max_bytes and (chunk := reader.read(min(1 << 20, max_bytes + 1 - len(out)))):
+            out += chunk
+    return bytes(out)
+
+
+def decode_forward_backward(body: bytes, content_encoding: str | None, max_bytes: int) -> FwdBwdRequest:
+    """Parse the SDK's protobuf ForwardBackwardRequest (zstd-compressed when it says so, and then expanding
+    to at most `max_bytes`, whatever size its frame claims)."""
     if content_encoding and content_encoding.lower() == "zstd":
         try:
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=1 << 31)
+            body = _expand(body, max_bytes)
         except zstandard.ZstdError as exc:
             raise UserError(f"body says Content-Encoding: zstd but does not decompress: {exc}") from exc
+        if len(body) > max_bytes:
+            raise UserError(
+                f"the zstd body expands past the request limit of {max_bytes} bytes (--max-request-mb)", 413
+            )
     msg = pb.ForwardBackwardRequest()
     try:
         msg.ParseFromString(body)
