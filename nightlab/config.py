@@ -204,6 +204,11 @@ class ProposerSection(_Section):
     outage_seconds: float = Field(
         1800.0, ge=0, description="how long the loop retries a proposer whose service is down before it stops"
     )
+    memory_tokens: int = Field(
+        4000,
+        ge=200,
+        description="tokens of the run's history a proposer's brief may hold, however long the run",
+    )
     plateau_after: int = Field(
         20, ge=0, description="candidates in a row that keep nothing make a plateau (0: never)"
     )

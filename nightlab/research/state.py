@@ -193,6 +193,7 @@ def history(records: Sequence[Experiment]) -> list[PastExperiment]:
             reason=r.reason,
             patch=r.diff or r.patch or "",
             params=r.params,
+            sigmas=r.sigmas,
         )
         for r in records
         if r.kind == "candidate"

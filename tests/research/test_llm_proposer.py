@@ -9,7 +9,7 @@ import pytest
 from nightlab.research.edits import EditError, apply_patch
 from nightlab.research.proposers import llm
 from nightlab.research.proposers.base import PastExperiment, ProposalContext, Proposer, ProposerUnavailable
-from nightlab.research.proposers.llm import LLMError, LLMProposer, LLMSection, LLMUnavailable, select_history
+from nightlab.research.proposers.llm import LLMError, LLMProposer, LLMSection, LLMUnavailable
 from tests.fakes import Reply, ScriptedOpenAI
 
 TRAIN = "LR = 0.01\nDEPTH = 4\n\n\ndef lr(step):\n    return LR\n"
@@ -35,11 +35,11 @@ def _no_llm_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def proposer(server: ScriptedOpenAI, **overrides: object) -> LLMProposer:
+def proposer(server: ScriptedOpenAI, memory_tokens: int = 4000, **overrides: object) -> LLMProposer:
     config = LLMSection(
         **({"base_url": server.base_url, "model": "test-model", "max_retries": 2} | overrides)
     )
-    return LLMProposer(config)
+    return LLMProposer(config, memory_tokens=memory_tokens)
 
 
 def context(**overrides: object) -> ProposalContext:
@@ -126,7 +126,7 @@ def test_missing_description_is_re_asked_but_a_sound_change_still_runs() -> None
     assert "unusable" not in proposal.rationale
 
 
-def test_prompt_holds_program_files_goal_and_history_best_first() -> None:
+def test_prompt_holds_program_files_goal_and_the_runs_memory() -> None:
     history = [
         PastExperiment(1, "wider MLP", "discard", 1.31, reason="worse than best"),
         PastExperiment(2, "cosine schedule", "keep", 1.25),
@@ -136,15 +136,15 @@ def test_prompt_holds_program_files_goal_and_history_best_first() -> None:
     ]
     ctx = context(history=history, last_invalid_reason="block 1: SEARCH text occurs 2 times in train.py")
     with ScriptedOpenAI([GOOD]) as server:
-        proposer(server, history_limit=4).propose(ctx)
+        proposer(server).propose(ctx)
     prompt = server.requests[0]["messages"][1]["content"]
     assert PROGRAM in prompt
     assert f"train.py\n```\n{TRAIN}```" in prompt
     assert "Minimize `val_bpb`. Current best: 1.25" in prompt and "Noise floor: 0.004" in prompt
-    order = [prompt.find(d) for d in ("cosine schedule", "warmup 100 steps", "wider MLP", "remove norm")]
-    assert -1 not in order and order == sorted(order)
-    assert "bigger batch" not in prompt  # the worst one falls outside history_limit=4
-    assert "4 of 5" in prompt and "NaN loss at step 40" in prompt and "[discard, val_bpb=1.31]" in prompt
+    assert "5 experiments; best val_bpb 1.25 (#2: cosine schedule)" in prompt
+    # the kept change leads, the crash is remembered with its cause, every experiment is there
+    assert prompt.find("cosine schedule") < prompt.find("NaN loss at step 40") < prompt.find("bigger batch")
+    assert "- #1 discard 1.31: wider MLP - worse than best" in prompt
     assert "SEARCH text occurs 2 times in train.py" in prompt
 
 
@@ -195,11 +195,14 @@ def test_an_endpoint_that_is_down_is_an_outage_the_loop_can_wait_out(monkeypatch
         closed.propose(context())
 
 
-def test_history_for_a_maximized_metric_puts_the_highest_first_and_keeps_room_for_failures() -> None:
-    history = [PastExperiment(i, f"try {i}", "discard", float(i)) for i in range(1, 9)]
-    history.insert(3, PastExperiment(99, "broke it", "crash", None))
-    chosen = select_history(history, "maximize", limit=4)
-    assert [p.number for p in chosen] == [8, 7, 6, 99]
+def test_a_long_history_stays_within_the_memory_budget() -> None:
+    history = [PastExperiment(i, f"try {i} " + "word " * 40, "discard", float(i)) for i in range(1, 400)]
+    with ScriptedOpenAI([GOOD]) as server:
+        llm_proposer = proposer(server, memory_tokens=600)
+        llm_proposer.propose(context(history=history))
+    prompt = server.requests[0]["messages"][1]["content"]
+    memory = prompt.split("# Experiments so far\n", 1)[1].split("\n\n# ", 1)[0]
+    assert llm_proposer.count(memory) <= 600 and "399 experiments" in memory
 
 
 def test_a_reply_can_be_computed_from_the_request() -> None:

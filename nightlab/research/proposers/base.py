@@ -59,6 +59,7 @@ class PastExperiment:
     reason: str = ""
     patch: str = ""
     params: dict[str, float] = field(default_factory=dict)
+    sigmas: float | None = None  # its margin over the best, in noise units, where it was judged
 
 
 @dataclass

@@ -10,7 +10,6 @@ Its section is `[proposer.llm]` (`LLMSection`); the `openai` client is imported 
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -28,9 +27,9 @@ from nightlab.research.edits import (
     format_search_replace,
     parse_search_replace,
 )
+from nightlab.research.memory import TokenCounter, render_memory, token_counter
 from nightlab.research.proposers.base import (
     Outcome,
-    PastExperiment,
     PluggableProposer,
     Proposal,
     ProposalContext,
@@ -77,7 +76,6 @@ class LLMSection(ProposerSettings):
     temperature: float = 0.7
     input_price_per_mtok: float = Field(0.0, ge=0)
     output_price_per_mtok: float = Field(0.0, ge=0)
-    history_limit: int = Field(30, ge=1)
 
 
 def configured_model(config: LLMSection) -> str | None:
@@ -111,30 +109,9 @@ def _format_metric(value: float | None) -> str:
     return "none yet" if value is None else f"{value:.6g}"
 
 
-def select_history(history: list[PastExperiment], goal: str, limit: int) -> list[PastExperiment]:
-    """At most `limit` experiments: measured ones best first, then failures (crash, invalid...) newest first.
-
-    A quarter of the room is kept for failures, so a long run still reminds the model what broke.
-    """
-    sign = 1 if goal == "minimize" else -1
-    measured = sorted(
-        (p for p in history if p.metric is not None and math.isfinite(p.metric)),
-        key=lambda p: sign * p.metric,  # type: ignore[operator]
-    )
-    seen = {id(p) for p in measured}
-    failed = [p for p in reversed(history) if id(p) not in seen]
-    n_failed = min(len(failed), max(limit - len(measured), limit // 4))
-    return measured[: limit - n_failed] + failed[:n_failed]
-
-
-def _history_line(past: PastExperiment, metric_name: str) -> str:
-    metric = "no metric" if past.metric is None else f"{metric_name}={past.metric:.6g}"
-    reason = f" ({past.reason})" if past.reason else ""
-    return f"- #{past.number} [{past.decision}, {metric}] {past.description}{reason}"
-
-
-def build_user_prompt(context: ProposalContext, history_limit: int) -> str:
-    """The experiment brief: instructions, goal, editable files, results so far, and the last rejection."""
+def build_user_prompt(context: ProposalContext, memory_tokens: int, count: TokenCounter) -> str:
+    """The experiment brief: instructions, goal, editable files, the run's memory (at most `memory_tokens`
+    by `count`), and the last rejection."""
     best = _format_metric(context.best_metric)
     goal = f"{context.goal.capitalize()} `{context.metric_name}`. Current best: {best}."
     if context.noise is not None:
@@ -148,13 +125,8 @@ def build_user_prompt(context: ProposalContext, history_limit: int) -> str:
         f"# Goal\n{goal}",
         "# Editable files\n" + "\n\n".join(files),
     ]
-    if context.history:
-        ordered = select_history(context.history, context.goal, history_limit)
-        shown = f"{len(ordered)} of {len(context.history)}" if len(ordered) < len(context.history) else "all"
-        lines = "\n".join(_history_line(p, context.metric_name) for p in ordered)
-        sections.append(f"# Experiments so far, best first ({shown})\n{lines}")
-    else:
-        sections.append("# Experiments so far\nNone yet besides the baseline.")
+    memory = render_memory(context.history, context.goal, context.metric_name, memory_tokens, count)
+    sections.append(f"# Experiments so far\n{memory}")
     if context.last_invalid_reason:
         rejected = context.last_invalid_reason
         sections.append(f"# Your previous proposal was not run\n{rejected}\nAvoid that mistake.")
@@ -203,7 +175,7 @@ class LLMProposer(PluggableProposer):
 
     @classmethod
     def from_config(cls, settings: LLMSection, workspace: Path, config: NightlabConfig) -> LLMProposer:
-        return cls(settings)
+        return cls(settings, memory_tokens=config.proposer.memory_tokens)
 
     @classmethod
     def check_run_options(cls, settings: LLMSection, max_cost: float | None) -> None:
@@ -215,10 +187,11 @@ class LLMProposer(PluggableProposer):
                 "tokens) in nightlab.toml; with both at 0 the cap would never stop the run"
             )
 
-    def __init__(self, config: LLMSection) -> None:
+    def __init__(self, config: LLMSection, memory_tokens: int = 4000) -> None:
         import openai
 
-        self.config = config
+        self.config, self.memory_tokens = config, memory_tokens
+        self._count: TokenCounter | None = None  # the model's tokenizer, loaded at the first proposal
         self.model = configured_model(config)
         if not self.model:
             raise LLMError(
@@ -262,11 +235,16 @@ class LLMProposer(PluggableProposer):
         text = response.choices[0].message.content if response.choices else None
         return text or "", usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0
 
+    def count(self, text: str) -> int:
+        if self._count is None:
+            self._count = token_counter(self.model)
+        return self._count(text)
+
     def propose(self, context: ProposalContext) -> Proposal:
         """Ask until the answer is usable or `max_retries` re-asks are spent; never returns None."""
         messages = [
             {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": build_user_prompt(context, self.config.history_limit)},
+            {"role": "user", "content": build_user_prompt(context, self.memory_tokens, self.count)},
         ]
         usage = Usage()
         for attempt_number in range(self.config.max_retries + 1):
