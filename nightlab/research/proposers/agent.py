@@ -3,9 +3,8 @@
 The agent works in a scratch copy of the workspace at the best commit, reads a brief (a file and stdin),
 edits files, and the proposal is the unified diff of the editable files it leaves. Edits outside the
 editable set (a harness file changed or deleted) are never run: such a proposal is refused (an empty
-patch with the reason), so the loop
-records it as invalid. A hang is killed at `timeout_seconds` with its whole process group and recorded the
-same way.
+patch with the reason), so the loop records it as invalid. A hang is killed at `timeout_seconds` with its
+whole process group and recorded the same way.
 """
 
 from __future__ import annotations
