@@ -1,0 +1,182 @@
+"""The `agent` proposer: bring your own coding agent (`claude -p`, `codex exec`, `aider --message`, a script).
+
+The agent works in a scratch copy of the workspace at the best commit, reads a brief (a file and stdin),
+edits files, and the proposal is the unified diff of the editable files it leaves. Edits outside the
+editable set (a harness file changed or deleted) are never run: such a proposal is refused (an empty
+patch with the reason), so the loop records it as invalid. A hang is killed at `timeout_seconds` with its
+whole process group and recorded the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from nightlab.errors import NightlabError
+from nightlab.research.edits import is_editable, unified_diff
+from nightlab.research.proposers.base import (
+    Outcome,
+    PluggableProposer,
+    Proposal,
+    ProposalContext,
+    ProposerSettings,
+    register,
+)
+
+if TYPE_CHECKING:
+    from nightlab.config import NightlabConfig
+
+BRIEF_FILE = ".nightlab-brief.md"
+DESCRIPTION_FILE = ".nightlab-proposal.md"
+TRANSCRIPT_LIMIT = 200_000
+
+
+class AgentSection(ProposerSettings):
+    """`[proposer.agent]`: the command line and how long it may take."""
+
+    command: str = ""
+    timeout_seconds: float = 900.0
+    pass_env: list[str] = []
+
+
+class AgentError(NightlabError, ValueError):
+    """The agent proposer is not configured."""
+
+
+def render_history(context: ProposalContext) -> str:
+    """A compact line per past experiment; one function so a token-budgeted renderer can replace it."""
+    lines = [
+        f"- #{p.number} {p.decision} {p.metric if p.metric is not None else '-'}: {p.description}"
+        + (f" ({p.reason})" if p.reason else "")
+        for p in context.history
+    ]
+    return "\n".join(lines) or "(none yet)"
+
+
+def render_brief(context: ProposalContext, editable: list[str]) -> str:
+    """What the agent is told: instructions, goal, results so far, last rejection, and the rules."""
+    parts = [
+        "# Experiment brief\n",
+        context.program.strip(),
+        f"\n## Goal\n{context.goal} `{context.metric_name}`; best so far {context.best_metric}, "
+        f"noise {context.noise}.",
+        f"\n## History\n{render_history(context)}",
+    ]
+    if context.last_invalid_reason:
+        parts.append(f"\n## Last proposal was rejected\n{context.last_invalid_reason}")
+    if context.plateau:
+        parts.append(
+            f"\n## Plateau\n{context.plateau} candidates in a row kept nothing: try something bolder."
+        )
+    parts.append(
+        "\n## Rules\n"
+        f"Edit only these files: {', '.join(editable)}. Editing any other file gets the proposal refused.\n"
+        f"Write a one-line description of your change into {DESCRIPTION_FILE}. Do not run long jobs."
+    )
+    return "\n".join(parts) + "\n"
+
+
+def _read_tree(root: Path) -> dict[str, str]:
+    """Every file under root, by relative path, skipping the brief and description the agent is given."""
+    out: dict[str, str] = {}
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not path.is_symlink() and rel not in (BRIEF_FILE, DESCRIPTION_FILE):
+            out[rel] = path.read_text(errors="replace")
+    return out
+
+
+def _copy_tracked(workspace: Path, scratch: Path) -> None:
+    """The committed files at HEAD (the best commit): untracked data and nightlab's state stay behind."""
+    archive = subprocess.run(
+        ["git", "-C", str(workspace), "archive", "HEAD"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(scratch)], input=archive.stdout, check=True)
+
+
+@register
+class AgentProposer(PluggableProposer):
+    """Runs a coding agent command in a scratch copy and proposes the diff of the editable files."""
+
+    name = "agent"
+    settings = AgentSection
+
+    @classmethod
+    def from_config(cls, settings: AgentSection, workspace: Path, config: NightlabConfig) -> AgentProposer:
+        return cls(settings, workspace, list(config.workspace.editable))
+
+    def __init__(self, settings: AgentSection, workspace: Path, editable: list[str]):
+        if not settings.command.strip():
+            raise AgentError('[proposer.agent] command is required, e.g. command = "claude -p"')
+        self.settings = settings
+        self.workspace = Path(workspace)
+        self.editable = editable
+        self.transcripts: list[str] = []
+
+    def _run(self, scratch: Path, brief: str) -> tuple[str, bool]:
+        """The command's output and whether it was killed at the timeout (with its process group)."""
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+        env.update({k: os.environ[k] for k in self.settings.pass_env if k in os.environ})
+        proc = subprocess.Popen(
+            ["bash", "-c", self.settings.command],
+            cwd=scratch,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            out, _ = proc.communicate(brief.encode(), timeout=self.settings.timeout_seconds)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            timed_out = True
+        return out.decode(errors="replace")[-TRANSCRIPT_LIMIT:], timed_out
+
+    def propose(self, context: ProposalContext) -> Proposal | None:
+        scratch = Path(tempfile.mkdtemp(prefix="nightlab-agent-"))
+        try:
+            _copy_tracked(self.workspace, scratch)
+            before = _read_tree(scratch)
+            brief = render_brief(context, self.editable)
+            (scratch / BRIEF_FILE).write_text(brief)
+            transcript, timed_out = self._run(scratch, brief)
+            self.transcripts.append(transcript)
+            if timed_out:
+                return Proposal(
+                    f"agent timed out after {self.settings.timeout_seconds:g} s", "", "unified_diff"
+                )
+            after = _read_tree(scratch)
+            description_path = scratch / DESCRIPTION_FILE
+            description = (
+                description_path.read_text().strip().splitlines()[0]
+                if description_path.is_file() and description_path.read_text().strip()
+                else "change by the coding agent"
+            )
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        changed = {p for p in set(before) | set(after) if before.get(p) != after.get(p)}
+        # A changed or deleted harness file refuses the proposal; a new scratch file (notes) is just left out.
+        outside = sorted(p for p in changed if p in before and not is_editable(p, self.editable))
+        changed = {p for p in changed if is_editable(p, self.editable)}
+        if outside:
+            return Proposal(
+                f"agent edited non-editable files (refused, never run): {', '.join(outside)}",
+                "",
+                "unified_diff",
+                rationale=transcript,
+            )
+        patch = unified_diff(
+            {p: before[p] for p in changed if p in before}, {p: after[p] for p in changed if p in after}
+        )
+        return Proposal(description, patch, "unified_diff", rationale=transcript)
+
+    def feedback(self, proposal: Proposal, outcome: Outcome) -> None:
+        """Nothing to learn: the agent reads the history in its next brief."""
