@@ -123,18 +123,22 @@ def _worker_env(scratch: Path, jailed: bool, keep: tuple[str, ...] = (), **extra
     return env
 
 
-def worker_jail(scratch: Path, hidden: Iterable[Path], needed: Iterable[Path]) -> tuple[list[str], str]:
+def worker_jail(
+    scratch: Path, hidden: Iterable[Path], needed: Iterable[Path], network: bool = False
+) -> tuple[list[str], str]:
     """The bwrap prefix that jails the worker, and a note for the summary; no prefix where bwrap cannot run.
 
     The jail sees the file system read-only except `scratch`, without the `hidden` paths (save those that hold
-    a `needed` one, Python or this kit); a minimal /dev plus the GPUs; its own user, PID, IPC, UTS and network
-    namespaces; no capabilities. (Nested in nightlab's own jail, bwrap can make no new /proc; the user
-    namespace alone keeps the worker from reading other processes' memory or /proc/PID/root.)"""
+    a `needed` one, Python or this kit); a minimal /dev plus the GPUs; its own user, PID, IPC, UTS and (unless
+    `network`) network namespaces; no capabilities. (Nested in nightlab's own jail, bwrap can make no new
+    /proc; the user namespace alone keeps the worker from reading other processes' memory or
+    /proc/PID/root.)"""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return [], "off (bwrap not found)"
     args = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--bind", str(scratch), str(scratch)]
-    args += ["--unshare-user", "--unshare-ipc", "--unshare-net", "--unshare-uts", "--unshare-pid"]
+    args += ["--unshare-user", "--unshare-ipc", "--unshare-uts", "--unshare-pid"]
+    args += [] if network else ["--unshare-net"]
     args += ["--die-with-parent", "--cap-drop", "ALL"]
     for pattern in ("nvidia*", "dri", "kfd"):  # GPUs; the new /dev has only null, zero, random and the like
         for dev in sorted(Path("/dev").glob(pattern)):

@@ -15,8 +15,10 @@ def _context(program: str = "make loss small") -> ProposalContext:
     return ProposalContext(program, {}, "loss", "minimize", 1.0, 0.1, [], last_invalid_reason="bad diff")
 
 
-def _proposer(root: Path, command: str, timeout: float = 60.0) -> AgentProposer:
-    return AgentProposer(AgentSection(command=command, timeout_seconds=timeout), root, ["train.py"])
+def _proposer(root: Path, command: str, timeout: float = 60.0, **jail: object) -> AgentProposer:
+    """The proposer unjailed unless `jail` says otherwise (`sandbox`, `hidden`; see the jail test)."""
+    settings = AgentSection(command=command, timeout_seconds=timeout, network=bool(jail.pop("network", True)))
+    return AgentProposer(settings, root, ["train.py"], **({"sandbox": "off"} | jail))
 
 
 def _train_text(root: Path) -> str:
@@ -62,11 +64,40 @@ def test_deleting_everything_leaves_the_workspace_untouched(tmp_path: Path) -> N
 
 
 def test_the_brief_carries_program_goal_rejection_and_rules() -> None:
-    brief = render_brief(_context(), ["train.py"])
+    brief = render_brief(_context(), ["train.py"], "- #1 keep 0.5: halve the LR")
     assert "make loss small" in brief and "minimize `loss`" in brief and "bad diff" in brief
-    assert "Edit only these files: train.py" in brief
+    assert "Edit only these files: train.py" in brief and "## History\n- #1 keep 0.5: halve the LR" in brief
 
 
 def test_a_command_is_required(tmp_path: Path) -> None:
     with pytest.raises(AgentError, match="command is required"):
         AgentProposer(AgentSection(), tmp_path, ["train.py"])
+
+
+def test_in_its_jail_the_agent_sees_neither_the_workspace_nor_hidden_data_and_writes_only_its_copy(
+    tmp_path: Path,
+) -> None:
+    from nightlab.research.sandbox import detect
+
+    if not detect().available:
+        pytest.skip(f"no jail here: {detect().reason}")
+    root = make_workspace(tmp_path)
+    (root / ".nightlab").mkdir(exist_ok=True)
+    (root / ".nightlab" / "journal.sqlite").write_text("secret journal")
+    split = tmp_path / "data" / "test.bin"
+    split.parent.mkdir()
+    split.write_text("secret split")
+    outside = tmp_path / "planted.txt"
+    probes = (
+        f"cat {root}/.nightlab/journal.sqlite > journal.txt 2>&1; cat {split} > split.txt 2>&1; "
+        f"echo x > {outside} 2>/dev/null; echo $? > write.txt; "
+        "python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 53), 2)' 2> net.txt; "
+        "cat journal.txt split.txt write.txt net.txt; echo '# probed' >> train.py"
+    )
+    agent = _proposer(root, probes, sandbox="required", hidden=[split.parent], network=False)
+    proposal = agent.propose(_context())
+    assert proposal is not None and "+# probed" in proposal.patch
+    transcript = proposal.rationale
+    assert transcript.startswith("[agent jailed]")
+    assert "secret" not in transcript and not outside.exists()
+    assert "Network is unreachable" in transcript or "network" in transcript.lower()

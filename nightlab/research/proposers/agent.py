@@ -17,8 +17,13 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import Field
+
 from nightlab.errors import NightlabError
+from nightlab.harness import worker_jail
+from nightlab.paths import expand
 from nightlab.research.edits import is_editable, unified_diff
+from nightlab.research.memory import render_memory, token_counter
 from nightlab.research.proposers.base import (
     Outcome,
     PluggableProposer,
@@ -27,6 +32,7 @@ from nightlab.research.proposers.base import (
     ProposerSettings,
     register,
 )
+from nightlab.research.sandbox import resolve_mode
 
 if TYPE_CHECKING:
     from nightlab.config import NightlabConfig
@@ -37,35 +43,28 @@ TRANSCRIPT_LIMIT = 200_000
 
 
 class AgentSection(ProposerSettings):
-    """`[proposer.agent]`: the command line and how long it may take."""
+    """`[proposer.agent]`: the command line, how long it may take, and what it may reach."""
 
     command: str = ""
     timeout_seconds: float = 900.0
     pass_env: list[str] = []
+    network: bool = Field(
+        True, description="the agent reaches its model over the network; false for a local one"
+    )
 
 
 class AgentError(NightlabError, ValueError):
     """The agent proposer is not configured."""
 
 
-def render_history(context: ProposalContext) -> str:
-    """A compact line per past experiment; one function so a token-budgeted renderer can replace it."""
-    lines = [
-        f"- #{p.number} {p.decision} {p.metric if p.metric is not None else '-'}: {p.description}"
-        + (f" ({p.reason})" if p.reason else "")
-        for p in context.history
-    ]
-    return "\n".join(lines) or "(none yet)"
-
-
-def render_brief(context: ProposalContext, editable: list[str]) -> str:
+def render_brief(context: ProposalContext, editable: list[str], history: str) -> str:
     """What the agent is told: instructions, goal, results so far, last rejection, and the rules."""
     parts = [
         "# Experiment brief\n",
         context.program.strip(),
         f"\n## Goal\n{context.goal} `{context.metric_name}`; best so far {context.best_metric}, "
         f"noise {context.noise}.",
-        f"\n## History\n{render_history(context)}",
+        f"\n## History\n{history}",
     ]
     if context.last_invalid_reason:
         parts.append(f"\n## Last proposal was rejected\n{context.last_invalid_reason}")
@@ -108,22 +107,52 @@ class AgentProposer(PluggableProposer):
 
     @classmethod
     def from_config(cls, settings: AgentSection, workspace: Path, config: NightlabConfig) -> AgentProposer:
-        return cls(settings, workspace, list(config.workspace.editable))
+        hidden = [Path(expand(p)) for p in config.sandbox.eval_hidden + config.sandbox.train_hidden]
+        return cls(
+            settings,
+            workspace,
+            list(config.workspace.editable),
+            sandbox=config.sandbox.mode,
+            hidden=hidden,
+            memory_tokens=config.proposer.memory_tokens,
+        )
 
-    def __init__(self, settings: AgentSection, workspace: Path, editable: list[str]):
+    def __init__(
+        self,
+        settings: AgentSection,
+        workspace: Path,
+        editable: list[str],
+        *,
+        sandbox: str = "auto",
+        hidden: list[Path] | None = None,
+        memory_tokens: int = 4000,
+    ):
         if not settings.command.strip():
             raise AgentError('[proposer.agent] command is required, e.g. command = "claude -p"')
         self.settings = settings
-        self.workspace = Path(workspace)
+        self.workspace = Path(workspace).resolve()
         self.editable = editable
+        self.jailed, self.jail_reason = resolve_mode(sandbox)
+        # The workspace itself (journal, logs, data under it) and the splits are out of the agent's sight.
+        self.hidden = [self.workspace, *(hidden or [])]
+        self.memory_tokens = memory_tokens
         self.transcripts: list[str] = []
+
+    def _argv(self, scratch: Path) -> list[str]:
+        """`bash -c command`, jailed where a jail can be made: the scratch copy is its one writable place."""
+        argv = ["bash", "-c", self.settings.command]
+        if not self.jailed:
+            return argv
+        jail, self.jail_reason = worker_jail(scratch, self.hidden, [], network=self.settings.network)
+        return [*jail, *argv]
 
     def _run(self, scratch: Path, brief: str) -> tuple[str, bool]:
         """The command's output and whether it was killed at the timeout (with its process group)."""
-        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
         env.update({k: os.environ[k] for k in self.settings.pass_env if k in os.environ})
+        env["TMPDIR"] = str(scratch)
         proc = subprocess.Popen(
-            ["bash", "-c", self.settings.command],
+            self._argv(scratch),
             cwd=scratch,
             env=env,
             stdin=subprocess.PIPE,
@@ -145,7 +174,10 @@ class AgentProposer(PluggableProposer):
         try:
             _copy_tracked(self.workspace, scratch)
             before = _read_tree(scratch)
-            brief = render_brief(context, self.editable)
+            history = render_memory(
+                context.history, context.goal, context.metric_name, self.memory_tokens, token_counter(None)
+            )
+            brief = render_brief(context, self.editable, history)
             (scratch / BRIEF_FILE).write_text(brief)
             transcript, timed_out = self._run(scratch, brief)
             self.transcripts.append(transcript)
@@ -176,7 +208,8 @@ class AgentProposer(PluggableProposer):
         patch = unified_diff(
             {p: before[p] for p in changed if p in before}, {p: after[p] for p in changed if p in after}
         )
-        return Proposal(description, patch, "unified_diff", rationale=transcript)
+        jail = "jailed" if self.jailed else f"NOT jailed ({self.jail_reason})"
+        return Proposal(description, patch, "unified_diff", rationale=f"[agent {jail}]\n{transcript}")
 
     def feedback(self, proposal: Proposal, outcome: Outcome) -> None:
         """Nothing to learn: the agent reads the history in its next brief."""
