@@ -299,6 +299,7 @@ class ResearchLoop:
             history=history(self.journal.experiments(self.run.id)),
             last_invalid_reason=self.last_invalid,
             plateau=self.state.since_keep if self._on_plateau() else 0,
+            log_path=self.executor.log_path(self.journal.next_number(self.run.id)),
         )
 
     def _on_plateau(self) -> bool:

@@ -12,7 +12,8 @@ from tests.research.loop_workspace import make_workspace
 AGENT = """
 n=$(cat {count} 2>/dev/null || echo 0); echo $((n + 1)) > {count}
 case $n in
-  0) sed -i 's/^LEARNING_RATE = 0.3/LEARNING_RATE = 0.05/' train.py
+  0) echo "read the brief: $(head -c 18 .nightlab-brief.md)"
+     sed -i 's/^LEARNING_RATE = 0.3/LEARNING_RATE = 0.05/' train.py
      echo 'lower the LR' > .nightlab-proposal.md ;;
   1) echo 'SCORE = 0' >> evaluate.py ;;
   2) sleep 600 ;;
@@ -45,3 +46,5 @@ def test_the_loop_runs_a_scripted_agent_through_good_harness_hanging_and_destruc
     assert "evaluate.py" in rows[1].description and "timed out" in rows[2].description
     assert (root / "evaluate.py").read_text() == harness
     assert "LEARNING_RATE = 0.05" in (root / "train.py").read_text()
+    transcript = root / ".nightlab" / "logs" / "agent" / f"{rows[0].number:04d}.agent.log"
+    assert transcript.read_text().startswith("read the brief: # Experiment brief")

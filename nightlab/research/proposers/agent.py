@@ -181,6 +181,9 @@ class AgentProposer(PluggableProposer):
             (scratch / BRIEF_FILE).write_text(brief)
             transcript, timed_out = self._run(scratch, brief)
             self.transcripts.append(transcript)
+            if context.log_path is not None:  # next to the experiment's own log: what the agent said and did
+                context.log_path.parent.mkdir(parents=True, exist_ok=True)
+                context.log_path.with_suffix(".agent.log").write_text(transcript, encoding="utf-8")
             if timed_out:
                 return Proposal(
                     f"agent timed out after {self.settings.timeout_seconds:g} s", "", "unified_diff"

@@ -75,6 +75,7 @@ class ProposalContext:
     history: list[PastExperiment]
     last_invalid_reason: str | None = None
     plateau: int = 0  # on a plateau, the candidates in a row that kept nothing; else 0
+    log_path: Path | None = None  # the log of the experiment this proposal becomes, for a proposer's own
 
 
 @dataclass
