@@ -13,6 +13,7 @@ empty the `default` reply is used; without one the server answers 400 saying the
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -34,6 +35,7 @@ class Reply:
     status: int = 200
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tool_calls: list[tuple[str, dict[str, Any]]] | None = None  # (function name, arguments) to call
 
 
 Script = str | Reply | Callable[[dict[str, Any]], "str | Reply"]
@@ -41,6 +43,21 @@ Script = str | Reply | Callable[[dict[str, Any]], "str | Reply"]
 
 def _words(messages: list[dict[str, Any]]) -> int:
     return sum(len(str(m.get("content") or "").split()) for m in messages)
+
+
+def _message(reply: Reply, turn: int) -> dict[str, Any]:
+    """The assistant message of a reply: its text, or its function calls."""
+    if not reply.tool_calls:
+        return {"role": "assistant", "content": reply.content}
+    calls = [
+        {
+            "id": f"call-{turn}-{i}",
+            "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args)},
+        }
+        for i, (name, args) in enumerate(reply.tool_calls)
+    ]
+    return {"role": "assistant", "content": None, "tool_calls": calls}
 
 
 class ScriptedOpenAI:
@@ -105,8 +122,8 @@ class ScriptedOpenAI:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": reply.content},
-                        "finish_reason": "stop",
+                        "message": _message(reply, len(self.requests)),
+                        "finish_reason": "tool_calls" if reply.tool_calls else "stop",
                     }
                 ],
                 "usage": {

@@ -14,12 +14,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from nightlab.config import ConfigError
 from nightlab.errors import NightlabError
+from nightlab.paths import expand
 from nightlab.research.edits import (
     FORMAT_EXAMPLE,
     EditError,
@@ -38,6 +39,7 @@ from nightlab.research.proposers.base import (
     Usage,
     register,
 )
+from nightlab.research.proposers.llm_tools import TOOLS, ToolBox
 
 if TYPE_CHECKING:
     from nightlab.config import NightlabConfig
@@ -66,6 +68,13 @@ only one place, so include a few unchanged lines around the change when needed; 
 the editable files shown; to create a new file, leave SEARCH empty."""
 
 
+TOOLS_NOTE = """
+
+Before answering you may call the tools to read the workspace's files (the harness too) and earlier
+experiments (diff, log, metrics), or search the history; then answer in the format above, or call
+submit_proposal with the same parts."""
+
+
 class LLMSection(ProposerSettings):
     """`[proposer.llm]`: the endpoint and model to ask, how to ask, and the prices that --max-cost counts."""
 
@@ -76,6 +85,10 @@ class LLMSection(ProposerSettings):
     temperature: float = 0.7
     input_price_per_mtok: float = Field(0.0, ge=0)
     output_price_per_mtok: float = Field(0.0, ge=0)
+    tools: bool = Field(
+        True, description="let the model read files and earlier experiments through function calls first"
+    )
+    tool_turns: int = Field(8, ge=0, description="the most rounds of tool calls before the model must answer")
 
 
 def configured_model(config: LLMSection) -> str | None:
@@ -175,7 +188,8 @@ class LLMProposer(PluggableProposer):
 
     @classmethod
     def from_config(cls, settings: LLMSection, workspace: Path, config: NightlabConfig) -> LLMProposer:
-        return cls(settings, memory_tokens=config.proposer.memory_tokens)
+        hidden = [Path(expand(p)) for p in config.sandbox.eval_hidden + config.sandbox.train_hidden]
+        return cls(settings, memory_tokens=config.proposer.memory_tokens, workspace=workspace, hidden=hidden)
 
     @classmethod
     def check_run_options(cls, settings: LLMSection, max_cost: float | None) -> None:
@@ -187,10 +201,19 @@ class LLMProposer(PluggableProposer):
                 "tokens) in nightlab.toml; with both at 0 the cap would never stop the run"
             )
 
-    def __init__(self, config: LLMSection, memory_tokens: int = 4000) -> None:
+    def __init__(
+        self,
+        config: LLMSection,
+        memory_tokens: int = 4000,
+        workspace: Path | None = None,
+        hidden: list[Path] | None = None,
+    ) -> None:
         import openai
 
         self.config, self.memory_tokens = config, memory_tokens
+        # Tools read the workspace, so they need one; an endpoint without function calling turns them off.
+        self.workspace, self.hidden = workspace, hidden or []
+        self.tools_work = config.tools and workspace is not None
         self._count: TokenCounter | None = None  # the model's tokenizer, loaded at the first proposal
         self.model = configured_model(config)
         if not self.model:
@@ -216,14 +239,17 @@ class LLMProposer(PluggableProposer):
             base_url=self.base_url, api_key=key or "none", max_retries=_TRANSPORT_RETRIES
         )
 
-    def _ask(self, messages: list[dict[str, str]]) -> tuple[str, int, int]:
+    def _complete(self, messages: list[dict[str, Any]], usage: Usage, tools: bool) -> Any:
+        """One chat completion (offering the tools when `tools`); its message, its tokens added to `usage`."""
         import openai
 
+        extra = {"tools": TOOLS} if tools else {}
         try:
             response = self.client.chat.completions.create(
                 model=self.model,  # type: ignore[arg-type]
                 messages=messages,  # type: ignore[arg-type]
                 temperature=self.config.temperature,
+                **extra,  # type: ignore[arg-type]
             )
         except openai.OpenAIError as exc:
             where = self.base_url or "the OpenAI API"
@@ -231,9 +257,41 @@ class LLMProposer(PluggableProposer):
             outage = (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
             error = LLMUnavailable if isinstance(exc, outage) else LLMError
             raise error(f"LLM request to {where} (model {self.model}) failed: {exc}") from exc
-        usage = response.usage
-        text = response.choices[0].message.content if response.choices else None
-        return text or "", usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0
+        if response.usage:
+            usage.prompt_tokens += response.usage.prompt_tokens
+            usage.completion_tokens += response.usage.completion_tokens
+        return response.choices[0].message if response.choices else None
+
+    def _ask(self, messages: list[dict[str, Any]], usage: Usage, toolbox: ToolBox | None) -> str:
+        """The model's answer text. With a `toolbox` it may first call tools, for at most `tool_turns` rounds
+        (then it is told to answer); `messages` grows with the calls and their results."""
+        if toolbox is not None:
+            for _ in range(self.config.tool_turns):
+                if not self.tools_work:
+                    break
+                try:
+                    message = self._complete(messages, usage, tools=True)
+                except LLMUnavailable:
+                    raise
+                except LLMError:
+                    self.tools_work = False  # the endpoint refused the tools: from now on, ask without them
+                    break
+                calls = getattr(message, "tool_calls", None) or []
+                if not calls:
+                    return (message.content or "") if message else ""
+                messages.append(message.model_dump(exclude_none=True))
+                for call in calls:
+                    answer = toolbox.call(call.function.name, call.function.arguments)
+                    messages.append({"role": "tool", "tool_call_id": call.id, "content": answer})
+                if toolbox.submitted is not None:
+                    return toolbox.submitted
+            else:
+                if self.config.tool_turns:
+                    messages.append(
+                        {"role": "user", "content": "No more tool calls: answer now, in the format."}
+                    )
+        message = self._complete(messages, usage, tools=False)
+        return (message.content or "") if message else ""
 
     def count(self, text: str) -> int:
         if self._count is None:
@@ -242,15 +300,17 @@ class LLMProposer(PluggableProposer):
 
     def propose(self, context: ProposalContext) -> Proposal:
         """Ask until the answer is usable or `max_retries` re-asks are spent; never returns None."""
-        messages = [
-            {"role": "system", "content": SYSTEM_PROMPT},
+        toolbox = (
+            ToolBox(self.workspace, context, self.hidden) if self.tools_work and self.workspace else None
+        )
+        system = SYSTEM_PROMPT + (TOOLS_NOTE if toolbox is not None else "")
+        messages: list[dict[str, Any]] = [
+            {"role": "system", "content": system},
             {"role": "user", "content": build_user_prompt(context, self.memory_tokens, self.count)},
         ]
         usage = Usage()
         for attempt_number in range(self.config.max_retries + 1):
-            text, prompt_tokens, completion_tokens = self._ask(messages)
-            usage.prompt_tokens += prompt_tokens
-            usage.completion_tokens += completion_tokens
+            text = self._ask(messages, usage, toolbox)
             if text.strip():
                 attempt = parse_answer(text, context.files)
             else:
