@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -127,3 +129,33 @@ def test_an_llm_outage_that_lasts_stops_the_run_cleanly(tmp_path, impatient):
     )
     assert "Error code: 503" in said and _rows(root) == []
     assert git(root, "status", "--porcelain", "--untracked-files=all") == ""
+
+
+def test_llm_briefs_stay_within_the_memory_budget_as_the_run_grows(tmp_path, monkeypatch):
+    """Twelve proposals, each to widen by one: the memory in every brief stays within `memory_tokens` by the
+    tokenizer that counts it, and still names every experiment's count and the kept path."""
+    from nightlab.research.memory import token_counter
+
+    monkeypatch.delenv("NIGHTLAB_LLM_MODEL", raising=False)
+
+    def widen(body: dict) -> Reply:
+        width = int(body["messages"][-1]["content"].split("WIDTH = ")[1].split()[0])
+        return _answer(f"width {width + 1}", "train.py", f"WIDTH = {width}", f"WIDTH = {width + 1}")
+
+    with ScriptedOpenAI(default=widen) as server:
+        root = make_workspace(
+            tmp_path,
+            config={
+                "proposer": {"kind": "llm", "memory_tokens": 300},
+                "proposer.llm": {"base_url": server.base_url, "model": "scripted", "max_retries": 0},
+                "experiment": {"heldout": None},
+            },
+        )
+        ResearchLoop(root, RunOptions(tag="mem", max_experiments=12)).run_loop()
+        briefs = [r["messages"][-1]["content"] for r in server.requests]
+    count = token_counter(None)
+    after = [b.split("# Experiments so far\n", 1)[1] for b in briefs]
+    memories = [re.split(r"\n\n(?:# |Propose the next experiment)", a, maxsplit=1)[0] for a in after]
+    assert len(memories) == 12 and all(count(m) <= 300 for m in memories)
+    assert memories[-1].startswith("11 experiments") and "Path to the best" in memories[-1]
+    assert count(memories[-1]) > count(memories[1])  # it fills up to the budget as the run grows
