@@ -10,6 +10,7 @@ import typer
 from nightlab import __version__
 from nightlab.console import fail as _fail
 from nightlab.errors import NightlabError
+from nightlab.hub.cli import hub_app
 from nightlab.recipes.cli import recipe_app
 
 app = typer.Typer(
@@ -76,11 +77,14 @@ def run_command(
         None, help="auto, or a registered proposer: llm, tune, replay, ... (default: nightlab.toml)."
     ),
     budget: float | None = typer.Option(None, help="Override experiment.budget_seconds."),
+    hub: str | None = typer.Option(None, "--hub", help="Post every experiment to this hub (or `[hub] url`)."),
+    hub_token: str | None = typer.Option(None, envvar="NIGHTLAB_HUB_TOKEN", help="The hub token."),
     workspace: Path = WORKSPACE_OPTION,
 ) -> None:
     """Run the research loop until a stop condition (or Ctrl-C); resumes the run after a crash or kill."""
     import signal
 
+    from nightlab.hub.poster import with_hub
     from nightlab.research.live import make_view
     from nightlab.research.loop import ResearchLoop, RunOptions
 
@@ -90,7 +94,8 @@ def run_command(
     signal.signal(signal.SIGTERM, _terminate)
     options = RunOptions(tag, max_experiments, hours, max_cost, proposer, budget)
     try:
-        state = ResearchLoop(workspace, options, observer=make_view()).run_loop()
+        view = with_hub(make_view(), workspace.resolve(), hub, hub_token)
+        state = ResearchLoop(workspace, options, observer=view).run_loop()
     except NightlabError as exc:
         _fail(exc)
     typer.echo(f"see `nightlab status` and `nightlab report` (branch {state.branch})")
@@ -310,6 +315,7 @@ def models_pull(
 
 # --- recipe commands: s1, rl (post-training through the training service's public API) ---
 app.add_typer(recipe_app, name="recipe")
+app.add_typer(hub_app, name="hub")
 
 
 if __name__ == "__main__":

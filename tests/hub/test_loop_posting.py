@@ -1,0 +1,88 @@
+"""A short replay run posting to a real hub: every experiment arrives, failures included; the kept commit's
+bundle reaches another clone through `pull`; posts wait in a queue while the hub is unreachable."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from nightlab.config import load_config
+from nightlab.hub.client import HubClient
+from nightlab.hub.poster import HubPoster, with_hub
+from nightlab.hub.pull import pull_frontier
+from nightlab.hub.records import workspace_record
+from nightlab.research.journal import Journal
+from nightlab.research.live import SilentView
+from nightlab.research.loop import ResearchLoop, RunOptions
+from nightlab.research.proposers.replay import ReplayProposer
+from nightlab.research.workspace import Workspace
+from tests.research.loop_workspace import git, make_workspace, replace_block
+
+PATCHES = {
+    "01-lr.md": replace_block("LEARNING_RATE = 0.3", "LEARNING_RATE = 0.05", description="lower the LR"),
+    "02-crash.md": replace_block(
+        "def main() -> None:", "def main() -> None:\n    raise SystemExit(3)", description="crash"
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIGHTLAB_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _run(root, view) -> list:
+    ResearchLoop(
+        root, RunOptions(tag="night"), observer=view, proposer=ReplayProposer(root.parent / "patches")
+    ).run_loop()
+    journal = Journal.for_workspace(root)
+    rows = journal.experiments(journal.find_run("night").id)
+    journal.close()
+    return rows
+
+
+def _identity(root) -> str:
+    return workspace_record(Workspace(root, load_config(root)))["identity"]
+
+
+def test_every_experiment_is_posted_and_the_keep_travels(hub, tmp_path):
+    root = make_workspace(tmp_path, patches=PATCHES)
+    rows = _run(root, with_hub(SilentView(), root, hub.url, hub.alice))
+
+    with HubClient(hub.url) as reader:
+        posted = reader.results(_identity(root))
+    assert [(p["commit"], p["decision"]) for p in posted] == [(r.commit_sha, r.decision) for r in rows]
+    assert "crash" in {p["decision"] for p in posted}
+    kept = [r.commit_sha for r in rows if r.decision == "keep" and r.kind != "baseline"]
+    assert kept
+
+    clone = tmp_path / "other"
+    git(tmp_path, "clone", "-q", str(root), str(clone))
+    lines = pull_frontier(hub.url, clone, None)
+    assert any(f"refs/hub/{kept[-1]}" in line for line in lines)
+    assert git(clone, "cat-file", "-t", kept[-1]) == "commit"
+
+
+def _closed_port_url() -> str:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def test_an_unreachable_hub_queues_posts_until_it_answers(hub, tmp_path):
+    root = make_workspace(tmp_path, patches=PATCHES)
+    offline = HubPoster(
+        HubClient(_closed_port_url(), hub.alice, timeout=1.0), Workspace(root, load_config(root))
+    )
+    rows = _run(root, offline)
+    assert offline.queue.read_text().count('"result"') == len(rows)
+
+    online = HubPoster(HubClient(hub.url, hub.alice), Workspace(root, load_config(root)))
+    online.base = offline.base
+    online.flush()
+    assert online.queue.read_text() == ""
+    with HubClient(hub.url) as reader:
+        assert len(reader.results(_identity(root))) == len(rows)
