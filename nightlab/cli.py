@@ -84,8 +84,8 @@ def run_command(
     """Run the research loop until a stop condition (or Ctrl-C); resumes the run after a crash or kill."""
     import signal
 
-    from nightlab.hub.poster import with_hub
-    from nightlab.research.live import make_view
+    from nightlab.hub.poster import join_hub
+    from nightlab.research.live import Chorus, make_view
     from nightlab.research.loop import ResearchLoop, RunOptions
 
     def _terminate(signum: int, frame: object) -> None:
@@ -94,8 +94,10 @@ def run_command(
     signal.signal(signal.SIGTERM, _terminate)
     options = RunOptions(tag, max_experiments, hours, max_cost, proposer, budget)
     try:
-        view = with_hub(make_view(), workspace.resolve(), hub, hub_token)
-        state = ResearchLoop(workspace, options, observer=view).run_loop()
+        poster = join_hub(workspace.resolve(), hub, hub_token)
+        view = Chorus(make_view(), poster) if poster else make_view()
+        elsewhere = poster.elsewhere if poster else None
+        state = ResearchLoop(workspace, options, observer=view, elsewhere=elsewhere).run_loop()
     except NightlabError as exc:
         _fail(exc)
     typer.echo(f"see `nightlab status` and `nightlab report` (branch {state.branch})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ from nightlab.hub.calibration import calibrate
 from nightlab.hub.client import HubClient, HubError
 from nightlab.hub.records import machine_record, result_record, workspace_record
 from nightlab.research.journal import STATE_DIR, Experiment, Journal
-from nightlab.research.live import Chorus, Observer, SilentView
+from nightlab.research.live import SilentView
 from nightlab.research.state import LoopState
 from nightlab.research.workspace import Workspace
 
 QUEUE_NAME = "hub_queue.jsonl"
+ELSEWHERE_REFRESH_SECONDS = 300.0  # the proposer's view of other machines may lag; each ask is a round trip
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +40,8 @@ class HubPoster(SilentView):
         self.machine_fields = machine_record(calibrate(cache))
         self.base: str | None = None
         self._warned = False
+        self._elsewhere: list[str] = []
+        self._elsewhere_at = -float("inf")
 
     def started(self, state: LoopState, resumed: bool) -> None:
         run = Journal.for_workspace(self.workspace.root).find_run(state.tag)
@@ -52,6 +56,25 @@ class HubPoster(SilentView):
             items.append({"bundle": experiment.commit_sha, "base": self.base})
         self._enqueue(items)
         self.flush()
+
+    def elsewhere(self) -> list[str]:
+        """Each other machine's best kept result on this workspace, normalised, as lines for the proposer's
+        brief. An unreachable hub gives the last lines known (none at first) instead of an error."""
+        if time.monotonic() - self._elsewhere_at < ELSEWHERE_REFRESH_SECONDS:
+            return self._elsewhere
+        try:
+            board = self.client.leaderboard(self.workspace_fields["identity"])
+        except (httpx.TransportError, HubError):
+            return self._elsewhere
+        self._elsewhere_at = time.monotonic()
+        self._elsewhere = [
+            f"{row['machine']['accelerator']} (calibration {row['machine']['calibration']:.3g}): "
+            f"{self.workspace_fields['metric']} {row['metric']:.6g} (normalised {row['normalised']:.6g}) "
+            f"with commit {row['commit'][:10]}: {row['description']}"
+            for row in board
+            if row["machine"]["id"] != self.machine_fields["id"]
+        ]
+        return self._elsewhere
 
     def _enqueue(self, items: list[dict[str, Any]]) -> None:
         self.queue.parent.mkdir(parents=True, exist_ok=True)
@@ -88,10 +111,9 @@ class HubPoster(SilentView):
         self.queue.write_text("".join(json.dumps(item) + "\n" for item in rest), encoding="utf-8")
 
 
-def with_hub(view: Observer, root: Path, url: str | None, token: str | None) -> Observer:
-    """`view` alone without a hub URL (the option, else `[hub] url`); else `view` and a poster to that hub."""
+def join_hub(root: Path, url: str | None, token: str | None) -> HubPoster | None:
+    """A poster to the hub at `url` (the option, else `[hub] url` in nightlab.toml); None without one."""
     url = url or load_config(root).hub.url
     if not url:
-        return view
-    workspace = Workspace(root, load_config(root))
-    return Chorus(view, HubPoster(HubClient(url, token, timeout=5.0), workspace))
+        return None
+    return HubPoster(HubClient(url, token, timeout=5.0), Workspace(root, load_config(root)))

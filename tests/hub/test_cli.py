@@ -6,9 +6,8 @@ from typer.testing import CliRunner
 
 from nightlab.cli import app
 from nightlab.hub.client import HubClient
-from nightlab.hub.poster import HubPoster, with_hub
+from nightlab.hub.poster import join_hub
 from nightlab.hub.server import HubSettings, create_hub_app
-from nightlab.research.live import Chorus, SilentView
 from nightlab.train.api.background import serve_in_thread
 from tests.hub.test_server import IDENTITY, _result
 from tests.research.loop_workspace import make_workspace
@@ -31,8 +30,5 @@ def test_a_created_token_is_printed_once_and_accepted(tmp_path):
 def test_the_hub_url_in_the_config_joins_the_run(tmp_path, monkeypatch):
     monkeypatch.setenv("NIGHTLAB_CACHE_DIR", str(tmp_path / "cache"))
     root = make_workspace(tmp_path, config={"hub": {"url": "http://127.0.0.1:1"}})
-    view = with_hub(SilentView(), root, None, "token")
-    assert isinstance(view, Chorus) and isinstance(view.observers[1], HubPoster)
-    assert view.observers[1].client.url == "http://127.0.0.1:1"
-    plain = make_workspace(tmp_path / "plain")
-    assert isinstance(with_hub(SilentView(), plain, None, None), SilentView)
+    assert join_hub(root, None, "token").client.url == "http://127.0.0.1:1"
+    assert join_hub(make_workspace(tmp_path / "plain"), None, None) is None

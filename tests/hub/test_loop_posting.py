@@ -9,14 +9,15 @@ import pytest
 
 from nightlab.config import load_config
 from nightlab.hub.client import HubClient
-from nightlab.hub.poster import HubPoster, with_hub
+from nightlab.hub.poster import HubPoster, join_hub
 from nightlab.hub.pull import pull_frontier
 from nightlab.hub.records import workspace_record
 from nightlab.research.journal import Journal
-from nightlab.research.live import SilentView
 from nightlab.research.loop import ResearchLoop, RunOptions
+from nightlab.research.proposers.base import Proposal, ProposalContext
 from nightlab.research.proposers.replay import ReplayProposer
 from nightlab.research.workspace import Workspace
+from tests.hub.test_server import _result
 from tests.research.loop_workspace import git, make_workspace, replace_block
 
 PATCHES = {
@@ -32,10 +33,24 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("NIGHTLAB_CACHE_DIR", str(tmp_path / "cache"))
 
 
-def _run(root, view) -> list:
-    ResearchLoop(
-        root, RunOptions(tag="night"), observer=view, proposer=ReplayProposer(root.parent / "patches")
-    ).run_loop()
+class Recording(ReplayProposer):
+    """The replay proposer, keeping the contexts it was given."""
+
+    def __init__(self, directory):
+        super().__init__(directory)
+        self.contexts: list[ProposalContext] = []
+
+    def propose(self, context: ProposalContext) -> Proposal | None:
+        self.contexts.append(context)
+        return super().propose(context)
+
+
+def _run(root, poster: HubPoster, proposer: Recording | None = None) -> list:
+    proposer = proposer or Recording(root.parent / "patches")
+    loop = ResearchLoop(
+        root, RunOptions(tag="night"), observer=poster, proposer=proposer, elsewhere=poster.elsewhere
+    )
+    loop.run_loop()
     journal = Journal.for_workspace(root)
     rows = journal.experiments(journal.find_run("night").id)
     journal.close()
@@ -48,14 +63,23 @@ def _identity(root) -> str:
 
 def test_every_experiment_is_posted_and_the_keep_travels(hub, tmp_path):
     root = make_workspace(tmp_path, patches=PATCHES)
-    rows = _run(root, with_hub(SilentView(), root, hub.url, hub.alice))
+    elsewhere = _result("f" * 40, None, 0.5, machine="gpu-box", calibration=4.0, metric_name="loss")
+    elsewhere["workspace"]["identity"] = _identity(root)
+    with HubClient(hub.url, hub.bob) as bob:
+        bob.post_result(elsewhere)
+    proposer = Recording(root.parent / "patches")
+    rows = _run(root, join_hub(root, hub.url, hub.alice), proposer)
 
     with HubClient(hub.url) as reader:
         posted = reader.results(_identity(root))
-    assert [(p["commit"], p["decision"]) for p in posted] == [(r.commit_sha, r.decision) for r in rows]
+    assert [(p["commit"], p["decision"]) for p in posted[1:]] == [(r.commit_sha, r.decision) for r in rows]
     assert "crash" in {p["decision"] for p in posted}
     kept = [r.commit_sha for r in rows if r.decision == "keep" and r.kind != "baseline"]
     assert kept
+
+    # the proposer's brief names the other machine's best (the run's own machine is left out)
+    assert [line.split(" (")[0] for line in proposer.contexts[0].elsewhere] == ["test cpu"]
+    assert "loss 0.5 (normalised 0.5)" in proposer.contexts[0].elsewhere[0]
 
     clone = tmp_path / "other"
     git(tmp_path, "clone", "-q", str(root), str(clone))

@@ -74,6 +74,7 @@ class ProposalContext:
     history: list[PastExperiment]
     last_invalid_reason: str | None = None
     plateau: int = 0  # on a plateau, the candidates in a row that kept nothing; else 0
+    elsewhere: list[str] = field(default_factory=list)  # best results of other machines on this workspace
 
 
 @dataclass
