@@ -15,6 +15,7 @@ from nightlab.hub.records import workspace_record
 from nightlab.research.journal import Journal
 from nightlab.research.loop import ResearchLoop, RunOptions
 from nightlab.research.proposers.base import Proposal, ProposalContext
+from nightlab.research.proposers.hub import HubProposer
 from nightlab.research.proposers.replay import ReplayProposer
 from nightlab.research.workspace import Workspace
 from tests.hub.test_server import _result
@@ -82,10 +83,19 @@ def test_every_experiment_is_posted_and_the_keep_travels(hub, tmp_path):
     assert "loss 0.5 (normalised 0.5)" in proposer.contexts[0].elsewhere[0]
 
     clone = tmp_path / "other"
-    git(tmp_path, "clone", "-q", str(root), str(clone))
+    git(tmp_path, "clone", "-q", "-b", "main", str(root), str(clone))
     lines = pull_frontier(hub.url, clone, None)
     assert any(f"refs/hub/{kept[-1]}" in line for line in lines)
     assert git(clone, "cat-file", "-t", kept[-1]) == "commit"
+
+    # the fetched commit is tried in the clone's own run as a candidate, under the same rules
+    hub_proposer = HubProposer(Workspace(clone, load_config(clone)))
+    ResearchLoop(clone, RunOptions(tag="tried"), proposer=hub_proposer).run_loop()
+    journal = Journal.for_workspace(clone)
+    tried = [e for e in journal.experiments(journal.find_run("tried").id) if e.kind == "candidate"]
+    journal.close()
+    assert [e.description for e in tried] == [f"hub commit {kept[-1][:12]}"]
+    assert tried[0].decision == "keep" and "LEARNING_RATE = 0.05" in tried[0].diff
 
 
 def _closed_port_url() -> str:
