@@ -225,8 +225,8 @@ def _check_commit(commit: str) -> None:
 
 async def _read_limited(request: Request, limit: int) -> bytes:
     """The body, refused with 413 once it passes `limit` bytes (checked while streaming, not after)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and int(declared) > limit:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"the bundle is {declared} bytes; this hub takes at most {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
