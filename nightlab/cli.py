@@ -10,6 +10,7 @@ import typer
 from nightlab import __version__
 from nightlab.console import fail as _fail
 from nightlab.errors import NightlabError
+from nightlab.hub.cli import hub_app
 from nightlab.recipes.cli import recipe_app
 
 app = typer.Typer(
@@ -76,12 +77,15 @@ def run_command(
         None, help="auto, or a registered proposer: llm, tune, replay, ... (default: nightlab.toml)."
     ),
     budget: float | None = typer.Option(None, help="Override experiment.budget_seconds."),
+    hub: str | None = typer.Option(None, "--hub", help="Post every experiment to this hub (or `[hub] url`)."),
+    hub_token: str | None = typer.Option(None, envvar="NIGHTLAB_HUB_TOKEN", help="The hub token."),
     workspace: Path = WORKSPACE_OPTION,
 ) -> None:
     """Run the research loop until a stop condition (or Ctrl-C); resumes the run after a crash or kill."""
     import signal
 
-    from nightlab.research.live import make_view
+    from nightlab.hub.poster import join_hub
+    from nightlab.research.live import Chorus, make_view
     from nightlab.research.loop import ResearchLoop, RunOptions
 
     def _terminate(signum: int, frame: object) -> None:
@@ -90,7 +94,10 @@ def run_command(
     signal.signal(signal.SIGTERM, _terminate)
     options = RunOptions(tag, max_experiments, hours, max_cost, proposer, budget)
     try:
-        state = ResearchLoop(workspace, options, observer=make_view()).run_loop()
+        poster = join_hub(workspace.resolve(), hub, hub_token)
+        view = Chorus(make_view(), poster) if poster else make_view()
+        elsewhere = poster.elsewhere if poster else None
+        state = ResearchLoop(workspace, options, observer=view, elsewhere=elsewhere).run_loop()
     except NightlabError as exc:
         _fail(exc)
     typer.echo(f"see `nightlab status` and `nightlab report` (branch {state.branch})")
@@ -355,6 +362,7 @@ def models_pull(
 
 # --- recipe commands: s1, rl (post-training through the training service's public API) ---
 app.add_typer(recipe_app, name="recipe")
+app.add_typer(hub_app, name="hub")
 
 
 if __name__ == "__main__":

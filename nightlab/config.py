@@ -285,6 +285,13 @@ class SandboxSection(_Section):
     )
 
 
+class HubSection(_Section):
+    """A results hub this workspace's runs post to (`nightlab hub serve`); the token comes from the
+    environment (NIGHTLAB_HUB_TOKEN) or `--hub-token`, never from a file in the repo."""
+
+    url: str | None = Field(None, description="e.g. http://lab-hub:8700; empty: post nowhere")
+
+
 class NightlabConfig(_Section):
     workspace: WorkspaceSection
     experiment: ExperimentSection
@@ -292,6 +299,7 @@ class NightlabConfig(_Section):
     decide: DecideSection = Field(default_factory=DecideSection)
     proposer: ProposerSection = Field(default_factory=ProposerSection)
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
+    hub: HubSection = Field(default_factory=HubSection)
 
     @field_validator("workspace")
     @classmethod

@@ -50,6 +50,37 @@ class SilentView(Observer):
     """Hears everything and shows nothing (the protocol's empty bodies), for runs without a view."""
 
 
+class Chorus(Observer):
+    """Several observers heard as one, in order: a view and the hub poster, say."""
+
+    def __init__(self, *observers: Observer) -> None:
+        self.observers = observers
+
+    def started(self, state: LoopState, resumed: bool) -> None:
+        for observer in self.observers:
+            observer.started(state, resumed)
+
+    def phase_started(self, number: int | str, description: str, phase: str, limit: float) -> None:
+        for observer in self.observers:
+            observer.phase_started(number, description, phase, limit)
+
+    def output(self, line: str) -> None:
+        for observer in self.observers:
+            observer.output(line)
+
+    def experiment_finished(self, experiment: Experiment, state: LoopState) -> None:
+        for observer in self.observers:
+            observer.experiment_finished(experiment, state)
+
+    def message(self, text: str) -> None:
+        for observer in self.observers:
+            observer.message(text)
+
+    def finished(self, state: LoopState) -> None:
+        for observer in self.observers:
+            observer.finished(state)
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.6g}"
 

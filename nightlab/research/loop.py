@@ -15,6 +15,7 @@ commit, so a kill at any moment leaves a state the next `nightlab run` can settl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,13 @@ class ResearchLoop:
         observer: Observer | None = None,
         proposer: Proposer | None = None,
         wrap_for: WrapFactory | None = None,
+        elsewhere: Callable[[], list[str]] | None = None,
     ):
         self.root = Path(root).resolve()
         self.options = options or RunOptions()
         self.view: Observer = observer or SilentView()
         self._proposer = proposer
+        self._elsewhere = elsewhere  # lines on what worked on other machines (a hub), shown to the proposer
         self.config: NightlabConfig = load_config(self.root)
         execution.apply_budget(self.config, self.options.budget)
         self.ws = Workspace(self.root, self.config)
@@ -300,6 +303,7 @@ class ResearchLoop:
             last_invalid_reason=self.last_invalid,
             plateau=self.state.since_keep if self._on_plateau() else 0,
             log_path=self.executor.log_path(self.journal.next_number(self.run.id)),
+            elsewhere=self._elsewhere() if self._elsewhere else [],
         )
 
     def _on_plateau(self) -> bool:

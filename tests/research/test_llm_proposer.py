@@ -220,3 +220,9 @@ def test_a_transient_server_error_is_retried_by_the_client() -> None:
     with ScriptedOpenAI([Reply("overloaded", status=503), GOOD]) as server:
         proposal = proposer(server).propose(context())
     assert proposal.description == "double the learning rate" and len(server.requests) == 2
+
+
+def test_prompt_shows_what_worked_on_other_machines_only_when_known() -> None:
+    line = "H100 (calibration 4): val_bpb 1.1 (normalised 1.1) with commit abc: deeper model"
+    assert line in llm.build_user_prompt(context(elsewhere=[line]), 4000, len)
+    assert "other machines" not in llm.build_user_prompt(context(), 4000, len)

@@ -93,13 +93,14 @@ def stepper_file(tmp_path, monkeypatch):
 
 def test_the_built_in_proposers_register_themselves_with_their_sections() -> None:
     found = registered()
-    assert list(found) == ["agent", "llm", "replay", "tune"]
+    assert list(found) == ["agent", "hub", "llm", "replay", "tune"]
     assert found["agent"].settings is AgentSection
     assert (found["llm"].settings, found["replay"].settings, found["tune"].settings) == (
         LLMSection,
         ReplaySection,
         TuneSection,
     )
+    assert found["hub"].settings is base.ProposerSettings  # nothing to set: it tries what `hub pull` fetched
 
 
 def test_every_registered_section_is_present_with_its_defaults_and_round_trips() -> None:
@@ -115,7 +116,7 @@ def test_every_registered_section_is_present_with_its_defaults_and_round_trips()
     [
         (
             '[proposer]\nkind = "nope"',
-            "proposer.kind: Value error, unknown proposer 'nope'; choose one of auto, agent, llm",
+            "proposer.kind: Value error, unknown proposer 'nope'; choose one of auto, agent, hub, llm",
         ),
         ("[proposer.llm]\nmodle = 1", "proposer.llm.modle: Extra inputs are not permitted"),
         ('[proposer.llm]\ntemperature = "hot"', "proposer.llm.temperature: Input should be a valid number"),
@@ -126,7 +127,7 @@ def test_every_registered_section_is_present_with_its_defaults_and_round_trips()
         (
             "[proposer.bot]\ncommand = 'x'",
             "proposer.bot: unknown key; [proposer] holds kind, outage_seconds and a table for each "
-            "registered proposer (agent, llm, replay, tune)",
+            "registered proposer (agent, hub, llm, replay, tune)",
         ),
     ],
 )
@@ -143,7 +144,7 @@ def test_auto_is_llm_when_a_model_is_configured_else_tune(no_llm_env, monkeypatc
     assert resolve_kind(parse_config(CONFIG)) == "llm"
     assert resolve_kind(parse_config(CONFIG), "replay") == "replay"
     with pytest.raises(
-        ConfigError, match="unknown proposer 'nope' .*choose one of auto, agent, llm, replay, tune"
+        ConfigError, match="unknown proposer 'nope' .*choose one of auto, agent, hub, llm, replay, tune"
     ):
         resolve_kind(parse_config(CONFIG), "nope")
 
@@ -245,5 +246,5 @@ def test_a_new_proposer_is_one_file(tmp_path, no_llm_env, stepper_file) -> None:
 def test_a_new_proposer_owns_its_section_and_joins_the_names(tmp_path, stepper_file) -> None:
     with pytest.raises(ConfigError, match=r"proposer.stepper.values: Input should be a valid list"):
         parse_config(CONFIG + '[proposer.stepper]\nvalues = "all of them"\n')
-    with pytest.raises(ConfigError, match="choose one of auto, agent, llm, replay, stepper, tune"):
+    with pytest.raises(ConfigError, match="choose one of auto, agent, hub, llm, replay, stepper, tune"):
         resolve_kind(parse_config(CONFIG), "nope")

@@ -76,6 +76,7 @@ class ProposalContext:
     last_invalid_reason: str | None = None
     plateau: int = 0  # on a plateau, the candidates in a row that kept nothing; else 0
     log_path: Path | None = None  # the log of the experiment this proposal becomes, for a proposer's own
+    elsewhere: list[str] = field(default_factory=list)  # best results of other machines on this workspace
 
 
 @dataclass

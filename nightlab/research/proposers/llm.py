@@ -143,6 +143,11 @@ def build_user_prompt(context: ProposalContext, memory_tokens: int, count: Token
     if context.last_invalid_reason:
         rejected = context.last_invalid_reason
         sections.append(f"# Your previous proposal was not run\n{rejected}\nAvoid that mistake.")
+    if context.elsewhere:
+        lines = "\n".join(context.elsewhere)
+        sections.append(
+            f"# What worked on other machines (same workspace, normalised to one machine)\n{lines}"
+        )
     if context.plateau:
         sections.append(
             f"# Plateau\nThe last {context.plateau} experiments kept nothing. Step back and try a different "
