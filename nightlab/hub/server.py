@@ -13,13 +13,16 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.responses import HTMLResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from nightlab.hub import db
 from nightlab.hub.calibration import normalise
+from nightlab.web.app import STATIC, dashboard_pages
 
 COMMIT = r"^[0-9a-f]{7,64}$"
 KEPT = "keep"
@@ -110,6 +113,8 @@ Reader = Annotated[None, Depends(_reader)]
 def create_hub_app(settings: HubSettings, engine: Engine | None = None) -> FastAPI:
     """The hub as an ASGI app over `settings.db_url` (or an engine already open on it)."""
     app = FastAPI(title="nightlab hub")
+    pages = dashboard_pages()
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.state.settings = settings
     app.state.engine = engine or db.open_database(settings.db_url)
 
@@ -193,10 +198,9 @@ def create_hub_app(settings: HubSettings, engine: Engine | None = None) -> FastA
         parents = {row.parent for row in kept}
         return [out(s, ws, row) for row in kept if row.commit not in parents]
 
-    @app.get("/api/workspaces/{identity}/leaderboard")
-    def leaderboard(identity: str, s: Db, _: Reader) -> list[ResultOut]:
+    def board(s: Session, ws: db.Workspace) -> list[ResultOut]:
         """Each machine's best kept result on the normalised scale, best first."""
-        ws = workspace_or_404(s, identity)
+        identity = ws.identity
         sign = 1 if ws.goal == "minimize" else -1
         best: dict[str, ResultOut] = {}
         for row in rows(s, identity):
@@ -207,6 +211,23 @@ def create_hub_app(settings: HubSettings, engine: Engine | None = None) -> FastA
             if current is None or sign * item.normalised < sign * current.normalised:
                 best[row.machine] = item
         return sorted(best.values(), key=lambda item: sign * item.normalised)
+
+    @app.get("/api/workspaces/{identity}/leaderboard")
+    def leaderboard(identity: str, s: Db, _: Reader) -> list[ResultOut]:
+        """Each machine's best kept result on the normalised scale, best first."""
+        return board(s, workspace_or_404(s, identity))
+
+    @app.get("/", response_class=HTMLResponse)
+    def index(s: Db, _: Reader) -> HTMLResponse:
+        workspaces = list(s.scalars(select(db.Workspace).order_by(db.Workspace.name)))
+        page = pages.get_template("hub.html")
+        return HTMLResponse(page.render(workspace_root="hub", workspaces=workspaces))
+
+    @app.get("/workspaces/{identity}", response_class=HTMLResponse)
+    def workspace_page(identity: str, s: Db, _: Reader) -> HTMLResponse:
+        ws = workspace_or_404(s, identity)
+        page = pages.get_template("leaderboard.html")
+        return HTMLResponse(page.render(workspace_root="hub", ws=ws, board=board(s, ws)))
 
     @app.get("/api/commits/{commit}/children")
     def children(commit: str, s: Db, _: Reader) -> list[ResultOut]:

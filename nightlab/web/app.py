@@ -15,14 +15,15 @@ from nightlab.research.journal import JOURNAL_NAME, STATE_DIR, Journal
 from nightlab.research.summary import run_json
 from nightlab.web import views
 
-HERE = Path(__file__).parent
+STATIC = Path(__file__).parent / "static"
 
 
 class DashboardError(NightlabError, RuntimeError):
     """The dashboard cannot start for this workspace."""
 
 
-def _pages() -> Environment:
+def dashboard_pages() -> Environment:
+    """The page templates, HTML-escaping what they show (the dashboard's and the hub's pages)."""
     env = Environment(loader=PackageLoader("nightlab.web", "pages"), autoescape=select_autoescape(["html"]))
     env.filters["num"] = lambda v, digits=6: "-" if v is None else f"{v:.{digits}g}"
     return env
@@ -33,9 +34,9 @@ def create_dashboard_app(root: Path) -> FastAPI:
     root = Path(root).resolve()
     if not (root / STATE_DIR / JOURNAL_NAME).is_file():
         raise DashboardError(f"{root} has no nightlab journal yet; start with `nightlab run`")
-    pages = _pages()
+    pages = dashboard_pages()
     app = FastAPI(title="nightlab dashboard", docs_url=None, redoc_url=None, openapi_url=None)
-    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def html(page: str, **data: object) -> HTMLResponse:
         return HTMLResponse(pages.get_template(page).render(workspace_root=str(root), **data))
