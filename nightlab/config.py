@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from nightlab.errors import NightlabError
+from nightlab.paths import expand
 
 CONFIG_NAME = "nightlab.toml"
 
@@ -283,6 +284,10 @@ class SandboxSection(_Section):
         default_factory=list,
         description="host paths hidden from every phase but `heldout` (e.g. the test split)",
     )
+
+    def hidden_paths(self) -> list[Path]:
+        """Every path some phase may not see, expanded: what a proposer must not show or read either."""
+        return [Path(expand(p)) for p in self.eval_hidden + self.train_hidden]
 
 
 class HubSection(_Section):

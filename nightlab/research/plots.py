@@ -77,14 +77,7 @@ def plot_progress(
     ax.set_ylabel(f"{metric_name} ({'lower' if goal == 'minimize' else 'higher'} is better)")
     keeps = sum(e.kind == "candidate" and e.decision == "keep" for e in experiments)
     ax.set_title(f"nightlab: {len(experiments)} runs, {keeps} kept")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path)
 
 
 def plot_curves(experiments: Sequence[Experiment], progress_name: str, path: Path) -> Path | None:
@@ -109,6 +102,11 @@ def plot_curves(experiments: Sequence[Experiment], progress_name: str, path: Pat
     ax.set_xlabel("fraction of the training budget")
     ax.set_ylabel(progress_name)
     ax.set_title(f"nightlab: training progress of {len(with_curves)} runs")
+    return _finish(fig, ax, path)
+
+
+def _finish(fig: plt.Figure, ax: plt.Axes, path: Path) -> Path:
+    """Grid, legend and layout as every nightlab figure has them; saved to `path` and closed."""
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()

@@ -21,7 +21,6 @@ from pydantic import Field
 
 from nightlab.errors import NightlabError
 from nightlab.harness import worker_jail
-from nightlab.paths import expand
 from nightlab.research.edits import is_editable, unified_diff
 from nightlab.research.memory import render_memory, token_counter
 from nightlab.research.proposers.base import (
@@ -107,7 +106,7 @@ class AgentProposer(PluggableProposer):
 
     @classmethod
     def from_config(cls, settings: AgentSection, workspace: Path, config: NightlabConfig) -> AgentProposer:
-        hidden = [Path(expand(p)) for p in config.sandbox.eval_hidden + config.sandbox.train_hidden]
+        hidden = config.sandbox.hidden_paths()
         return cls(
             settings,
             workspace,

@@ -20,7 +20,6 @@ from pydantic import Field
 
 from nightlab.config import ConfigError
 from nightlab.errors import NightlabError
-from nightlab.paths import expand
 from nightlab.research.edits import (
     FORMAT_EXAMPLE,
     EditError,
@@ -193,7 +192,7 @@ class LLMProposer(PluggableProposer):
 
     @classmethod
     def from_config(cls, settings: LLMSection, workspace: Path, config: NightlabConfig) -> LLMProposer:
-        hidden = [Path(expand(p)) for p in config.sandbox.eval_hidden + config.sandbox.train_hidden]
+        hidden = config.sandbox.hidden_paths()
         return cls(settings, memory_tokens=config.proposer.memory_tokens, workspace=workspace, hidden=hidden)
 
     @classmethod
