@@ -94,12 +94,11 @@ def test_without_a_rule_the_watch_only_records():
 def test_no_rule_without_kept_curves_two_baseline_curves_or_when_switched_off():
     curve = [[0.0, 2.0], [1.0, 1.0]]
     other = [[0.0, 2.1], [1.0, 1.1]]
-    on = DecideSection()
+    on = DecideSection(abort_against="kept")
     assert abort_rule([curve], [], [curve, other], "minimize", on).kept == [curve]
     assert abort_rule([], [curve], [curve, other], "minimize", on) is None
     assert abort_rule([curve], [], [curve], "minimize", on) is None
     assert abort_rule([curve], [], [curve, other], "minimize", DecideSection(early_abort=False)) is None
-    best = abort_rule(
-        [curve, other], [other], [curve, other], "minimize", DecideSection(abort_against="best")
-    )
-    assert best.kept == [other]
+    best = abort_rule([curve, other], [other], [curve, other], "minimize", DecideSection())
+    assert best.kept == [other]  # the default judges against the best's curve
+    assert abort_rule([curve], [], [curve, other], "minimize", DecideSection()) is None
