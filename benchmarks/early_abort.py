@@ -1,11 +1,11 @@
 """Early abort on a replayed run: the training time it saves on changes that lose, and the keeps it costs.
 
-The same planted changes (three real gains, nine that lose, from slightly to badly) are replayed twice on
-the quadratic workspace, whose simulated training sleeps through its budget printing a progress curve:
-with `decide.early_abort = false`, then on, judged against every kept run's curve (the default), then
-against the best's (`decide.abort_against = "best"`). Per mode the table gives the training seconds spent on
-candidates that were not kept, the training seconds on the kept ones, and which changes were kept. Goals:
-at least 30% of the losing candidates' training saved, no keep lost.
+The same planted changes (three real gains, nine that lose, from slightly to badly) are replayed three
+times on the quadratic workspace, whose simulated training sleeps through its budget printing a progress
+curve: with `decide.early_abort = false`, then on, judged against every kept run's curve
+(`decide.abort_against = "kept"`), then against the best's (the default). Per mode the table gives the
+training seconds spent on candidates that were not kept, the training seconds on the kept ones, and which
+changes were kept. Goals: at least 30% of the losing candidates' training saved, no keep lost.
 
     .venv/bin/python benchmarks/early_abort.py [--seconds 1.0]
 """

@@ -79,6 +79,12 @@ def run_command(
     budget: float | None = typer.Option(None, help="Override experiment.budget_seconds."),
     hub: str | None = typer.Option(None, "--hub", help="Post every experiment to this hub (or `[hub] url`)."),
     hub_token: str | None = typer.Option(None, envvar="NIGHTLAB_HUB_TOKEN", help="The hub token."),
+    workers: int | None = typer.Option(
+        None, min=1, help="Experiments at once, on Ray, each in its own worktree (or `[parallel] workers`)."
+    ),
+    ray_address: str | None = typer.Option(
+        None, help="An existing Ray cluster for the workers (default: start one on this machine)."
+    ),
     workspace: Path = WORKSPACE_OPTION,
 ) -> None:
     """Run the research loop until a stop condition (or Ctrl-C); resumes the run after a crash or kill."""
@@ -92,7 +98,7 @@ def run_command(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _terminate)
-    options = RunOptions(tag, max_experiments, hours, max_cost, proposer, budget)
+    options = RunOptions(tag, max_experiments, hours, max_cost, proposer, budget, workers, ray_address)
     try:
         poster = join_hub(workspace.resolve(), hub, hub_token)
         view = Chorus(make_view(), poster) if poster else make_view()

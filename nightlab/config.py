@@ -298,6 +298,27 @@ class HubSection(_Section):
     url: str | None = Field(None, description="e.g. http://lab-hub:8700; empty: post nowhere")
 
 
+class ParallelSection(_Section):
+    """`[parallel]`: experiments at once on Ray (`nightlab run --workers N`), each in its own git worktree."""
+
+    workers: int = Field(1, ge=1, description="experiments at once; 1 runs them one by one, without Ray")
+    cpus_per_experiment: float = Field(
+        1.0, gt=0, description="CPUs Ray reserves for each experiment (fractions allowed)"
+    )
+    gpus_per_experiment: float = Field(
+        0.0, ge=0, description="GPUs Ray reserves for each experiment (1 gives each its own card)"
+    )
+    ray_address: str | None = Field(
+        None, description="an existing Ray cluster (e.g. ray://head:10001 or auto); empty: start one here"
+    )
+    max_rebases: int = Field(
+        3,
+        ge=0,
+        description="how often a passing candidate is rebased onto a best that moved while it ran, and run "
+        "again, before it is recorded stale",
+    )
+
+
 class NightlabConfig(_Section):
     workspace: WorkspaceSection
     experiment: ExperimentSection
@@ -306,6 +327,7 @@ class NightlabConfig(_Section):
     proposer: ProposerSection = Field(default_factory=ProposerSection)
     sandbox: SandboxSection = Field(default_factory=SandboxSection)
     hub: HubSection = Field(default_factory=HubSection)
+    parallel: ParallelSection = Field(default_factory=ParallelSection)
 
     @field_validator("workspace")
     @classmethod

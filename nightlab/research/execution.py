@@ -113,8 +113,10 @@ class Executor:
         wrap_for: WrapFactory,
         *,
         on_start: Callable[[int], None] | None = None,
+        log_root: Path | None = None,
     ):
         self.root, self.config, self.ws, self.run = ws.root, ws.config, ws, run
+        self.log_root = log_root or ws.root  # a worker's copy of the workspace logs into the run's own
         self.view, self.wrap_for, self.on_start = view, wrap_for, on_start
         self.preserved = list(run.preserved)
         # Drawn afresh for every execution of a commit and given to all its phases, so that an evaluate step
@@ -127,7 +129,7 @@ class Executor:
 
     def log_path(self, number: int | str) -> Path:
         name = f"{number:04d}" if isinstance(number, int) else number
-        return self.root / STATE_DIR / "logs" / self.run.tag / f"{name}.log"
+        return self.log_root / STATE_DIR / "logs" / self.run.tag / f"{name}.log"
 
     def setup(self) -> None:
         """Run `experiment.setup` once per session; what it creates in the workspace (e.g. a data cache)

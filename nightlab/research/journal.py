@@ -157,7 +157,7 @@ class Experiment:
     run_id: int
     number: int
     kind: str  # baseline | candidate
-    decision: str = ""  # keep discard crash timeout invalid overrun quarantine duplicate aborted
+    decision: str = ""  # keep discard crash timeout invalid overrun quarantine duplicate aborted stale
     reason: str = ""
     commit_sha: str | None = None
     parent_commit: str | None = None

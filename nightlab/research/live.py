@@ -31,6 +31,7 @@ DECISION_STYLE = {
     "quarantine": "bold magenta",
     "duplicate": "dim",
     "aborted": "yellow",
+    "stale": "dim",
 }
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from nightlab.config import NightlabConfig, load_config
 from nightlab.errors import NightlabError
-from nightlab.research import execution
+from nightlab.research import execution, worktrees
 from nightlab.research.confirm import measure_candidate
 from nightlab.research.edits import EditError, apply_patch
 from nightlab.research.execution import Executor, WrapFactory, with_trials
@@ -54,6 +54,8 @@ class RunOptions:
     max_cost: float | None = None  # total LLM spend of the run, USD
     proposer: str | None = None
     budget: float | None = None
+    workers: int | None = None  # experiments at once (default: [parallel] workers)
+    ray_address: str | None = None  # the Ray cluster for them (default: [parallel] ray_address)
 
 
 def default_tag(ws: Workspace, journal: Journal) -> str:
@@ -172,6 +174,8 @@ class ResearchLoop:
         self.state = from_journal(self.state, records, self.run.base_commit, self.config.experiment)
 
     def _settle_interrupted(self) -> None:
+        """Record what a kill interrupted, after stopping what it left running (parallel workers' too)."""
+        worktrees.clear(self.ws, self.run.tag)
         for marker in self.journal.pending(self.run.id):
             if marker.pgid:
                 execution.stop_orphan(marker.pgid, self.root)
@@ -239,10 +243,7 @@ class ResearchLoop:
         try:
             self.executor.setup()
             self._baseline()
-            while not (reason := self._stop_reason(started)):
-                if reason := self._one_experiment():
-                    break
-            self.state.stop_reason = reason
+            self.state.stop_reason = self._experiments(started)
             if self.config.experiment.heldout:
                 score_heldout(self.executor, self.journal, self.state, self.config.experiment.heldout)
         except KeyboardInterrupt:
@@ -253,9 +254,22 @@ class ResearchLoop:
             self.journal.close()
         return self.state
 
-    def _stop_reason(self, started: float) -> str:
+    def _experiments(self, started: float) -> str:
+        """Candidates until a stop rule, one at a time or on Ray workers (parallel.py); why it stopped."""
+        workers = self.options.workers or self.config.parallel.workers
+        if workers > 1:
+            from nightlab.research.parallel import ParallelExperiments
+
+            return ParallelExperiments(self, workers).run(started)
+        while not (reason := self._stop_reason(started)):
+            if reason := self._one_experiment():
+                break
+        return reason
+
+    def _stop_reason(self, started: float, running: int = 0) -> str:
+        """Why no further candidate may start, with `running` candidates still in flight; "" if none."""
         opts, st = self.options, self.state
-        if opts.max_experiments is not None and st.experiments >= opts.max_experiments:
+        if opts.max_experiments is not None and st.experiments + running >= opts.max_experiments:
             return f"reached --max-experiments {opts.max_experiments}"
         if opts.hours is not None and time.monotonic() - started >= opts.hours * 3600:
             return f"reached --hours {opts.hours}"
@@ -290,7 +304,7 @@ class ResearchLoop:
                     ". Fix the workspace, commit, and start again"
                 )
 
-    def _context(self) -> ProposalContext:
+    def _context(self, running: list[str] | None = None) -> ProposalContext:
         program = self.root / self.config.workspace.program
         return ProposalContext(
             program=program.read_text(encoding="utf-8") if program.is_file() else "",
@@ -304,13 +318,14 @@ class ResearchLoop:
             plateau=self.state.since_keep if self._on_plateau() else 0,
             log_path=self.executor.log_path(self.journal.next_number(self.run.id)),
             elsewhere=self._elsewhere() if self._elsewhere else [],
+            running=running or [],
         )
 
     def _on_plateau(self) -> bool:
         after = self.config.proposer.plateau_after
         return after > 0 and self.state.since_keep >= after
 
-    def _propose(self) -> Proposal | str:
+    def _propose(self, running: list[str] | None = None) -> Proposal | str:
         """The next proposal, or why there is none. A proposer whose service is down (an LLM outage that
         outlasted the client's own retries) is tried again, waiting longer each time, for up to
         `proposer.outage_seconds`."""
@@ -319,7 +334,7 @@ class ResearchLoop:
         wait, longest = OUTAGE_BACKOFF_SECONDS
         while True:
             try:
-                proposal = self.proposer.propose(self._context())
+                proposal = self.proposer.propose(self._context(running))
             except ProposerUnavailable as exc:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -338,17 +353,26 @@ class ResearchLoop:
         proposal = self._propose()
         if isinstance(proposal, str):
             return proposal
+        started = self._candidate(proposal)
+        self._announce(started)
+        outcome = self._evaluate_candidate(started, proposal, self.state.best_commit)
+        kept = outcome.decision == "keep" and outcome.commit_sha
+        self.executor.checkout(outcome.commit_sha if kept else self.state.best_commit)
+        self._conclude(proposal, outcome)
+        return ""
+
+    def _candidate(self, proposal: Proposal) -> Experiment:
+        """The record of a candidate made from `proposal` against the best, numbered and not yet run."""
         number, parent = self.journal.next_number(self.run.id), self.state.best_commit
         started = self._draft(number, "candidate", parent_commit=parent, proposer=self.proposer.name)
-        started = with_proposal(started, proposal)
-        self._announce(started)
-        outcome = self._evaluate_candidate(started, proposal, parent)
-        kept = outcome.decision == "keep" and outcome.commit_sha
-        self.executor.checkout(outcome.commit_sha if kept else parent)
+        return with_proposal(started, proposal)
+
+    def _conclude(self, proposal: Proposal, outcome: Experiment) -> Experiment:
+        """Record a candidate's outcome and tell the proposer how it went."""
         outcome = self._finish(outcome)
         self.last_invalid = outcome.reason if outcome.decision in ("invalid", "duplicate") else None
         self.proposer.feedback(proposal, Outcome(outcome.decision, self._scored(outcome), outcome.reason))
-        return ""
+        return outcome
 
     def _scored(self, record: Experiment) -> float | None:
         """What the record's code scored: its metric, or for a duplicate the earlier experiment's."""
@@ -359,22 +383,34 @@ class ResearchLoop:
 
     def _evaluate_candidate(self, started: Experiment, proposal: Proposal, parent: str) -> Experiment:
         """Validate, commit, run (and confirm) a proposal; its record with the decision."""
+        started = self._prepare_candidate(started, proposal, parent)
+        if started.decision:
+            return started
+        self._announce(started)
+        judged = measure_candidate(self.executor, self.state, self.config.decide, started)
+        return self.executor.checks(judged) if judged.decision == "keep" else judged
+
+    def _prepare_candidate(
+        self, started: Experiment, proposal: Proposal, parent: str, running: list[Experiment] | None = None
+    ) -> Experiment:
+        """Commit the proposal on `parent` (checked out) with its time limits; decided already (`invalid`,
+        `duplicate` of a recorded or `running` experiment) when it cannot or need not run."""
         try:
             commit = self._commit(started.number, proposal)
         except (EditError, WorkspaceError) as exc:
             return replace(started, decision="invalid", reason=str(exc))
         started = replace(
             started,
+            parent_commit=parent,
             commit_sha=commit,
             diff=self.ws.diff(parent, commit),
             train_limit=self.state.train_limit,
             evaluate_limit=self.state.evaluate_limit,
         )
-        if earlier := self.novelty.earlier(self.journal.experiments(self.run.id), started):
+        measured = [*self.journal.experiments(self.run.id), *(running or [])]
+        if earlier := self.novelty.earlier(measured, started):
             return replace(started, decision="duplicate", reason=duplicate_reason(earlier))
-        self._announce(started)
-        judged = measure_candidate(self.executor, self.state, self.config.decide, started)
-        return self.executor.checks(judged) if judged.decision == "keep" else judged
+        return started
 
     def _commit(self, number: int, proposal: Proposal) -> str:
         """Apply the proposal to the editable files and commit it; EditError or WorkspaceError if not."""

@@ -95,7 +95,8 @@ def duplicate_reason(earlier: Experiment) -> str:
     """Why a candidate was not run, with what its code already scored."""
     result = earlier.decision if earlier.metric is None else f"{earlier.decision}, {earlier.metric:.6g}"
     what = "the baseline" if earlier.kind == "baseline" else f"#{earlier.number} ({earlier.description})"
+    status = f"already measured ({result})" if earlier.decision else "running now on another worker"
     return (
-        f"duplicate of {what}: the same code once formatting, comments and docstrings are set aside, already "
-        f"measured ({result}); not run again"
+        f"duplicate of {what}: the same code once formatting, comments and docstrings are set aside, "
+        f"{status}; not run again"
     )

@@ -23,7 +23,16 @@ if TYPE_CHECKING:
 
 PatchFormat = Literal["search_replace", "unified_diff"]
 Decision = Literal[
-    "keep", "discard", "crash", "timeout", "invalid", "overrun", "quarantine", "duplicate", "aborted"
+    "keep",
+    "discard",
+    "crash",
+    "timeout",
+    "invalid",
+    "overrun",
+    "quarantine",
+    "duplicate",
+    "aborted",
+    "stale",
 ]
 
 
@@ -77,6 +86,7 @@ class ProposalContext:
     plateau: int = 0  # on a plateau, the candidates in a row that kept nothing; else 0
     log_path: Path | None = None  # the log of the experiment this proposal becomes, for a proposer's own
     elsewhere: list[str] = field(default_factory=list)  # best results of other machines on this workspace
+    running: list[str] = field(default_factory=list)  # candidates running now (--workers), by description
 
 
 @dataclass

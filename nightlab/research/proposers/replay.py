@@ -63,8 +63,8 @@ def read_patch(path: Path) -> Proposal:
 class ReplayProposer(PluggableProposer):
     """Proposes the patches of a directory one by one.
 
-    It keeps no state of its own: the next patch is the one after as many as the run has already recorded,
-    so a resumed run carries on where it stopped (an interrupted patch counts as done).
+    It keeps no state of its own: the next patch is the one after as many as the run has already recorded or
+    is running, so a resumed run carries on where it stopped (an interrupted patch counts as done).
     """
 
     name = "replay"
@@ -88,7 +88,7 @@ class ReplayProposer(PluggableProposer):
             raise ReplayError(f"{self.directory} holds no patches (*.patch, *.diff, *.md or *.txt files)")
 
     def propose(self, context: ProposalContext) -> Proposal | None:
-        done = len(context.history)
+        done = len(context.history) + len(context.running)
         return read_patch(self.files[done]) if done < len(self.files) else None
 
     def feedback(self, proposal: Proposal, outcome: Outcome) -> None:
