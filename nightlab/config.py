@@ -211,6 +211,12 @@ class ProposerSection(_Section):
         ge=200,
         description="tokens of the run's history a proposer's brief may hold, however long the run",
     )
+    memory_notes: Literal["off", "llm"] = Field(
+        "off",
+        description="llm: the memory's counted groups (failures by cause, ideas tried more than once) each "
+        "get a one-sentence lesson from [proposer.llm]'s model, cached in .nightlab/memory_notes.json and "
+        "asked again only when a group grows, at most 3 a proposal; off: the deterministic memory only",
+    )
     plateau_after: int = Field(
         20, ge=0, description="candidates in a row that keep nothing make a plateau (0: never)"
     )

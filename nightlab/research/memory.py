@@ -10,9 +10,12 @@ re-rendered in three steps:
 - **allocate**: the budget goes to those places in that order, each item first as one line; what is left
   buys full diffs for the most telling items (the best's change, the closest near miss, the last experiment);
   what does not fit is dropped, and counted;
-- **refill**: the text is rendered and counted with a real tokenizer (`TokenCounter`), never over budget.
+- **refill**: the text is rendered and counted with a real tokenizer (`TokenCounter`), never over budget;
+  with `notes` (a `LessonWriter`, `memory_notes = "llm"`), the counted groups first get an LLM's one-line
+  lesson where it fits.
 
-The compression is deterministic: the same history and budget give the same text.
+The compression is deterministic: the same history and budget (and, with notes, the same cached lessons) give
+the same text.
 """
 
 from __future__ import annotations
@@ -23,13 +26,18 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nightlab.research.proposers.base import PastExperiment
+
+if TYPE_CHECKING:
+    from nightlab.research.memory_notes import LessonWriter
 
 TokenCounter = Callable[[str], int]
 _TOKENIZER_FILE = "tokenizer.json"
 NEAR_MISS_SIGMAS = 1.0  # a discard this many noise units better than the best is worth remembering
 RECENT = 5
+LESSON_EVIDENCE = 10  # a lesson is asked from the group's line and its latest experiments, this many
 # `NAME = ...`, `NAME += ...` or `NAME: type = ...` on a changed line of a diff (not `==`).
 _ASSIGNED = re.compile(r"^[+-]\s*([A-Za-z_][A-Za-z0-9_.]*)\s*(?::[^=\n]*)?[+\-*/]?=(?!=)", re.M)
 _VOLATILE = re.compile(r"0x[0-9a-f]+|\d+(\.\d+)?|/[^\s:]+")
@@ -70,9 +78,20 @@ def full(past: PastExperiment) -> str:
 
 
 @dataclass
+class _Group:
+    """What a counted line stands for: a key that stays as the group grows, and its experiments."""
+
+    key: str
+    members: list[PastExperiment]
+
+
+Item = PastExperiment | _Group  # what an entry shows: one experiment, or a counted group of them
+
+
+@dataclass
 class _Section:
     title: str
-    entries: list[tuple[str, PastExperiment | None]] = field(default_factory=list)  # text, its experiment
+    entries: list[tuple[str, Item]] = field(default_factory=list)  # text, what it shows
     expandable: bool = False  # whether leftover budget buys its experiments' diffs
 
 
@@ -94,7 +113,10 @@ def _sections(history: Sequence[PastExperiment], goal: str) -> list[_Section]:
             crashes[failure_cause(p.reason)].append(p)
     failures = _Section(
         "Failures, by cause",
-        [(_failure_line(ps), None) for ps in sorted(crashes.values(), key=len, reverse=True)],
+        [
+            (_failure_line(ps), _Group(f"failure: {cause}", ps))
+            for cause, ps in sorted(crashes.items(), key=lambda kv: len(kv[1]), reverse=True)
+        ],
     )
     ideas: dict[str, list[PastExperiment]] = defaultdict(list)
     for p in history:
@@ -103,7 +125,7 @@ def _sections(history: Sequence[PastExperiment], goal: str) -> list[_Section]:
     repeated = _Section(
         "Ideas tried more than once",
         [
-            _idea_line(key, ps, sign)
+            (_idea_line(key, ps, sign), _Group(f"idea: {key}", ps))
             for key, ps in sorted(ideas.items(), key=lambda kv: -len(kv[1]))
             if len(ps) > 1
         ],
@@ -123,7 +145,7 @@ def _failure_line(failures: list[PastExperiment]) -> str:
     return f"- {len(failures)} x {first.decision}: {last_words(first.reason)} (#{numbers})"
 
 
-def _idea_line(key: str, tries: list[PastExperiment], sign: int) -> tuple[str, None]:
+def _idea_line(key: str, tries: list[PastExperiment], sign: int) -> str:
     decisions = defaultdict(int)
     for p in tries:
         decisions[p.decision] += 1
@@ -132,13 +154,19 @@ def _idea_line(key: str, tries: list[PastExperiment], sign: int) -> tuple[str, N
     best = min(measured, key=lambda p: sign * p.metric, default=None)
     best_text = f"; best {_value(best)} (#{best.number})" if best else ""
     numbers = ", #".join(str(p.number) for p in tries[:8])
-    return f"- {len(tries)} changes to {key}: {outcome}{best_text} (#{numbers})", None
+    return f"- {len(tries)} changes to {key}: {outcome}{best_text} (#{numbers})"
 
 
 def render_memory(
-    history: Sequence[PastExperiment], goal: str, metric_name: str, budget: int, count: TokenCounter
+    history: Sequence[PastExperiment],
+    goal: str,
+    metric_name: str,
+    budget: int,
+    count: TokenCounter,
+    notes: LessonWriter | None = None,
 ) -> str:
-    """The run's history as text of at most `budget` tokens by `count` (allocate and refill)."""
+    """The run's history as text of at most `budget` tokens by `count` (allocate and refill), the groups
+    with their lessons from `notes` where given and where they fit."""
     if not history:
         return "None yet besides the baseline."
     sign = 1 if goal == "minimize" else -1
@@ -147,22 +175,24 @@ def render_memory(
     head = f"{len(history)} experiments"
     if best is not None:
         head += f"; best {metric_name} {_value(best)} (#{best.number}: {best.description})"
-    chosen: list[tuple[_Section, str, PastExperiment | None]] = []
+    chosen: list[tuple[_Section, str, Item]] = []
     used, shown = count(head) + 1, set()
     for section in _sections(history, goal):
         title_cost = count(f"## {section.title}") + 2
         for text, item in section.entries:
-            if item is not None and item.number in shown:
+            if isinstance(item, PastExperiment) and item.number in shown:
                 continue
             cost = count(text) + 1 + (0 if any(s is section for s, _, _ in chosen) else title_cost)
             if used + cost > budget:
                 continue
             chosen.append((section, text, item))
             used += cost
-            if item is not None:
+            if isinstance(item, PastExperiment):
                 shown.add(item.number)
+    if notes is not None:
+        used = _add_lessons(chosen, used, budget, count, notes, f"Goal: {goal} `{metric_name}`.")
     for index, (section, text, item) in enumerate(chosen):  # refill: diffs for the most telling, in order
-        if item is None or not item.patch or not section.expandable:
+        if not isinstance(item, PastExperiment) or not item.patch or not section.expandable:
             continue
         richer = full(item)
         extra = count(richer) - count(text)
@@ -172,9 +202,47 @@ def render_memory(
     return _assemble(head, chosen, len(history) - len(shown), budget, count)
 
 
+def _add_lessons(
+    chosen: list[tuple[_Section, str, Item]],
+    used: int,
+    budget: int,
+    count: TokenCounter,
+    notes: LessonWriter,
+    goal: str,
+) -> int:
+    """Refill: each chosen group's line with its lesson appended where the budget has room for it (asked
+    only where some lesson could fit); the tokens used after."""
+    notes.start()
+    for index, (section, text, item) in enumerate(chosen):
+        if not isinstance(item, _Group) or used + count(_with_lesson(text, "x")) - count(text) > budget:
+            continue
+        evidence = "\n".join([goal, f"The group:\n{text}", "Its latest experiments:"])
+        evidence += "".join(f"\n{_tried(p)}" for p in item.members[-LESSON_EVIDENCE:])
+        lesson = notes.lesson(item.key, len(item.members), evidence)
+        richer = _with_lesson(text, lesson) if lesson else text
+        extra = count(richer) - count(text)
+        if extra and used + extra <= budget:
+            chosen[index] = (section, richer, item)
+            used += extra
+    return used
+
+
+def _tried(past: PastExperiment) -> str:
+    """One experiment of a group as a lesson needs it: the values it set and how that went, with the cause."""
+    changes = [text.strip() for text in past.patch.splitlines() if _ASSIGNED.match(text)][:4]
+    knobs = [f"{name} = {value:g}" for name, value in sorted(past.params.items())]
+    what = "; ".join([past.description[:160], *(text[:120] for text in changes + knobs)])
+    reason = f" - {last_words(past.reason)}" if past.reason else ""
+    return f"- #{past.number} {past.decision} {_value(past)}: {what}{reason}"
+
+
+def _with_lesson(text: str, lesson: str) -> str:
+    return f"{text} — lesson: {lesson}"
+
+
 def _assemble(
     head: str,
-    chosen: list[tuple[_Section, str, PastExperiment | None]],
+    chosen: list[tuple[_Section, str, Item]],
     unlisted: int,
     budget: int,
     count: TokenCounter,

@@ -23,6 +23,7 @@ from nightlab.errors import NightlabError
 from nightlab.harness import worker_jail
 from nightlab.research.edits import is_editable, unified_diff
 from nightlab.research.memory import render_memory, token_counter
+from nightlab.research.memory_notes import LessonWriter
 from nightlab.research.proposers.base import (
     Outcome,
     PluggableProposer,
@@ -31,6 +32,7 @@ from nightlab.research.proposers.base import (
     ProposerSettings,
     register,
 )
+from nightlab.research.proposers.llm import LLMProposer, LLMSection, configured_model
 from nightlab.research.sandbox import resolve_mode
 
 if TYPE_CHECKING:
@@ -79,6 +81,17 @@ def render_brief(context: ProposalContext, editable: list[str], history: str) ->
     return "\n".join(parts) + "\n"
 
 
+def _notes(workspace: Path, config: NightlabConfig) -> LessonWriter | None:
+    """With `memory_notes = "llm"`, lessons from [proposer.llm]'s model, where one is configured: the agent
+    has no LLM of its own to ask."""
+    settings = config.proposer.section("llm")
+    if config.proposer.memory_notes != "llm" or not isinstance(settings, LLMSection):
+        return None
+    if not configured_model(settings):
+        return None
+    return LLMProposer(settings, workspace=workspace, memory_notes="llm").notes
+
+
 def _read_tree(root: Path) -> dict[str, str]:
     """Every file under root, by relative path, skipping the brief and description the agent is given."""
     out: dict[str, str] = {}
@@ -114,6 +127,7 @@ class AgentProposer(PluggableProposer):
             sandbox=config.sandbox.mode,
             hidden=hidden,
             memory_tokens=config.proposer.memory_tokens,
+            notes=_notes(workspace, config),
         )
 
     def __init__(
@@ -125,6 +139,7 @@ class AgentProposer(PluggableProposer):
         sandbox: str = "auto",
         hidden: list[Path] | None = None,
         memory_tokens: int = 4000,
+        notes: LessonWriter | None = None,
     ):
         if not settings.command.strip():
             raise AgentError('[proposer.agent] command is required, e.g. command = "claude -p"')
@@ -134,7 +149,7 @@ class AgentProposer(PluggableProposer):
         self.jailed, self.jail_reason = resolve_mode(sandbox)
         # The workspace itself (journal, logs, data under it) and the splits are out of the agent's sight.
         self.hidden = [self.workspace, *(hidden or [])]
-        self.memory_tokens = memory_tokens
+        self.memory_tokens, self.notes = memory_tokens, notes
         self.transcripts: list[str] = []
 
     def _argv(self, scratch: Path) -> list[str]:
@@ -174,7 +189,12 @@ class AgentProposer(PluggableProposer):
             _copy_tracked(self.workspace, scratch)
             before = _read_tree(scratch)
             history = render_memory(
-                context.history, context.goal, context.metric_name, self.memory_tokens, token_counter(None)
+                context.history,
+                context.goal,
+                context.metric_name,
+                self.memory_tokens,
+                token_counter(None),
+                self.notes,
             )
             brief = render_brief(context, self.editable, history)
             (scratch / BRIEF_FILE).write_text(brief)

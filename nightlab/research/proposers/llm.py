@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 
@@ -28,6 +28,7 @@ from nightlab.research.edits import (
     parse_search_replace,
 )
 from nightlab.research.memory import TokenCounter, render_memory, token_counter
+from nightlab.research.memory_notes import LessonWriter
 from nightlab.research.proposers.base import (
     Outcome,
     PluggableProposer,
@@ -121,9 +122,11 @@ def _format_metric(value: float | None) -> str:
     return "none yet" if value is None else f"{value:.6g}"
 
 
-def build_user_prompt(context: ProposalContext, memory_tokens: int, count: TokenCounter) -> str:
+def build_user_prompt(
+    context: ProposalContext, memory_tokens: int, count: TokenCounter, notes: LessonWriter | None = None
+) -> str:
     """The experiment brief: instructions, goal, editable files, the run's memory (at most `memory_tokens`
-    by `count`), and the last rejection."""
+    by `count`, with the groups' lessons from `notes` where given), and the last rejection."""
     best = _format_metric(context.best_metric)
     goal = f"{context.goal.capitalize()} `{context.metric_name}`. Current best: {best}."
     if context.noise is not None:
@@ -137,7 +140,7 @@ def build_user_prompt(context: ProposalContext, memory_tokens: int, count: Token
         f"# Goal\n{goal}",
         "# Editable files\n" + "\n\n".join(files),
     ]
-    memory = render_memory(context.history, context.goal, context.metric_name, memory_tokens, count)
+    memory = render_memory(context.history, context.goal, context.metric_name, memory_tokens, count, notes)
     sections.append(f"# Experiments so far\n{memory}")
     if context.last_invalid_reason:
         rejected = context.last_invalid_reason
@@ -192,8 +195,13 @@ class LLMProposer(PluggableProposer):
 
     @classmethod
     def from_config(cls, settings: LLMSection, workspace: Path, config: NightlabConfig) -> LLMProposer:
-        hidden = config.sandbox.hidden_paths()
-        return cls(settings, memory_tokens=config.proposer.memory_tokens, workspace=workspace, hidden=hidden)
+        return cls(
+            settings,
+            memory_tokens=config.proposer.memory_tokens,
+            workspace=workspace,
+            hidden=config.sandbox.hidden_paths(),
+            memory_notes=config.proposer.memory_notes,
+        )
 
     @classmethod
     def check_run_options(cls, settings: LLMSection, max_cost: float | None) -> None:
@@ -211,6 +219,7 @@ class LLMProposer(PluggableProposer):
         memory_tokens: int = 4000,
         workspace: Path | None = None,
         hidden: list[Path] | None = None,
+        memory_notes: Literal["off", "llm"] = "off",
     ) -> None:
         import openai
 
@@ -242,6 +251,8 @@ class LLMProposer(PluggableProposer):
         self.client = openai.OpenAI(
             base_url=self.base_url, api_key=key or "none", max_retries=_TRANSPORT_RETRIES
         )
+        self.notes = LessonWriter.for_workspace(self.lesson, workspace) if memory_notes == "llm" else None
+        self.notes_usage = Usage()  # the lessons' tokens since the last proposal, which then counts them
 
     def _complete(self, messages: list[dict[str, Any]], usage: Usage, tools: bool) -> Any:
         """One chat completion (offering the tools when `tools`); its message, its tokens added to `usage`."""
@@ -297,6 +308,11 @@ class LLMProposer(PluggableProposer):
         message = self._complete(messages, usage, tools=False)
         return (message.content or "") if message else ""
 
+    def lesson(self, prompt: str) -> str:
+        """The model's answer to a lesson request of the memory's `notes`, its tokens in `notes_usage`."""
+        message = self._complete([{"role": "user", "content": prompt}], self.notes_usage, tools=False)
+        return (message.content or "") if message else ""
+
     def count(self, text: str) -> int:
         if self._count is None:
             self._count = token_counter(self.model)
@@ -308,11 +324,12 @@ class LLMProposer(PluggableProposer):
             ToolBox(self.workspace, context, self.hidden) if self.tools_work and self.workspace else None
         )
         system = SYSTEM_PROMPT + (TOOLS_NOTE if toolbox is not None else "")
+        brief = build_user_prompt(context, self.memory_tokens, self.count, self.notes)
         messages: list[dict[str, Any]] = [
             {"role": "system", "content": system},
-            {"role": "user", "content": build_user_prompt(context, self.memory_tokens, self.count)},
+            {"role": "user", "content": brief},
         ]
-        usage = Usage()
+        usage, self.notes_usage = self.notes_usage, Usage()  # what its lessons cost counts as this proposal's
         for attempt_number in range(self.config.max_retries + 1):
             text = self._ask(messages, usage, toolbox)
             if text.strip():
