@@ -20,6 +20,7 @@ the same text.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections import defaultdict
@@ -218,13 +219,21 @@ def _add_lessons(
             continue
         evidence = "\n".join([goal, f"The group:\n{text}", "Its latest experiments:"])
         evidence += "".join(f"\n{_tried(p)}" for p in item.members[-LESSON_EVIDENCE:])
-        lesson = notes.lesson(item.key, len(item.members), evidence)
+        lesson = notes.lesson(_lesson_key(item), len(item.members), evidence)
         richer = _with_lesson(text, lesson) if lesson else text
         extra = count(richer) - count(text)
         if extra and used + extra <= budget:
             chosen[index] = (section, richer, item)
             used += extra
     return used
+
+
+def _lesson_key(group: _Group) -> str:
+    """The group's key and its first experiment's change: the same while the group grows, another for the
+    same idea in another run of the workspace, whose lessons share the cache."""
+    first = group.members[0]
+    change = hashlib.sha256(f"{first.description}\n{first.patch}\n{sorted(first.params.items())}".encode())
+    return f"{group.key} @{change.hexdigest()[:12]}"
 
 
 def _tried(past: PastExperiment) -> str:

@@ -175,7 +175,8 @@ def test_the_lessons_survive_a_new_proposer_in_the_workspace(tmp_path: Path) -> 
         second = propose(server, proposer(server, tmp_path), past)
     assert len(lessons_asked(server)) == 2 and first == second
     saved = json.loads((tmp_path / ".nightlab" / NOTES_FILE).read_text())
-    assert saved[f"failure: {failure_cause(CAUSES[0])}"] == {"size": 2, "lesson": "mind 2 x crash"}
+    entry = next(v for k, v in saved.items() if k.startswith(f"failure: {failure_cause(CAUSES[0])} @"))
+    assert entry == {"size": 2, "lesson": "mind 2 x crash"}
     assert [p.name for p in (tmp_path / ".nightlab").iterdir()] == [NOTES_FILE]  # no temp file left
 
 
@@ -194,3 +195,18 @@ def agent(root: Path) -> AgentProposer:
     settings = config.proposer.section("agent")
     assert isinstance(settings, AgentSection)
     return AgentProposer.from_config(settings, root, config)
+
+
+def test_another_runs_group_of_the_same_idea_and_size_gets_its_own_lesson(count) -> None:
+    asked: list[str] = []
+
+    def ask(prompt: str) -> str:
+        asked.append(prompt)
+        return f"lesson {len(asked)}"
+
+    notes = LessonWriter(ask)
+    first_run = [PastExperiment(i, f"LR {i}", "discard", 1.5, params={"LR": 0.1 * i}) for i in (1, 2)]
+    later_run = [PastExperiment(i, f"LR to {i}", "discard", 1.5, params={"LR": 0.3 * i}) for i in (1, 2)]
+    first = render_memory(first_run, "minimize", "val_bpb", 4000, count, notes)
+    later = render_memory(later_run, "minimize", "val_bpb", 4000, count, notes)
+    assert len(asked) == 2 and "lesson: lesson 1" in first and "lesson: lesson 2" in later
