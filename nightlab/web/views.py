@@ -50,22 +50,25 @@ def _state(run: Run, records: list[Experiment]) -> tuple[NightlabConfig, LoopSta
 
 
 def status(root: Path, tag: str | None) -> dict[str, Any]:
-    """The run's live status: the experiment running now (if any) and how far into its budget it is."""
+    """The run's live status: the experiments running now (several with `--workers`), each with how far into
+    its budget it is."""
     with journal_of(root) as journal:
         run = find_run(journal, tag)
         config = NightlabConfig.model_validate(run.config)
         pending = journal.pending(run.id)
         count = len(journal.experiments(run.id))
-    running = None
-    if pending:
-        e = pending[-1].experiment
+    running = []
+    for marker in pending:
+        e = marker.experiment
         elapsed = time.time() - e.started_at if e.started_at else None
-        running = {
-            "number": e.number,
-            "description": terminal_safe(e.description or e.kind),
-            "elapsed_seconds": None if elapsed is None else round(elapsed, 1),
-            "budget_seconds": config.experiment.budget_seconds,
-        }
+        running.append(
+            {
+                "number": e.number,
+                "description": terminal_safe(e.description or e.kind),
+                "elapsed_seconds": None if elapsed is None else round(elapsed, 1),
+                "budget_seconds": config.experiment.budget_seconds,
+            }
+        )
     return {"tag": run.tag, "running": running, "recorded": count}
 
 

@@ -85,6 +85,23 @@ def test_three_at_once_keep_rebase_and_stale(tmp_path):
     assert (root / ".nightlab" / "logs" / "night" / f"{other.number:04d}.log").is_file()
 
 
+def test_a_repeat_of_a_running_candidate_is_not_run(tmp_path):
+    wider = replace_block("WIDTH = 4", "WIDTH = 16", description="wider")
+    root = make_workspace(
+        tmp_path,
+        config=_config(),
+        patches={
+            "1.md": wider + replace_block("def main() -> None:", _slow(3)),
+            "2.md": replace_block("WIDTH = 4", "WIDTH = 16  # the same again", description="wider again")
+            + replace_block("def main() -> None:", _slow(3) + "  # slept"),
+        },
+    )
+    ResearchLoop(root, RunOptions(tag="night", proposer="replay", workers=2)).run_loop()
+    first, again = _rows(root)[3:]
+    assert first.decision == "keep" and again.decision == "duplicate"
+    assert f"duplicate of #{first.number} (wider)" in again.reason and "running now" in again.reason
+
+
 def _nightlab(root: Path, *args: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "nightlab.cli", "run", "--tag", "night", "--proposer", "replay", *args]
     return subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -67,6 +67,15 @@ def test_the_brief_carries_program_goal_rejection_and_rules() -> None:
     brief = render_brief(_context(), ["train.py"], "- #1 keep 0.5: halve the LR")
     assert "make loss small" in brief and "minimize `loss`" in brief and "bad diff" in brief
     assert "Edit only these files: train.py" in brief and "## History\n- #1 keep 0.5: halve the LR" in brief
+    assert "Running now" not in brief and "other machines" not in brief
+
+
+def test_the_brief_names_running_candidates_and_what_worked_elsewhere() -> None:
+    context = _context()
+    context.running, context.elsewhere = ["wider MLP"], ["H100: loss 0.9 with commit abc: deeper"]
+    brief = render_brief(context, ["train.py"], "")
+    assert "## Running now on other workers\n- wider MLP" in brief
+    assert "## What worked on other machines (same workspace, normalised)\nH100: loss 0.9" in brief
 
 
 def test_a_command_is_required(tmp_path: Path) -> None:

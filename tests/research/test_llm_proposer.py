@@ -226,3 +226,9 @@ def test_prompt_shows_what_worked_on_other_machines_only_when_known() -> None:
     line = "H100 (calibration 4): val_bpb 1.1 (normalised 1.1) with commit abc: deeper model"
     assert line in llm.build_user_prompt(context(elsewhere=[line]), 4000, len)
     assert "other machines" not in llm.build_user_prompt(context(), 4000, len)
+
+
+def test_prompt_names_the_candidates_running_on_other_workers() -> None:
+    prompt = llm.build_user_prompt(context(running=["double the LR", "deeper model"]), 4000, len)
+    assert "# Running now on other workers\n- double the LR\n- deeper model" in prompt
+    assert "Running now" not in llm.build_user_prompt(context(), 4000, len)

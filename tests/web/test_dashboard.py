@@ -42,8 +42,9 @@ def dashboard(tmp_path_factory):
     ResearchLoop(root, RunOptions(tag="night", proposer="replay")).run_loop()
     journal = Journal.for_workspace(root)
     run = journal.find_run("night")
-    running = Experiment(run.id, 6, "candidate", description="widen a lot", started_at=time.time() - 3)
-    journal.mark_pending(Pending(running))
+    for number, what in ((6, "widen a lot"), (7, "on a second worker")):  # two at once, as --workers runs
+        running = Experiment(run.id, number, "candidate", description=what, started_at=time.time() - 3)
+        journal.mark_pending(Pending(running))
     rows = journal.experiments(run.id)
     journal.close()
     with serve_in_thread(create_dashboard_app(root)) as server, playwright.sync_playwright() as p:
@@ -63,7 +64,8 @@ def test_the_run_page_shows_status_numbers_and_every_experiment(dashboard):
     page.goto(url + "/")  # one run: straight to it
     assert page.url.endswith("/runs/night")
     shot(page, "run")
-    assert page.locator("#live .running").inner_text().startswith("Running #6: widen a lot,")
+    assert page.locator("#live .running").nth(0).inner_text().startswith("Running #6: widen a lot,")
+    assert page.locator("#live .running").nth(1).inner_text().startswith("Running #7: on a second worker,")
     kept = [r for r in rows if r.kind == "candidate" and r.decision == "keep"]
     assert page.locator("#best").inner_text() == f"{kept[-1].metric:.6g}"
     assert page.locator("#kept").inner_text() == "1" and page.locator("#experiments").inner_text() == "3"
@@ -111,5 +113,5 @@ def test_the_live_status_follows_the_journal(dashboard):
     url, page, _ = dashboard
     page.goto(url + "/runs/night")
     status = page.evaluate("fetch('/api/runs/night/status').then(r => r.json())")
-    assert status["running"]["number"] == 6 and status["running"]["elapsed_seconds"] >= 3
-    assert status["running"]["budget_seconds"] > 0
+    assert [r["number"] for r in status["running"]] == [6, 7]
+    assert all(r["elapsed_seconds"] >= 3 and r["budget_seconds"] > 0 for r in status["running"])

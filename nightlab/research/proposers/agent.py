@@ -31,6 +31,7 @@ from nightlab.research.proposers.base import (
     ProposalContext,
     ProposerSettings,
     register,
+    running_note,
 )
 from nightlab.research.proposers.llm import LLMProposer, LLMSection, configured_model
 from nightlab.research.sandbox import resolve_mode
@@ -69,6 +70,11 @@ def render_brief(context: ProposalContext, editable: list[str], history: str) ->
     ]
     if context.last_invalid_reason:
         parts.append(f"\n## Last proposal was rejected\n{context.last_invalid_reason}")
+    if running := running_note(context):
+        parts.append(f"\n## Running now on other workers\n{running}")
+    if context.elsewhere:
+        lines = "\n".join(context.elsewhere)
+        parts.append(f"\n## What worked on other machines (same workspace, normalised)\n{lines}")
     if context.plateau:
         parts.append(
             f"\n## Plateau\n{context.plateau} candidates in a row kept nothing: try something bolder."

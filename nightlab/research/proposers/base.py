@@ -89,6 +89,14 @@ class ProposalContext:
     running: list[str] = field(default_factory=list)  # candidates running now (--workers), by description
 
 
+def running_note(context: ProposalContext) -> str:
+    """The candidates running now on other workers, as a brief's section body; "" when none."""
+    if not context.running:
+        return ""
+    ideas = "\n".join(f"- {what}" for what in context.running)
+    return f"{ideas}\nTheir results are not in yet: propose something else, not one of these again."
+
+
 @dataclass
 class Outcome:
     """What happened to a proposal, handed back so the proposer can learn (e.g. Optuna's tell)."""

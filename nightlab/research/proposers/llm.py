@@ -38,6 +38,7 @@ from nightlab.research.proposers.base import (
     ProposerUnavailable,
     Usage,
     register,
+    running_note,
 )
 from nightlab.research.proposers.llm_tools import TOOLS, ToolBox
 
@@ -145,6 +146,8 @@ def build_user_prompt(
     if context.last_invalid_reason:
         rejected = context.last_invalid_reason
         sections.append(f"# Your previous proposal was not run\n{rejected}\nAvoid that mistake.")
+    if running := running_note(context):
+        sections.append(f"# Running now on other workers\n{running}")
     if context.elsewhere:
         lines = "\n".join(context.elsewhere)
         sections.append(

@@ -10,9 +10,11 @@
       if (!response.ok) return;
       const status = await response.json();
       if (status.recorded !== recorded) { window.location.reload(); return; }
-      const elapsed = live.querySelector(".elapsed");
-      if (elapsed && status.running && status.running.elapsed_seconds !== null) {
-        elapsed.textContent = status.running.elapsed_seconds.toFixed(0);
+      for (const running of status.running) {
+        const elapsed = live.querySelector(`.running[data-number="${running.number}"] .elapsed`);
+        if (elapsed && running.elapsed_seconds !== null) {
+          elapsed.textContent = running.elapsed_seconds.toFixed(0);
+        }
       }
     } catch (err) { /* the dashboard may be restarting; try again on the next tick */ }
   }
