@@ -1,8 +1,11 @@
 """How fast this machine is, as one number, so results from different hardware compare on one scale.
 
-The score is `REFERENCE_SECONDS / measured seconds` of a fixed workload (float32 matrix products: what
-training steps spend their time on), so the reference machine scores 1.0 and a machine twice as fast scores
-2.0. It runs once per machine (a few seconds) and is cached in nightlab's cache dir.
+The score is the machine's float32 matrix-product rate (what training steps spend their time on) over the
+reference machine's, which does the CPU workload (384x384, 40 products) in 50 ms: the reference scores 1.0,
+a machine twice as fast 2.0. Where PyTorch sees a GPU (or Apple's MPS) the experiments run there, so the
+workload runs there too, with matrices large enough (4096x4096) to measure the device and not its launch
+overhead; both rates are FLOP/s, so CPU and GPU machines share the scale. It runs once per machine (a few
+seconds) and is cached in nightlab's cache dir, keyed by the workload.
 
 Normalisation (`normalise`): a time-like metric (its name says seconds, time, latency or ms) is what the
 reference machine would have measured, `value * score`: a run that took 10 s on a machine scoring 2.0 counts
@@ -24,9 +27,30 @@ from pathlib import Path
 
 from nightlab.paths import cache_dir
 
-WORKLOAD = "float32 matmul 384x384, 40 products, best of 3"
-REFERENCE_SECONDS = 0.05
+REFERENCE_SECONDS = 0.05  # the reference machine's time for the CPU workload
 TIME_LIKE = re.compile(r"(seconds|time|latency|(^|_)ms($|_)|(^|_)s$)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A fixed chain of float32 matrix products."""
+
+    size: int
+    products: int
+    repeats: int = 3
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.size**3 * self.products
+
+    def describe(self, device: str) -> str:
+        shape = f"{self.size}x{self.size}"
+        return f"float32 matmul {shape}, {self.products} products, best of {self.repeats}, {device}"
+
+
+CPU_WORKLOAD = Workload(384, 40)
+ACCELERATOR_WORKLOAD = Workload(4096, 10)
+REFERENCE_FLOPS = CPU_WORKLOAD.flops / REFERENCE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -35,24 +59,64 @@ class Calibration:
     accelerator: str
     memory_gb: float
     score: float
-    workload: str = WORKLOAD
+    workload: str = CPU_WORKLOAD.describe("cpu")
 
 
-def _workload_seconds(size: int = 384, products: int = 40, repeats: int = 3) -> float:
-    """Best-of-`repeats` time of a fixed chain of matrix products (the best: a busy moment must not count)."""
+def _numpy_seconds(work: Workload) -> float:
+    """Best-of-`repeats` time of the chain on the CPU (the best: a busy moment must not count)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32) / size**0.5
+    a = rng.standard_normal((work.size, work.size), dtype=np.float32)
+    b = rng.standard_normal((work.size, work.size), dtype=np.float32) / work.size**0.5
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(work.repeats):
         start = time.perf_counter()
         out = a
-        for _ in range(products):
+        for _ in range(work.products):
             out = out @ b
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _torch_seconds(work: Workload, device: str) -> float:
+    """The same on a PyTorch device, after a warm-up, waiting for the device before each clock reading."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(work.size, work.size, generator=generator).to(device)
+    b = (torch.randn(work.size, work.size, generator=generator) / work.size**0.5).to(device)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elif device == "mps":
+            torch.mps.synchronize()
+
+    (a @ b).sum().item()  # warm-up: kernels chosen and loaded outside the clock
+    best = float("inf")
+    for _ in range(work.repeats):
+        sync()
+        start = time.perf_counter()
+        out = a
+        for _ in range(work.products):
+            out = out @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _workload_seconds(device: str | None) -> float:
+    """The workload's time where the experiments run: the accelerator's, else the CPU's."""
+    if device is None:
+        return _numpy_seconds(CPU_WORKLOAD)
+    return _torch_seconds(ACCELERATOR_WORKLOAD, device)
+
+
+def score_of(device: str | None, seconds: float) -> float:
+    """The rate of the device's workload done in `seconds`, over the reference's."""
+    work = CPU_WORKLOAD if device is None else ACCELERATOR_WORKLOAD
+    return round(work.flops / seconds / REFERENCE_FLOPS, 4)
 
 
 def _accelerator_name() -> str:
@@ -82,17 +146,22 @@ def machine_id(accelerator: str) -> str:
 
 def calibrate(cache: Path | None = None, refresh: bool = False) -> Calibration:
     """This machine's calibration, measured once, then read from `cache` (default: nightlab's cache dir)."""
+    from nightlab.hardware import accelerator
+
+    device = accelerator()
+    workload = (CPU_WORKLOAD if device is None else ACCELERATOR_WORKLOAD).describe(device or "cpu")
     path = (cache or cache_dir()) / "hub_calibration.json"
     if path.exists() and not refresh:
         stored = json.loads(path.read_text())
-        if stored.get("workload") == WORKLOAD:
+        if stored.get("workload") == workload:
             return Calibration(**stored)
     name = _accelerator_name()
     result = Calibration(
         machine_id=machine_id(name),
         accelerator=name,
         memory_gb=_memory_gb(),
-        score=round(REFERENCE_SECONDS / _workload_seconds(), 4),
+        score=score_of(device, _workload_seconds(device)),
+        workload=workload,
     )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
