@@ -29,6 +29,11 @@ system-packages:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null 2>&1 || echo "warning: could not install chromium"; \
 	  else echo "note: install chromium (e.g. 'sudo apt-get install chromium') to run the dashboard's browser tests"; fi; }
+	@# PostgreSQL: the hub's second database, which its tests run against besides SQLite.
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql) >/dev/null 2>&1 || echo "warning: could not install postgresql"; \
+	  else echo "note: install postgresql (e.g. 'sudo apt-get install postgresql') to test the hub on it"; fi; }
 
 setup: system-packages $(BIN)/nightlab
 
