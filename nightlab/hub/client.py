@@ -43,6 +43,12 @@ class HubClient:
     def post_result(self, result: dict[str, Any]) -> int:
         return self._request("POST", "/api/results", json=result).json()["id"]
 
+    def post_live(self, heartbeat: dict[str, Any]) -> None:
+        self._request("POST", "/api/live", json=heartbeat)
+
+    def live(self, identity: str) -> list[dict[str, Any]]:
+        return self._request("GET", f"/api/workspaces/{identity}/live").json()
+
     def push_bundle(self, commit: str, bundle: bytes) -> None:
         self._request("POST", f"/api/bundles/{commit}", content=bundle)
 

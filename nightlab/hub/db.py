@@ -10,11 +10,14 @@ import secrets
 from datetime import UTC, datetime
 
 from sqlalchemy import (
+    Boolean,
+    DateTime,
     Engine,
     Float,
     ForeignKey,
     LargeBinary,
     String,
+    Text,
     create_engine,
     select,
 )
@@ -67,6 +70,21 @@ class Result(Base):
     sigmas: Mapped[float | None] = mapped_column(Float)
     noise: Mapped[float | None] = mapped_column(Float)
     posted: Mapped[datetime] = mapped_column(default=_now)
+
+
+class LiveRun(Base):
+    """A run's last heartbeat: what it is running now (a JSON list), replaced by each new one."""
+
+    __tablename__ = "live_runs"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)  # workspace, machine and tag, hashed
+    workspace: Mapped[str] = mapped_column(ForeignKey("workspaces.identity"), index=True)
+    machine: Mapped[str] = mapped_column(ForeignKey("machines.id"))
+    user: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    tag: Mapped[str] = mapped_column(String(200))
+    running: Mapped[str] = mapped_column(Text)
+    budget_seconds: Mapped[float] = mapped_column(Float)
+    finished: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 class Bundle(Base):

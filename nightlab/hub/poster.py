@@ -1,7 +1,10 @@
-"""The loop's link to a hub: every recorded experiment is posted, every kept commit pushed as a bundle.
+"""The loop's link to a hub: every recorded experiment is posted, every kept commit pushed as a bundle, and
+a heartbeat says what the run is running now.
 
 The hub must never stop the loop: posts wait in a queue file in the journal dir, are sent in order after each
-experiment with a short timeout, and stay queued (with one warning) while the hub cannot be reached.
+experiment with a short timeout, and stay queued (with one warning) while the hub cannot be reached. A
+heartbeat is only news: it is sent when an experiment starts or ends, never queued, and skipped for a while
+after the hub failed to take one.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from nightlab.research.workspace import Workspace
 
 QUEUE_NAME = "hub_queue.jsonl"
 ELSEWHERE_REFRESH_SECONDS = 300.0  # the proposer's view of other machines may lag; each ask is a round trip
+HEARTBEAT_BACKOFF_SECONDS = 60.0  # after a failed heartbeat, none is tried for this long
 log = logging.getLogger(__name__)
 
 
@@ -42,13 +46,47 @@ class HubPoster(SilentView):
         self._warned = False
         self._elsewhere: list[str] = []
         self._elsewhere_at = -float("inf")
+        self.tag = ""
+        self.running: dict[int, dict[str, Any]] = {}  # number -> what the heartbeat says of it
+        self._heartbeat_failed_at = -float("inf")
 
     def started(self, state: LoopState, resumed: bool) -> None:
         run = Journal.for_workspace(self.workspace.root).find_run(state.tag)
         self.base = run.base_commit if run else None
+        self.tag = state.tag
         self.flush()
+        self._heartbeat()
+
+    def phase_started(self, number: int | str, description: str, phase: str, limit: float) -> None:
+        if isinstance(number, int) and number not in self.running:
+            what = description[:2000]
+            self.running[number] = {"number": number, "description": what, "started_at": time.time()}
+            self._heartbeat()
+
+    def finished(self, state: LoopState) -> None:
+        self.running.clear()
+        self._heartbeat(finished=True)
+
+    def _heartbeat(self, finished: bool = False) -> None:
+        """Tell the hub what runs now; a failure only pauses the heartbeats (the queue is the record)."""
+        if not self.tag or time.monotonic() - self._heartbeat_failed_at < HEARTBEAT_BACKOFF_SECONDS:
+            return
+        beat = {
+            "workspace": self.workspace_fields,
+            "machine": self.machine_fields,
+            "tag": self.tag,
+            "budget_seconds": self.workspace.config.experiment.budget_seconds,
+            "running": sorted(self.running.values(), key=lambda r: r["number"]),
+            "finished": finished,
+        }
+        try:
+            self.client.post_live(beat)
+        except (httpx.TransportError, HubError) as exc:
+            log.debug("hub heartbeat not taken: %s", exc)
+            self._heartbeat_failed_at = time.monotonic()
 
     def experiment_finished(self, experiment: Experiment, state: LoopState) -> None:
+        self.running.pop(experiment.number, None)
         items: list[dict[str, Any]] = [
             {"result": result_record(experiment, self.workspace_fields, self.machine_fields)}
         ]
@@ -56,6 +94,7 @@ class HubPoster(SilentView):
             items.append({"bundle": experiment.commit_sha, "base": self.base})
         self._enqueue(items)
         self.flush()
+        self._heartbeat()
 
     def elsewhere(self) -> list[str]:
         """Each other machine's best kept result on this workspace, normalised, as lines for the proposer's

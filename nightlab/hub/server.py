@@ -7,6 +7,7 @@ Writes always need a Bearer token; reads need one only when the hub is not set t
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,7 +21,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from nightlab.hub import db
+from nightlab.hub import db, live
 from nightlab.hub.calibration import normalise
 from nightlab.web.app import STATIC, dashboard_pages
 
@@ -59,6 +60,11 @@ class ResultIn(BaseModel):
     metric: float | None = None
     sigmas: float | None = None
     noise: float | None = None
+
+
+class HeartbeatIn(live.LiveIn):
+    workspace: WorkspaceIn
+    machine: MachineIn
 
 
 class ResultOut(BaseModel):
@@ -167,6 +173,20 @@ def create_hub_app(settings: HubSettings, engine: Engine | None = None) -> FastA
         s.commit()
         return {"id": row.id}
 
+    @app.post("/api/live", status_code=204)
+    def post_live(body: HeartbeatIn, s: Db, user: Writer) -> Response:
+        """A run's heartbeat: what it is running now."""
+        s.merge(db.Workspace(**body.workspace.model_dump()))
+        s.merge(db.Machine(**body.machine.model_dump()))
+        live.store(s, user, body.workspace.identity, body.machine.id, body)
+        return Response(status_code=204)
+
+    @app.get("/api/workspaces/{identity}/live")
+    def live_status(identity: str, s: Db, _: Reader) -> list[live.LiveOut]:
+        """Every run's last heartbeat on the workspace, the latest first."""
+        workspace_or_404(s, identity)
+        return live.live_runs(s, identity)
+
     @app.post("/api/bundles/{commit}", status_code=201)
     async def post_bundle(commit: str, request: Request, s: Db, user: Writer) -> dict[str, int]:
         _check_commit(commit)
@@ -227,7 +247,8 @@ def create_hub_app(settings: HubSettings, engine: Engine | None = None) -> FastA
     def workspace_page(identity: str, s: Db, _: Reader) -> HTMLResponse:
         ws = workspace_or_404(s, identity)
         page = pages.get_template("leaderboard.html")
-        return HTMLResponse(page.render(workspace_root="hub", ws=ws, board=board(s, ws)))
+        heard = {"runs": live.live_runs(s, identity), "now": time.time(), "silent": live.SILENT_SECONDS}
+        return HTMLResponse(page.render(workspace_root="hub", ws=ws, board=board(s, ws), **heard))
 
     @app.get("/api/commits/{commit}/children")
     def children(commit: str, s: Db, _: Reader) -> list[ResultOut]:

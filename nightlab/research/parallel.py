@@ -186,8 +186,9 @@ class ParallelExperiments:
         loop.journal.mark_pending(Pending(flight.experiment))
         reference = pool.submit(flight, loop.state)
         self.flights[reference] = flight
-        n, what = flight.experiment.number, flight.experiment.description
-        loop.view.message(f"#{n} running on worker {flight.slot}: {what}")
+        started = flight.experiment
+        limit = started.train_limit or loop.config.experiment.budget_seconds
+        loop.view.phase_started(started.number, started.description, f"on worker {flight.slot}", limit)
 
     def _land(self, pool: WorkerPool, reference: Any) -> None:
         """Take in one finished run: record it, keep it, or rebase it and send it out again."""

@@ -12,11 +12,12 @@ from nightlab.hub.client import HubClient
 from nightlab.hub.poster import HubPoster, join_hub
 from nightlab.hub.pull import pull_frontier
 from nightlab.hub.records import workspace_record
-from nightlab.research.journal import Journal
+from nightlab.research.journal import Experiment, Journal
 from nightlab.research.loop import ResearchLoop, RunOptions
 from nightlab.research.proposers.base import Proposal, ProposalContext
 from nightlab.research.proposers.hub import HubProposer
 from nightlab.research.proposers.replay import ReplayProposer
+from nightlab.research.state import LoopState
 from nightlab.research.workspace import Workspace
 from tests.hub.test_server import _result
 from tests.research.loop_workspace import git, make_workspace, replace_block
@@ -74,6 +75,9 @@ def test_every_experiment_is_posted_and_the_keep_travels(hub, tmp_path):
     with HubClient(hub.url) as reader:
         posted = reader.results(_identity(root))
     assert [(p["commit"], p["decision"]) for p in posted[1:]] == [(r.commit_sha, r.decision) for r in rows]
+    with HubClient(hub.url) as reader:
+        [status] = reader.live(_identity(root))
+    assert status["tag"] == "night" and status["finished"] and status["running"] == []
     assert "crash" in {p["decision"] for p in posted}
     kept = [r.commit_sha for r in rows if r.decision == "keep" and r.kind != "baseline"]
     assert kept
@@ -120,3 +124,24 @@ def test_an_unreachable_hub_queues_posts_until_it_answers(hub, tmp_path):
     assert online.queue.read_text() == ""
     with HubClient(hub.url) as reader:
         assert len(reader.results(_identity(root))) == len(rows)
+
+
+def test_the_heartbeat_follows_the_experiments_and_an_unreachable_hub_costs_nothing(hub, tmp_path):
+    root = make_workspace(tmp_path)
+    poster = join_hub(root, hub.url, hub.alice)
+    poster.started(LoopState(tag="night"), resumed=False)
+    poster.phase_started(4, "wider", "train", 10.0)
+    poster.phase_started(4, "wider", "evaluate", 10.0)  # the same experiment, not a second one
+    poster.phase_started(5, "deeper", "on worker 1", 10.0)
+    with HubClient(hub.url) as reader:
+        [status] = reader.live(_identity(root))
+        assert [(r["number"], r["description"]) for r in status["running"]] == [(4, "wider"), (5, "deeper")]
+        wider = Experiment(1, 4, "candidate", decision="discard", description="wider")
+        poster.experiment_finished(wider, LoopState(tag="night"))
+        [status] = reader.live(_identity(root))
+        assert [r["number"] for r in status["running"]] == [5] and not status["finished"]
+
+    gone = join_hub(root, _closed_port_url(), hub.alice)
+    gone.started(LoopState(tag="night"), resumed=False)  # neither raises nor waits on each beat
+    gone.phase_started(6, "wider", "train", 10.0)
+    assert gone.running and gone._heartbeat_failed_at > 0
