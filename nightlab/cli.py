@@ -334,6 +334,36 @@ def models_list(data_dir: Path | None = MODELS_DATA_DIR) -> None:
         )
 
 
+feedback_app = typer.Typer(help="Ratings users sent on /v1 answers (POST /v1/feedback).")
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    out: Annotated[Path, typer.Argument(help="The JSON-lines file; pairs go to OUT's .pairs.jsonl.")],
+    owner: Annotated[str | None, typer.Option(help="Only this API key owner's feedback.")] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option("--data-dir", help="The service's data dir (default: $NIGHTLAB_DATA_DIR, ~/.nightlab)."),
+    ] = None,
+) -> None:
+    """Every rated answer as a dataset row (prompt, answer, rating, correction, comment), and each correction
+    as a preference pair (prompt, chosen, rejected)."""
+    from nightlab.train.feedback import DB_NAME, FeedbackStore
+    from nightlab.train.settings import default_data_dir
+
+    directory = data_dir or default_data_dir()
+    if not (directory / DB_NAME).is_file():
+        where = f"`nightlab serve --data-dir {directory}` keeps it there"
+        _fail(NightlabError(f"no feedback in {directory}: {where}"))
+    store = FeedbackStore(directory)
+    try:
+        rated, pairs = store.export(out, owner)
+    finally:
+        store.close()
+    typer.echo(f"{rated} rated answers -> {out}; {pairs} preference pairs -> {out.stem}.pairs.jsonl")
+
+
 def _prepare(name: str, data_dir: Path | None) -> None:
     from nightlab.train import models
 

@@ -33,9 +33,10 @@ from nightlab.train.api.openai_prompts import (
     completion_job,
     completion_prompts,
 )
-from nightlab.train.api.openai_responses import respond
+from nightlab.train.api.openai_responses import Remember, respond
 from nightlab.train.engine import Engine
 from nightlab.train.errors import EngineError, OpenAIError, UserError
+from nightlab.train.feedback import FeedbackBody
 from nightlab.train.futures import BatchQueue
 from nightlab.train.sampling import SampleRequest, SampleResult
 from nightlab.train.sessions import LOCAL_OWNER
@@ -110,6 +111,38 @@ def build_router(engine: Engine) -> APIRouter:
             logger.exception("generation failed")
             raise OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}") from None
 
+    def remembering(request: Request, model: str, prompts: list[Any]) -> Remember | None:
+        """What keeps a response's answers with their prompts, so feedback can be sent on them later."""
+        svc = service(request)
+        if svc is None:
+            return None
+        who = owner(request)
+
+        async def remember(answer_id: str, answers: list[tuple[int, int, str]]) -> None:
+            rows = [(index, prompts[p], text) for index, p, text in answers]
+            await asyncio.to_thread(svc.feedback.remember, answer_id, who, model, rows)
+
+        return remember
+
+    @router.post("/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        """A rating (and optionally a correction and a comment) of an answer this key was given."""
+        try:
+            who = owner(request)
+            svc = service(request)
+            if svc is None:
+                raise OpenAIError(404, "this server keeps no feedback")
+            body = parse_body(FeedbackBody, await request.body())
+            try:
+                replaced = await asyncio.to_thread(svc.feedback.record, who, body)
+            except UserError as exc:
+                raise OpenAIError(exc.status, str(exc), param="id") from None
+            status = "replaced" if replaced else "recorded"
+            answer = {"id": body.id, "choice": body.choice, "object": "feedback", "status": status}
+            return JSONResponse(answer)
+        except OpenAIError as exc:
+            return _error_response(exc)
+
     @router.get("/models")
     async def list_models(request: Request) -> JSONResponse:
         try:
@@ -132,7 +165,9 @@ def build_router(engine: Engine) -> APIRouter:
             # Tokenizing a long prompt takes seconds: off the event loop, which must keep answering others.
             prompts = await asyncio.to_thread(completion_prompts, body.prompt, to.tokenizer, to.context)
             job = completion_job(to, body, prompts)
-            return await respond(job, body, lambda: run(request, job), "text_completion")
+            texts = body.prompt if isinstance(body.prompt, list) and len(prompts) > 1 else [body.prompt]
+            keep = remembering(request, to.name, texts)
+            return await respond(job, body, lambda: run(request, job), "text_completion", keep)
         except OpenAIError as exc:
             return _error_response(exc)
 
@@ -144,7 +179,8 @@ def build_router(engine: Engine) -> APIRouter:
             to = await target(request, body.model)
             tokens = await asyncio.to_thread(chat_prompt, body.messages, to.tokenizer, to.context)
             job = chat_job(to, body, tokens)
-            return await respond(job, body, lambda: run(request, job), "chat.completion")
+            keep = remembering(request, to.name, [[m.model_dump(exclude_none=True) for m in body.messages]])
+            return await respond(job, body, lambda: run(request, job), "chat.completion", keep)
         except OpenAIError as exc:
             return _error_response(exc)
 

@@ -91,19 +91,29 @@ def _logprobs(kind: str, choice: _Choice, job: Job) -> dict[str, Any] | None:
     return render(choice, job.target.tokenizer)
 
 
+# Told a response's id and its answers, (choice index, prompt index, text) each, once they are complete.
+Remember = Callable[[str, list[tuple[int, int, str]]], Awaitable[None]]
+
+
 async def respond(
-    job: Job, body: SamplingBody, generate: Callable[[], Awaitable[list[SampleResult]]], kind: str
+    job: Job,
+    body: SamplingBody,
+    generate: Callable[[], Awaitable[list[SampleResult]]],
+    kind: str,
+    remember: Remember | None = None,
 ) -> JSONResponse | StreamingResponse:
-    """The answer to `job` as one JSON body, or as an event stream; `kind` is the object OpenAI names."""
+    """The answer to `job` as one JSON body, or as an event stream; `kind` is the object OpenAI names.
+    `remember` keeps the answers (for feedback) before the body is sent, or once a stream has them all."""
     ident = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     head = {"id": ident, "created": created, "model": job.target.name}
     if not body.stream:
         results = await generate()
-        choices = []
-        for r, prompt in zip(results, job.prompts, strict=True):
+        choices, answers = [], []
+        for p, (r, prompt) in enumerate(zip(results, job.prompts, strict=True)):
             for j, seq in enumerate(r.sequences):
                 c = _choice(seq, job.target.tokenizer, job.stops)
+                answers.append((prompt.first_choice + j, p, c.text))
                 item: dict[str, Any] = {"index": prompt.first_choice + j, "finish_reason": c.finish_reason}
                 item["logprobs"] = _logprobs(kind, c, job)
                 if kind == "chat.completion":
@@ -111,12 +121,14 @@ async def respond(
                 else:
                     item["text"] = c.text
                 choices.append(item)
+        if remember is not None:
+            await remember(ident, answers)
         return JSONResponse({**head, "object": kind, "choices": choices, "usage": _usage(job, results)})
     task = asyncio.create_task(generate())
     first = await _first_event(job, task)  # errors before the first token still get a proper HTTP status
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return StreamingResponse(
-        _stream(job, task, first, head, kind, include_usage), media_type="text/event-stream"
+        _stream(job, task, first, head, kind, include_usage, remember), media_type="text/event-stream"
     )
 
 
@@ -161,7 +173,13 @@ class _TextStream:
 
 
 async def _stream(
-    job: Job, task: asyncio.Task, first: tuple[int, int] | None, head: dict, kind: str, include_usage: bool
+    job: Job,
+    task: asyncio.Task,
+    first: tuple[int, int] | None,
+    head: dict,
+    kind: str,
+    include_usage: bool,
+    remember: Remember | None,
 ) -> AsyncIterator[str]:
     chat = kind == "chat.completion"
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -204,13 +222,17 @@ async def _stream(
     except OpenAIError as exc:
         yield _sse(exc.body("server_error"))
         return
-    for r, prompt in zip(results, job.prompts, strict=True):
+    answers = []
+    for p, (r, prompt) in enumerate(zip(results, job.prompts, strict=True)):
         for j, seq in enumerate(r.sequences):
             index = prompt.first_choice + j
             c = _choice(seq, job.target.tokenizer, job.stops)
+            answers.append((index, p, c.text))
             if delta := streams[index].finish(c.text):
                 yield chunk(index, delta)
             yield chunk(index, None if chat else "", c.finish_reason, _logprobs(kind, c, job))
+    if remember is not None:
+        await remember(head["id"], answers)
     if include_usage:
         yield _sse({**head, "object": obj, "choices": [], "usage": _usage(job, results)})
     yield "data: [DONE]\n\n"

@@ -33,6 +33,7 @@ from nightlab.train.api.wire import PROTOBUF, FwdBwdRequest, encode_forward_back
 from nightlab.train.checkpoints import CheckpointStore, check_new_checkpoint, iso
 from nightlab.train.engine import Engine
 from nightlab.train.errors import EngineError, UserError
+from nightlab.train.feedback import FeedbackStore
 from nightlab.train.futures import BatchQueue, FutureStore, OrderedQueue, Payload, settle
 from nightlab.train.records import AdamParams, Datum, LoraSpec, ModelInfo
 from nightlab.train.sampling import BudgetForcing, SampleRequest, SampleResult, SamplingParams
@@ -119,6 +120,7 @@ class TinkerService:
             max_metadata_bytes=settings.max_metadata_bytes,
         )
         self.checkpoints = CheckpointStore(settings.data_dir)
+        self.feedback = FeedbackStore(settings.data_dir)
         self.futures = FutureStore(ttl_s=settings.future_ttl_s)
         self.models: dict[str, TrainingModel] = {}
         self.samplers: dict[str, Sampler] = {}
@@ -198,6 +200,7 @@ class TinkerService:
         )
         self.sessions.close()
         self.checkpoints.close()
+        self.feedback.close()
 
     @staticmethod
     async def call(fn: Callable[..., T], *args: Any) -> T:
