@@ -61,7 +61,9 @@ class WorkerPool:
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
             ray.init(
-                address=address or None,
+                # "local": a cluster of this run's own. Without it Ray would join the last cluster started on
+                # this machine, which a killed run leaves behind, dead or dying.
+                address=address or "local",
                 include_dashboard=False,
                 log_to_driver=False,
                 logging_level=logging.WARNING,

@@ -103,14 +103,22 @@ def test_a_repeat_of_a_running_candidate_is_not_run(tmp_path):
 
 
 def _nightlab(root: Path, *args: str) -> subprocess.Popen:
+    """`nightlab run` in the background, its output in a file beside the workspace (`_output`): a pipe
+    nobody reads while the test waits could fill and stall it."""
     cmd = [sys.executable, "-m", "nightlab.cli", "run", "--tag", "night", "--proposer", "replay", *args]
-    return subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = (root.parent / "nightlab.out").open("a")
+    return subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
-def _pid_in(path: Path, seconds: float = 180) -> int:
+def _output(root: Path) -> str:
+    return (root.parent / "nightlab.out").read_text()
+
+
+def _pid_in(path: Path, seconds: float = 180, output: Path | None = None) -> int:
     deadline = time.monotonic() + seconds
     while not (path.exists() and path.read_text()):
-        assert time.monotonic() < deadline, f"{path} never appeared"
+        said = _output(output) if output else ""
+        assert time.monotonic() < deadline, f"{path} never appeared; nightlab said:\n{said}"
         time.sleep(0.2)
     return int(path.read_text())
 
@@ -137,7 +145,7 @@ def test_kill_9_of_the_driver_then_resume(tmp_path):
         },
     )
     first = _nightlab(root, "--workers", "2")
-    orphans = [_pid_in(started / "a"), _pid_in(started / "b")]
+    orphans = [_pid_in(started / "a", output=root), _pid_in(started / "b", output=root)]
     os.kill(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
     journal = Journal.for_workspace(root)
@@ -145,8 +153,7 @@ def test_kill_9_of_the_driver_then_resume(tmp_path):
     journal.close()
 
     second = _nightlab(root, "--workers", "2")
-    out, _ = second.communicate(timeout=300)
-    assert second.returncode == 0, out
+    assert second.wait(timeout=300) == 0, _output(root)
     assert all(_gone(pid) for pid in orphans), "the killed run's experiments are still running"
     rows = _rows(root)
     assert [r.number for r in rows] == list(range(1, 7))  # nothing lost, nothing twice
@@ -174,12 +181,11 @@ def test_kill_9_of_a_worker_costs_its_candidate_only(tmp_path):
         },
     )
     run = _nightlab(root, "--workers", "2")
-    phase = _pid_in(started / "a")
+    phase = _pid_in(started / "a", output=root)
     worker = psutil.Process(phase).parent()
     assert "ExperimentWorker" in " ".join(worker.cmdline())
     worker.kill()
-    out, _ = run.communicate(timeout=300)
-    assert run.returncode == 0, out
+    assert run.wait(timeout=300) == 0, _output(root)
     assert _gone(phase), "the dead worker's experiment is still running"
     rows = _rows(root)
     assert [r.number for r in rows] == list(range(1, 7))
