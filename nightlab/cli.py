@@ -12,6 +12,7 @@ from nightlab.console import fail as _fail
 from nightlab.errors import NightlabError
 from nightlab.hub.cli import hub_app
 from nightlab.recipes.cli import recipe_app
+from nightlab.train.alias_cli import alias_app
 
 app = typer.Typer(
     name="nightlab",
@@ -334,6 +335,7 @@ def models_list(data_dir: Path | None = MODELS_DATA_DIR) -> None:
         )
 
 
+app.add_typer(alias_app, name="alias")
 feedback_app = typer.Typer(help="Ratings users sent on /v1 answers (POST /v1/feedback).")
 app.add_typer(feedback_app, name="feedback")
 

@@ -24,7 +24,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from nightlab.train.api.openai_bodies import MAX_BATCH, ChatBody, CompletionBody, parse_body
+from nightlab.train.aliases import AliasMove, check_name
+from nightlab.train.api.openai_bodies import (
+    MAX_BATCH,
+    AliasBody,
+    ChatBody,
+    CompletionBody,
+    RollbackBody,
+    parse_body,
+)
 from nightlab.train.api.openai_prompts import (
     Job,
     Target,
@@ -97,6 +105,14 @@ def build_router(engine: Engine) -> APIRouter:
             ) from None
         return Target(name, base, adapter_dir, info.max_context_length, tokenizer)
 
+    def resolve_alias(request: Request, name: str) -> str:
+        """The model an alias of this key points at now; any other name as it is."""
+        svc = service(request)
+        if svc is None or name.startswith("tinker://"):
+            return name
+        move = svc.aliases.current(owner(request), name)
+        return move.model if move is not None else name
+
     async def run(request: Request, job: Job) -> list[SampleResult]:
         svc = service(request)
         queue = svc.sampling if svc is not None else own_queue
@@ -143,6 +159,72 @@ def build_router(engine: Engine) -> APIRouter:
         except OpenAIError as exc:
             return _error_response(exc)
 
+    def alias_service(request: Request) -> tuple[Any, str]:
+        svc = service(request)
+        if svc is None:
+            raise OpenAIError(404, "this server keeps no aliases")
+        return svc, owner(request)
+
+    def alias_card(move: AliasMove, history: list[AliasMove] | None = None) -> dict[str, Any]:
+        card: dict[str, Any] = {"object": "alias", "name": move.name, "model": move.model}
+        card |= {"kind": move.kind, "reason": move.reason, "moved_at": move.moved_at}
+        if history is not None:
+            card["history"] = [alias_card(m) for m in history]
+        return card
+
+    @router.put("/aliases/{name}")
+    async def set_alias(name: str, request: Request) -> JSONResponse:
+        """Point a served alias at a model this key may sample (a base model or a `tinker://` checkpoint)."""
+        try:
+            svc, who = alias_service(request)
+            body = parse_body(AliasBody, await request.body())
+            try:
+                check_name(name)
+            except UserError as exc:
+                raise OpenAIError(400, str(exc), param="name") from None
+            if name in {m.name for m in await asyncio.to_thread(engine.models)}:
+                raise OpenAIError(400, f"{name!r} is a served model's own name; pick another", param="name")
+            await target(request, body.model)  # servable to this key, or a 404 naming why
+            move = await asyncio.to_thread(svc.aliases.move, who, name, body.model, body.reason)
+            return JSONResponse(alias_card(move))
+        except OpenAIError as exc:
+            return _error_response(exc)
+
+    @router.get("/aliases")
+    async def list_aliases(request: Request) -> JSONResponse:
+        try:
+            svc, who = alias_service(request)
+            moves = await asyncio.to_thread(svc.aliases.names, who)
+            return JSONResponse({"object": "list", "data": [alias_card(m) for m in moves]})
+        except OpenAIError as exc:
+            return _error_response(exc)
+
+    @router.get("/aliases/{name}")
+    async def get_alias(name: str, request: Request) -> JSONResponse:
+        try:
+            svc, who = alias_service(request)
+            history = await asyncio.to_thread(svc.aliases.history, who, name)
+            if not history:
+                raise OpenAIError(404, f"no alias {name!r}", param="name")
+            return JSONResponse(alias_card(history[0], history))
+        except OpenAIError as exc:
+            return _error_response(exc)
+
+    @router.post("/aliases/{name}/rollback")
+    async def rollback_alias(name: str, request: Request) -> JSONResponse:
+        """Undo the alias's latest promotion: back to its previous target."""
+        try:
+            svc, who = alias_service(request)
+            raw = await request.body()
+            reason = parse_body(RollbackBody, raw).reason if raw.strip() else ""
+            try:
+                move = await asyncio.to_thread(svc.aliases.rollback, who, name, reason)
+            except UserError as exc:
+                raise OpenAIError(exc.status, str(exc), param="name") from None
+            return JSONResponse(alias_card(move))
+        except OpenAIError as exc:
+            return _error_response(exc)
+
     @router.get("/models")
     async def list_models(request: Request) -> JSONResponse:
         try:
@@ -154,6 +236,7 @@ def build_router(engine: Engine) -> APIRouter:
         if svc is not None:
             ckpts, _ = await asyncio.to_thread(svc.checkpoints.user_checkpoints, who)
             data += [_model_card(c.tinker_path, c.created_at) for c in ckpts if c.kind == "sampler"]
+            data += [_model_card(a.name, a.moved_at) for a in await asyncio.to_thread(svc.aliases.names, who)]
         return JSONResponse({"object": "list", "data": data})
 
     @router.post("/completions", response_model=None)
@@ -161,7 +244,7 @@ def build_router(engine: Engine) -> APIRouter:
         try:
             body = parse_body(CompletionBody, await request.body())
             body.refuse_unsupported()
-            to = await target(request, body.model)
+            to = await target(request, resolve_alias(request, body.model))
             # Tokenizing a long prompt takes seconds: off the event loop, which must keep answering others.
             prompts = await asyncio.to_thread(completion_prompts, body.prompt, to.tokenizer, to.context)
             job = completion_job(to, body, prompts)
@@ -176,7 +259,7 @@ def build_router(engine: Engine) -> APIRouter:
         try:
             body = parse_body(ChatBody, await request.body())
             body.refuse_unsupported()
-            to = await target(request, body.model)
+            to = await target(request, resolve_alias(request, body.model))
             tokens = await asyncio.to_thread(chat_prompt, body.messages, to.tokenizer, to.context)
             job = chat_job(to, body, tokens)
             keep = remembering(request, to.name, [[m.model_dump(exclude_none=True) for m in body.messages]])

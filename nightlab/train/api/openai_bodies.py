@@ -100,3 +100,20 @@ def parse_body(model: type[Body], raw: bytes) -> Body:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         raise OpenAIError(400, f"invalid request: {param}: {first['msg']}", param=param) from None
+
+
+class AliasBody(BaseModel):
+    """`PUT /v1/aliases/{name}`: the model the alias points at from now on, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=2000)
+    reason: str = Field("", max_length=500)
+
+
+class RollbackBody(BaseModel):
+    """`POST /v1/aliases/{name}/rollback`: why (optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("", max_length=500)

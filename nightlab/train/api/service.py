@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from nightlab.train.aliases import AliasStore
 from nightlab.train.api.bodies import (
     AdamBody,
     CreateModelBody,
@@ -121,6 +122,7 @@ class TinkerService:
         )
         self.checkpoints = CheckpointStore(settings.data_dir)
         self.feedback = FeedbackStore(settings.data_dir)
+        self.aliases = AliasStore(settings.data_dir)
         self.futures = FutureStore(ttl_s=settings.future_ttl_s)
         self.models: dict[str, TrainingModel] = {}
         self.samplers: dict[str, Sampler] = {}
@@ -201,6 +203,7 @@ class TinkerService:
         self.sessions.close()
         self.checkpoints.close()
         self.feedback.close()
+        self.aliases.close()
 
     @staticmethod
     async def call(fn: Callable[..., T], *args: Any) -> T:
