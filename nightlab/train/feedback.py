@@ -100,9 +100,12 @@ class FeedbackStore:
             )
         return earlier is not None
 
-    def rows(self, owner: str | None = None) -> Iterator[dict[str, Any]]:
-        """Every rated answer (of `owner`, or everyone's), oldest feedback first: one dataset row each."""
-        where, args = ("WHERE f.owner=?", (owner,)) if owner is not None else ("", ())
+    def rows(self, owner: str | None = None, since: float = 0.0) -> Iterator[dict[str, Any]]:
+        """Every rated answer (of `owner`, or everyone's) rated or re-rated after `since`, oldest feedback
+        first: one dataset row each."""
+        where, args = ("WHERE f.updated_at > ?", [since])
+        if owner is not None:
+            where, args = where + " AND f.owner=?", [since, owner]
         with self.lock:
             found = self.db.execute(
                 "SELECT a.*, f.rating, f.correction, f.comment, f.created_at AS rated_at, f.updated_at "

@@ -75,6 +75,14 @@ def test_a_rating_is_stored_with_its_prompt_and_answer_once_per_answer(server, d
     assert len(mine) == 1
     assert mine[0]["prompt"] == messages and mine[0]["answer"] == answer and mine[0]["model"] == model
     assert (mine[0]["rating"], mine[0]["correction"], mine[0]["comment"]) == (-1, "5", "just the number")
+    listed = httpx.get(f"{url}/v1/feedback", headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()
+    assert [r["id"] for r in listed["data"]] == [r["id"] for r in rows]  # the API lists the key's own
+    later = httpx.get(
+        f"{url}/v1/feedback", params={"since": mine[0]["updated_at"]}, headers={"X-API-Key": KEY}, timeout=60
+    )
+    assert out.id not in [r["id"] for r in later.json()["data"]]
+    other = httpx.get(f"{url}/v1/feedback", headers={"X-API-Key": OTHER}, timeout=60).json()["data"]
+    assert other == []
     pairs = [json.loads(line) for line in (tmp_path / "feedback.pairs.jsonl").read_text().splitlines()]
     assert {"prompt": messages, "chosen": "5", "rejected": answer}.items() <= pairs[0].items()
 

@@ -172,6 +172,25 @@ def build_router(engine: Engine) -> APIRouter:
             card["history"] = [alias_card(m) for m in history]
         return card
 
+    @router.get("/feedback")
+    async def list_feedback(request: Request, since: str = "0") -> JSONResponse:
+        """This key's rated answers (rated or re-rated after `since`, Unix time), oldest first: what an
+        online loop on the public API reads to update its reward model."""
+        try:
+            try:
+                after = float(since)
+            except ValueError:
+                why = f"since must be a Unix time, not {since[:40]!r}"
+                raise OpenAIError(400, why, param="since") from None
+            svc = service(request)
+            if svc is None:
+                raise OpenAIError(404, "this server keeps no feedback")
+            who = owner(request)
+            rows = await asyncio.to_thread(lambda: list(svc.feedback.rows(who, after)))
+            return JSONResponse({"object": "list", "data": rows})
+        except OpenAIError as exc:
+            return _error_response(exc)
+
     @router.put("/aliases/{name}")
     async def set_alias(name: str, request: Request) -> JSONResponse:
         """Point a served alias at a model this key may sample (a base model or a `tinker://` checkpoint)."""
