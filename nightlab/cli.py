@@ -11,7 +11,7 @@ from nightlab import __version__
 from nightlab.console import fail as _fail
 from nightlab.errors import NightlabError
 from nightlab.hub.cli import hub_app
-from nightlab.recipes.cli import recipe_app
+from nightlab.recipes.cli import online_app, recipe_app
 from nightlab.train.alias_cli import alias_app
 
 app = typer.Typer(
@@ -401,6 +401,7 @@ def models_pull(
 # --- recipe commands: s1, rl (post-training through the training service's public API) ---
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(hub_app, name="hub")
+app.add_typer(online_app, name="online")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Annotated, Any, NoReturn, cast
 
 import typer
 import typer.main
@@ -119,20 +119,97 @@ def _rl_command() -> TyperCommand:
     )
 
 
+def _run_online(**values: Any) -> None:
+    from nightlab.recipes.common.cli_options import settings_from
+    from nightlab.recipes.common.plots import plot_online
+    from nightlab.recipes.online.loop import OnlineConfig, demo_questions, load_rubric, run_online
+    from nightlab.recipes.online.reward import JudgeReward
+    from nightlab.recipes.online.status import PLOT_FILE, summary
+    from nightlab.recipes.online.user import SimulatedUser
+
+    try:
+        cfg = settings_from(OnlineConfig, values)
+        judge = JudgeReward(cfg.judge_url, cfg.judge_model, cfg.judge_api_key, cfg.judge_rubric)
+        rubric = load_rubric(cfg.rubric)
+        visit = None
+        if cfg.simulate_users:
+            user = SimulatedUser(cfg.base_url, cfg.api_key, cfg.alias, max_tokens=cfg.max_tokens)
+
+            def visit(k: int) -> None:
+                user.visit(demo_questions(k, cfg.simulate_users, cfg.seed))
+
+        rows = run_online(cfg, judge, rubric, visit)
+    except _recipe_errors() as exc:
+        _recipe_fail(exc, values["base_url"])
+    plot_online(rows, cfg.log_dir / PLOT_FILE)
+    typer.echo(f"{summary(rows)}; `nightlab online status {cfg.log_dir}`")
+
+
+@cache
+def _online_command() -> TyperCommand:
+    from nightlab.recipes.online.loop import OnlineConfig
+
+    return _settings_command(
+        "run",
+        OnlineConfig,
+        _run_online,
+        doc="Rounds of feedback -> reward model -> RL -> a guarded promotion of the served alias.",
+    )
+
+
+def online_status(log_dir: Annotated[Path, typer.Argument(help="The online run's log directory.")]) -> None:
+    """Feedback volume, reward over the rounds, promotions and refusals (and online.png)."""
+    from rich.console import Console
+
+    from nightlab.recipes.common.plots import plot_online
+    from nightlab.recipes.online.loop import read_journal
+    from nightlab.recipes.online.status import PLOT_FILE, status_table, summary
+
+    try:
+        rows = read_journal(log_dir)
+    except (OSError, ValueError) as exc:
+        fail(exc)
+    Console().print(status_table(rows))
+    typer.echo(summary(rows))
+    typer.echo(f"plot: {plot_online(rows, log_dir / PLOT_FILE)}")
+
+
+@cache
+def _online_status_command() -> TyperCommand:
+    app = typer.Typer(add_completion=False)
+    app.command("status")(online_status)
+    return cast(TyperCommand, typer.main.get_command(app))
+
+
 RECIPES: dict[str, Callable[[], TyperCommand]] = {"s1": _s1_command, "rl": _rl_command}
+ONLINE: dict[str, Callable[[], TyperCommand]] = {"run": _online_command, "status": _online_status_command}
 
 
 class RecipeGroup(TyperGroup):
     """The recipe commands, each built from its recipe's module the first time it is asked for."""
 
+    commands_by_name = RECIPES
+
     def list_commands(self, ctx: Any) -> list[str]:
-        return list(RECIPES)
+        return list(self.commands_by_name)
 
     def get_command(self, ctx: Any, cmd_name: str) -> TyperCommand | None:
-        build = RECIPES.get(cmd_name)
+        build = self.commands_by_name.get(cmd_name)
         return build() if build else None
+
+
+class OnlineGroup(RecipeGroup):
+    """`nightlab online run` and `status`, built when asked for, like the recipes."""
+
+    commands_by_name = ONLINE
 
 
 recipe_app = typer.Typer(
     cls=RecipeGroup, help="Post-training recipes run through `nightlab serve`: s1, rl.", no_args_is_help=True
+)
+
+online_app = typer.Typer(
+    cls=OnlineGroup,
+    help="The online loop: feedback on served answers, a reward model, RL, guarded promotions.",
+    no_args_is_help=True,
 )

@@ -120,10 +120,16 @@ def rl_datum(
 
 
 def sample_groups(
-    sampler: tinker.SamplingClient, tokenizer, env: Environment, tasks: list[Task], cfg: RLConfig
+    sampler: tinker.SamplingClient,
+    tokenizer,
+    env: Environment,
+    tasks: list[Task],
+    cfg: RLConfig,
+    seed: int | None = None,
 ) -> list[Group]:
-    """All groups' requests go out at once; the service batches them."""
-    params = tinker.SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature)
+    """All groups' requests go out at once; the service batches them. With `seed`, the same sampler draws the
+    same completions (two checkpoints compared on the same draws differ only by their weights)."""
+    params = tinker.SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=seed)
     groups = [Group(task, chat_prompt(tokenizer, task.user, think=False)) for task in tasks]
     futures = [
         sampler.sample(
@@ -204,9 +210,9 @@ class RLRun:
     outcome.
     """
 
-    def __init__(self, cfg: RLConfig) -> None:
+    def __init__(self, cfg: RLConfig, env: Environment | None = None) -> None:
         self.cfg = cfg
-        self.env = load_env(cfg.env)
+        self.env = env or load_env(cfg.env)  # an environment object (the online loop's) or cfg.env's
         self.service = connect(cfg.base_url, cfg.api_key)
         with contextlib.ExitStack() as on_failure:  # a failed setup closes the session as errored
             on_failure.push(self.service)
@@ -227,8 +233,9 @@ class RLRun:
         """Sample from the latest weights, score, and take one optimizer step; return the step's metrics."""
         t0 = time.perf_counter()
         sampler = self.trainer.save_weights_and_get_sampling_client().result()
-        tasks = self.env.tasks(self.cfg.prompts_per_step, seed=self.cfg.seed * 100_003 + index)
-        groups = sample_groups(sampler, self.tokenizer, self.env, tasks, self.cfg)
+        seed = self.cfg.seed * 100_003 + index
+        tasks = self.env.tasks(self.cfg.prompts_per_step, seed=seed)
+        groups = sample_groups(sampler, self.tokenizer, self.env, tasks, self.cfg, seed=seed)  # reproducible
         if self.reference is not None:
             add_reference_logprobs(self.reference, groups)
         data, metrics = build_batch(groups, self.cfg.kl_coef)

@@ -1,4 +1,4 @@
-"""Figures for the recipes: the test-time scaling curve of s1 and the per-step metrics of an RL run."""
+"""Figures for the recipes: s1's test-time scaling curve, an RL run's per-step metrics, the online rounds."""
 
 from __future__ import annotations
 
@@ -56,4 +56,21 @@ def plot_rl_metrics(rows: list[dict[str, Any]], path: Path) -> Path:
             ax.plot(*zip(*points, strict=True), marker=".")
         ax.set(xlabel="step", title=label)
         ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_online(rows: list[dict[str, Any]], path: Path) -> Path:
+    """The online loop per round: each candidate's held-out reward-model score and rubric score, the
+    no-update baseline as a line, promoted rounds shaded."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    rounds = [r["round"] for r in rows]
+    ax.plot(rounds, [r["candidate"]["reward"] for r in rows], "o-", label="reward model score")
+    ax.plot(rounds, [r["candidate"]["rubric"] for r in rows], "s--", label="rubric (fixed)")
+    ax.axhline(rows[0]["candidate"]["reward"], color="grey", lw=0.8, label="no-update baseline")
+    for r in rows[1:]:
+        if r["promoted"]:
+            ax.axvspan(r["round"] - 0.2, r["round"] + 0.2, color="green", alpha=0.15)
+    ax.set_xlabel("round (shaded: promoted)")
+    ax.set_ylabel("held-out score")
+    ax.legend(loc="best")
     return _save(fig, path)
