@@ -52,6 +52,7 @@ def _run(service, tiny_model: Path, log_dir: Path, grade) -> list[dict]:
         kl_coef=0.0,
         kl_max=100.0,
         rubric_tolerance=0.0,
+        every_events=4,  # each round waits for the simulated user's four ratings
     )
     user = SimulatedUser(service.url, service.api_key, cfg.alias, max_tokens=16)
     with ScriptedOpenAI(default=grade) as judge:
@@ -145,7 +146,8 @@ def test_the_judge_learns_in_context_from_the_latest_ratings_and_says_when_it_ca
         prompt = server.requests[-1]["messages"][-1]["content"]
         assert prompt.count("- They ") == 3 and "just the number" in prompt  # the latest three ratings
         assert "they wanted" in prompt or "They liked" in prompt
-        assert agreement(judge, events) == 1.0  # liked answers are short, disliked ones long
+        assert agreement(judge, events) == 1.0  # liked answers (short) always rank above disliked (long)
+        assert agreement(judge, events[:4]) is None  # 2 x 2 pairs: too few to measure
         requests = len(server.requests)
         assert judge.score("What is 2 + 2?", "4") == 0.9 and len(server.requests) == requests  # cached
     with (
@@ -162,3 +164,13 @@ def test_the_simulated_users_preference_and_the_rubric():
     assert brief_arithmetic("What is 3 + 4?", "well " * 12 + "7") == pytest.approx(0.5 + 0.5 * 6 / 13)
     assert user_rating("What is 3 + 4?", "7") == (1.0, None)
     assert user_rating("What is 3 + 4?", "it is eight") == (-1.0, "7")
+
+
+def test_the_rule_judge_grades_over_http_as_a_judge_model_would(tmp_path):
+    from nightlab.recipes.online.rule_judge import rule_judge_app
+    from nightlab.train.api.background import serve_in_thread
+
+    with serve_in_thread(rule_judge_app(brief_arithmetic)) as server:
+        judge = JudgeReward(server.url + "/v1", "rule-judge", None, "brief arithmetic")
+        assert judge.score("What is 3 + 4?", "7") == 1.0
+        assert judge.score("What is 3 + 4?", "8") == 0.5

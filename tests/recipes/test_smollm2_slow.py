@@ -68,3 +68,13 @@ def test_s1_pipeline_runs_offline_and_forcing_holds(smollm2, tmp_path: Path) -> 
     assert len(summary) == 4
     forced = [r for r in read_jsonl(tmp_path / EVAL_LOG) if r["mode"] == "budget forcing"]
     assert all(THINK_CLOSE + ANSWER_PREFIX.rstrip() in r["text"] for r in forced)
+
+
+def test_the_online_demo_raises_the_served_reward_over_the_baseline(smollm2, tmp_path: Path) -> None:
+    """The make-free demo (python -m nightlab.recipes.online.demo) on SmolLM2 with the rule judge."""
+    from nightlab.recipes.online.demo import run_demo
+
+    rows = run_demo(tmp_path / "online", rounds=3, data_dir=tmp_path / "serve")
+    promoted = [r for r in rows[1:] if r["promoted"]]
+    assert promoted, [r["reason"] for r in rows[1:]]
+    assert promoted[-1]["candidate"]["reward"] > rows[0]["candidate"]["reward"]

@@ -1,6 +1,6 @@
 """`nightlab online run`: rounds of feedback -> reward model -> RL -> a guarded redeploy, on the public API.
 
-Each round:
+Each round (once `every_events` new ratings arrived, when that is set):
 1. read the feedback rated since the last round (`GET /v1/feedback`), split it once and for all into training
    and held-out events, update the reward model on the training ones and measure its agreement with the
    people on the held-out ones;
@@ -83,6 +83,9 @@ class OnlineConfig:
         str,
         setting("The guard's fixed rubric: brief-arithmetic, or package.module:function(prompt, answer)."),
     ] = "brief-arithmetic"
+    every_events: Annotated[
+        int, setting("Schedule: a round starts once this many new ratings arrived (0: right away).", ge=0)
+    ] = 0
     simulate_users: Annotated[
         int,
         setting("Demo: a simulated user asks this many questions before each round and rates them.", ge=0),
@@ -175,6 +178,11 @@ class OnlineRun:
             kl=float(np.mean(kl)) if kl else 0.0,
         )
 
+    def wait_for_ratings(self, count: int, poll_seconds: float = 5.0) -> None:
+        """Block until `count` ratings arrived since the last round (the loop's schedule)."""
+        while len(self.http.get("/feedback", params={"since": self.since}).json()["data"]) < count:
+            time.sleep(poll_seconds)
+
     def feedback(self) -> tuple[int, float | None]:
         """Take in what was rated since the last round; (how many events, the held-out agreement now)."""
         events = self.http.get("/feedback", params={"since": self.since}).json()["data"]
@@ -246,6 +254,7 @@ def run_online(
         for k in range(1, cfg.rounds + 1):
             if between_rounds is not None:
                 between_rounds(k)
+            run.wait_for_ratings(cfg.every_events)
             rows.append(run.round(k))
             _append(journal, rows[-1])
     except BaseException as exc:

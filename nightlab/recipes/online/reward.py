@@ -5,7 +5,8 @@ as they arrive. `JudgeReward` asks any OpenAI-compatible chat model to grade eac
 you write; its update is in context: the judge sees the latest rated answers (with the users' ratings and
 corrections) as examples of what they want, so its grades follow the feedback without a training step.
 Held-out events (one in `HELDOUT_EVERY`, chosen by id, so the split never changes) are never shown to it:
-they measure its agreement with the people, which the promotion guard watches for a fall.
+they measure its agreement with the people (how often it ranks a liked answer above a disliked one), which
+the promotion guard watches for a fall.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import openai
 from nightlab.errors import NightlabError
 
 HELDOUT_EVERY = 4
+MIN_PAIRS = 10  # (liked, disliked) pairs of held-out events before agreement is measured
 _SCORE = re.compile(r"-?\d+(?:\.\d+)?")
 JUDGE_SYSTEM = (
     "You grade an assistant's answer for the people who use it. Reply with one number from 0 (what they do "
@@ -63,13 +65,16 @@ def user_text(prompt: Any) -> str:
 
 
 def agreement(model: RewardModel, events: Sequence[dict[str, Any]]) -> float | None:
-    """The fraction of rated answers the model sides with: a score of at least 0.5 for a positive rating,
-    below it for a negative one (neutral ratings count for nothing); None without any to judge by."""
-    judged = [e for e in events if e["rating"] != 0]
-    if not judged:
+    """How often the model ranks an answer the people liked above one they disliked, over every such pair of
+    rated answers (a tie counts half): no threshold to tune, so a model whose scale differs from the users'
+    is not counted as disagreeing. None below `MIN_PAIRS` pairs, where one event would swing it."""
+    liked = [model.score(user_text(e["prompt"]), e["answer"]) for e in events if e["rating"] > 0]
+    disliked = [model.score(user_text(e["prompt"]), e["answer"]) for e in events if e["rating"] < 0]
+    pairs = len(liked) * len(disliked)
+    if pairs < MIN_PAIRS:
         return None
-    hits = sum((model.score(user_text(e["prompt"]), e["answer"]) >= 0.5) == (e["rating"] > 0) for e in judged)
-    return hits / len(judged)
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in liked for b in disliked)
+    return wins / pairs
 
 
 class JudgeReward:
