@@ -217,6 +217,9 @@ def report(
 def dashboard(
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8765, help="Port to listen on."),
+    online: Annotated[
+        Path | None, typer.Option(help="An online run's log directory, shown at /online (`nightlab online`).")
+    ] = None,
     workspace: Path = WORKSPACE_OPTION,
 ) -> None:
     """Serve a web dashboard of the workspace's runs: live status, experiments, progress, diffs and logs."""
@@ -225,7 +228,7 @@ def dashboard(
     from nightlab.web.app import create_dashboard_app
 
     try:
-        app_ = create_dashboard_app(workspace)
+        app_ = create_dashboard_app(workspace, online)
     except NightlabError as exc:
         _fail(exc)
     typer.echo(f"nightlab dashboard of {workspace.resolve()} on http://{host}:{port}/ (Ctrl-C stops it)")

@@ -8,12 +8,13 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import Environment, PackageLoader, Undefined, select_autoescape
 
 from nightlab.errors import NightlabError
 from nightlab.research.journal import JOURNAL_NAME, STATE_DIR, Journal
 from nightlab.research.summary import run_json
 from nightlab.web import views
+from nightlab.web.online import online_page, read_rounds
 
 STATIC = Path(__file__).parent / "static"
 
@@ -25,14 +26,18 @@ class DashboardError(NightlabError, RuntimeError):
 def dashboard_pages() -> Environment:
     """The page templates, HTML-escaping what they show (the dashboard's and the hub's pages)."""
     env = Environment(loader=PackageLoader("nightlab.web", "pages"), autoescape=select_autoescape(["html"]))
-    env.filters["num"] = lambda v, digits=6: "-" if v is None else f"{v:.{digits}g}"
+    env.filters["num"] = lambda v, digits=6: (
+        "-" if v is None or isinstance(v, Undefined) else f"{v:.{digits}g}"
+    )
     return env
 
 
-def create_dashboard_app(root: Path) -> FastAPI:
-    """The dashboard of the workspace at `root` (which must have a journal)."""
+def create_dashboard_app(root: Path, online: Path | None = None) -> FastAPI:
+    """The dashboard of the workspace at `root`, and of an online run's log directory at `/online` when
+    `online` is given; the workspace needs a journal unless there is an online run to show instead."""
     root = Path(root).resolve()
-    if not (root / STATE_DIR / JOURNAL_NAME).is_file():
+    has_runs = (root / STATE_DIR / JOURNAL_NAME).is_file()
+    if not has_runs and online is None:
         raise DashboardError(f"{root} has no nightlab journal yet; start with `nightlab run`")
     pages = dashboard_pages()
     app = FastAPI(title="nightlab dashboard", docs_url=None, redoc_url=None, openapi_url=None)
@@ -48,6 +53,8 @@ def create_dashboard_app(root: Path) -> FastAPI:
 
     @app.get("/", response_model=None)
     def index() -> Response:
+        if not has_runs:
+            return RedirectResponse("/online")
         runs = views.run_list(root)
         if len(runs) == 1:
             return RedirectResponse(f"/runs/{runs[0]['tag']}")
@@ -75,5 +82,16 @@ def create_dashboard_app(root: Path) -> FastAPI:
     @app.get("/api/runs/{tag}/status")
     def run_status(tag: str) -> dict:
         return views.status(root, tag)
+
+    if online is not None:
+        online_dir = Path(online).resolve()
+
+        @app.get("/online", response_class=HTMLResponse)
+        def online_rounds() -> HTMLResponse:
+            return html("online.html", **online_page(online_dir))
+
+        @app.get("/api/online")
+        def online_rounds_json() -> list[dict]:
+            return read_rounds(online_dir)
 
     return app

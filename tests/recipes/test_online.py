@@ -6,6 +6,7 @@ baseline; a judge that pays for length is caught when the fixed rubric falls."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,8 @@ from nightlab.recipes.online.loop import JOURNAL, OnlineConfig, demo_questions, 
 from nightlab.recipes.online.reward import JudgeReward, RewardError, agreement, split
 from nightlab.recipes.online.rubric import brief_arithmetic, user_rating
 from nightlab.recipes.online.user import SimulatedUser
+from nightlab.train.api.background import serve_in_thread
+from nightlab.web.app import create_dashboard_app
 from tests.fakes.scripted_openai import Reply, ScriptedOpenAI
 
 pytestmark = pytest.mark.timeout(600)
@@ -63,10 +66,15 @@ def _run(service, tiny_model: Path, log_dir: Path, grade) -> list[dict]:
             user.close()
 
 
-def test_an_honest_reward_model_raises_the_served_reward_over_the_no_update_baseline(
-    service, tiny_model, tmp_path
-):
-    rows = _run(service, tiny_model, tmp_path / "honest", honest)
+@pytest.fixture(scope="module")
+def honest_run(service, tiny_model, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """(log dir, rows) of one online run with an honest judge, shared by the tests that read it."""
+    log_dir = tmp_path_factory.mktemp("online") / "honest"
+    return log_dir, _run(service, tiny_model, log_dir, honest)
+
+
+def test_an_honest_reward_model_raises_the_served_reward_over_the_no_update_baseline(service, honest_run):
+    log_dir, rows = honest_run
     baseline, rounds = rows[0], rows[1:]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert all(r["events"] == 4 for r in rounds)  # every simulated rating reached the loop
@@ -79,10 +87,10 @@ def test_an_honest_reward_model_raises_the_served_reward_over_the_no_update_base
         f"{service.url}/v1/aliases/assistant-honest", headers={"X-API-Key": service.api_key}, timeout=30
     ).json()
     assert alias["model"] == promoted[-1]["checkpoint"]
-    assert [json.loads(line) for line in (tmp_path / "honest" / JOURNAL).read_text().splitlines()] == rows
+    assert [json.loads(line) for line in (log_dir / JOURNAL).read_text().splitlines()] == rows
 
     status = subprocess.run(
-        [sys.executable, "-m", "nightlab.cli", "online", "status", str(tmp_path / "honest")],
+        [sys.executable, "-m", "nightlab.cli", "online", "status", str(log_dir)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -93,7 +101,31 @@ def test_an_honest_reward_model_raises_the_served_reward_over_the_no_update_base
     assert (
         f"held-out reward {baseline['candidate']['reward']:.3f} (no update) -> {served:.3f}" in status.stdout
     )
-    assert (tmp_path / "honest" / "online.png").stat().st_size > 0
+    assert (log_dir / "online.png").stat().st_size > 0
+
+
+def test_the_dashboard_shows_the_online_rounds_in_a_browser(honest_run, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="install the test extra (playwright)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium: apt-get install chromium")
+    log_dir, rows = honest_run
+    app = create_dashboard_app(tmp_path, online=log_dir)  # no workspace journal: the online run alone
+    with serve_in_thread(app) as server, playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server.url + "/")
+        assert page.url.endswith("/online")
+        shots = Path("test-artifacts/screenshots")
+        shots.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shots / "online.png"), full_page=True)
+        table = page.locator("table.online tbody tr")
+        assert table.count() == len(rows)
+        shown = [table.nth(i).locator(".decision").inner_text() for i in range(table.count())]
+        assert shown == ["baseline"] + ["promoted" if r["promoted"] else "kept, not served" for r in rows[1:]]
+        assert page.locator("#promotions").inner_text() == str(sum(r["promoted"] for r in rows[1:]))
+        assert page.locator("svg.online circle.point").count() == len(rows)
+        browser.close()
 
 
 def test_a_hackable_reward_model_is_caught_by_the_rubric(service, tiny_model, tmp_path):
