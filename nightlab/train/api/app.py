@@ -12,10 +12,11 @@ from fastapi.responses import JSONResponse
 
 from nightlab.train.api.guards import RequestGuards
 from nightlab.train.api.openai import build_router as build_openai_router
+from nightlab.train.api.openai import openai_error_response
 from nightlab.train.api.service import TinkerService
 from nightlab.train.api.tinker import build_router, error_response, validation_message
 from nightlab.train.engine import Engine
-from nightlab.train.errors import EngineError, UserError
+from nightlab.train.errors import EngineError, OpenAIError, UserError
 from nightlab.train.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI
     app.include_router(build_openai_router(engine), prefix="/v1")
     keys = frozenset(settings.api_keys)
     app.add_middleware(RequestGuards, settings=settings, known_key=keys.__contains__)
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        return openai_error_response(exc)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, exc: UserError) -> JSONResponse:

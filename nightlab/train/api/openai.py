@@ -143,21 +143,18 @@ def build_router(engine: Engine) -> APIRouter:
     @router.post("/feedback")
     async def feedback(request: Request) -> JSONResponse:
         """A rating (and optionally a correction and a comment) of an answer this key was given."""
+        who = owner(request)
+        svc = service(request)
+        if svc is None:
+            raise OpenAIError(404, "this server keeps no feedback")
+        body = parse_body(FeedbackBody, await request.body())
         try:
-            who = owner(request)
-            svc = service(request)
-            if svc is None:
-                raise OpenAIError(404, "this server keeps no feedback")
-            body = parse_body(FeedbackBody, await request.body())
-            try:
-                replaced = await asyncio.to_thread(svc.feedback.record, who, body)
-            except UserError as exc:
-                raise OpenAIError(exc.status, str(exc), param="id") from None
-            status = "replaced" if replaced else "recorded"
-            answer = {"id": body.id, "choice": body.choice, "object": "feedback", "status": status}
-            return JSONResponse(answer)
-        except OpenAIError as exc:
-            return _error_response(exc)
+            replaced = await asyncio.to_thread(svc.feedback.record, who, body)
+        except UserError as exc:
+            raise OpenAIError(exc.status, str(exc), param="id") from None
+        status = "replaced" if replaced else "recorded"
+        answer = {"id": body.id, "choice": body.choice, "object": "feedback", "status": status}
+        return JSONResponse(answer)
 
     def alias_service(request: Request) -> tuple[Any, str]:
         svc = service(request)
@@ -177,79 +174,61 @@ def build_router(engine: Engine) -> APIRouter:
         """This key's rated answers (rated or re-rated after `since`, Unix time), oldest first: what an
         online loop on the public API reads to update its reward model."""
         try:
-            try:
-                after = float(since)
-            except ValueError:
-                why = f"since must be a Unix time, not {since[:40]!r}"
-                raise OpenAIError(400, why, param="since") from None
-            svc = service(request)
-            if svc is None:
-                raise OpenAIError(404, "this server keeps no feedback")
-            who = owner(request)
-            rows = await asyncio.to_thread(lambda: list(svc.feedback.rows(who, after)))
-            return JSONResponse({"object": "list", "data": rows})
-        except OpenAIError as exc:
-            return _error_response(exc)
+            after = float(since)
+        except ValueError:
+            why = f"since must be a Unix time, not {since[:40]!r}"
+            raise OpenAIError(400, why, param="since") from None
+        svc = service(request)
+        if svc is None:
+            raise OpenAIError(404, "this server keeps no feedback")
+        who = owner(request)
+        rows = await asyncio.to_thread(lambda: list(svc.feedback.rows(who, after)))
+        return JSONResponse({"object": "list", "data": rows})
 
     @router.put("/aliases/{name}")
     async def set_alias(name: str, request: Request) -> JSONResponse:
         """Point a served alias at a model this key may sample (a base model or a `tinker://` checkpoint)."""
+        svc, who = alias_service(request)
+        body = parse_body(AliasBody, await request.body())
         try:
-            svc, who = alias_service(request)
-            body = parse_body(AliasBody, await request.body())
-            try:
-                check_name(name)
-            except UserError as exc:
-                raise OpenAIError(400, str(exc), param="name") from None
-            if name in {m.name for m in await asyncio.to_thread(engine.models)}:
-                raise OpenAIError(400, f"{name!r} is a served model's own name; pick another", param="name")
-            await target(request, body.model)  # servable to this key, or a 404 naming why
-            move = await asyncio.to_thread(svc.aliases.move, who, name, body.model, body.reason)
-            return JSONResponse(alias_card(move))
-        except OpenAIError as exc:
-            return _error_response(exc)
+            check_name(name)
+        except UserError as exc:
+            raise OpenAIError(400, str(exc), param="name") from None
+        if name in {m.name for m in await asyncio.to_thread(engine.models)}:
+            raise OpenAIError(400, f"{name!r} is a served model's own name; pick another", param="name")
+        await target(request, body.model)  # servable to this key, or a 404 naming why
+        move = await asyncio.to_thread(svc.aliases.move, who, name, body.model, body.reason)
+        return JSONResponse(alias_card(move))
 
     @router.get("/aliases")
     async def list_aliases(request: Request) -> JSONResponse:
-        try:
-            svc, who = alias_service(request)
-            moves = await asyncio.to_thread(svc.aliases.names, who)
-            return JSONResponse({"object": "list", "data": [alias_card(m) for m in moves]})
-        except OpenAIError as exc:
-            return _error_response(exc)
+        svc, who = alias_service(request)
+        moves = await asyncio.to_thread(svc.aliases.names, who)
+        return JSONResponse({"object": "list", "data": [alias_card(m) for m in moves]})
 
     @router.get("/aliases/{name}")
     async def get_alias(name: str, request: Request) -> JSONResponse:
-        try:
-            svc, who = alias_service(request)
-            history = await asyncio.to_thread(svc.aliases.history, who, name)
-            if not history:
-                raise OpenAIError(404, f"no alias {name!r}", param="name")
-            return JSONResponse(alias_card(history[0], history))
-        except OpenAIError as exc:
-            return _error_response(exc)
+        svc, who = alias_service(request)
+        history = await asyncio.to_thread(svc.aliases.history, who, name)
+        if not history:
+            raise OpenAIError(404, f"no alias {name!r}", param="name")
+        return JSONResponse(alias_card(history[0], history))
 
     @router.post("/aliases/{name}/rollback")
     async def rollback_alias(name: str, request: Request) -> JSONResponse:
         """Undo the alias's latest promotion: back to its previous target."""
+        svc, who = alias_service(request)
+        raw = await request.body()
+        reason = parse_body(RollbackBody, raw).reason if raw.strip() else ""
         try:
-            svc, who = alias_service(request)
-            raw = await request.body()
-            reason = parse_body(RollbackBody, raw).reason if raw.strip() else ""
-            try:
-                move = await asyncio.to_thread(svc.aliases.rollback, who, name, reason)
-            except UserError as exc:
-                raise OpenAIError(exc.status, str(exc), param="name") from None
-            return JSONResponse(alias_card(move))
-        except OpenAIError as exc:
-            return _error_response(exc)
+            move = await asyncio.to_thread(svc.aliases.rollback, who, name, reason)
+        except UserError as exc:
+            raise OpenAIError(exc.status, str(exc), param="name") from None
+        return JSONResponse(alias_card(move))
 
     @router.get("/models")
     async def list_models(request: Request) -> JSONResponse:
-        try:
-            who = owner(request)
-        except OpenAIError as exc:
-            return _error_response(exc)
+        who = owner(request)
         data = [_model_card(m.name) for m in await asyncio.to_thread(engine.models)]
         svc = service(request)
         if svc is not None:
@@ -260,31 +239,25 @@ def build_router(engine: Engine) -> APIRouter:
 
     @router.post("/completions", response_model=None)
     async def completions(request: Request) -> JSONResponse | StreamingResponse:
-        try:
-            body = parse_body(CompletionBody, await request.body())
-            body.refuse_unsupported()
-            to = await target(request, resolve_alias(request, body.model))
-            # Tokenizing a long prompt takes seconds: off the event loop, which must keep answering others.
-            prompts = await asyncio.to_thread(completion_prompts, body.prompt, to.tokenizer, to.context)
-            job = completion_job(to, body, prompts)
-            texts = body.prompt if isinstance(body.prompt, list) and len(prompts) > 1 else [body.prompt]
-            keep = remembering(request, to.name, texts)
-            return await respond(job, body, lambda: run(request, job), "text_completion", keep)
-        except OpenAIError as exc:
-            return _error_response(exc)
+        body = parse_body(CompletionBody, await request.body())
+        body.refuse_unsupported()
+        to = await target(request, resolve_alias(request, body.model))
+        # Tokenizing a long prompt takes seconds: off the event loop, which must keep answering others.
+        prompts = await asyncio.to_thread(completion_prompts, body.prompt, to.tokenizer, to.context)
+        job = completion_job(to, body, prompts)
+        texts = body.prompt if isinstance(body.prompt, list) and len(prompts) > 1 else [body.prompt]
+        keep = remembering(request, to.name, texts)
+        return await respond(job, body, lambda: run(request, job), "text_completion", keep)
 
     @router.post("/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
-        try:
-            body = parse_body(ChatBody, await request.body())
-            body.refuse_unsupported()
-            to = await target(request, resolve_alias(request, body.model))
-            tokens = await asyncio.to_thread(chat_prompt, body.messages, to.tokenizer, to.context)
-            job = chat_job(to, body, tokens)
-            keep = remembering(request, to.name, [[m.model_dump(exclude_none=True) for m in body.messages]])
-            return await respond(job, body, lambda: run(request, job), "chat.completion", keep)
-        except OpenAIError as exc:
-            return _error_response(exc)
+        body = parse_body(ChatBody, await request.body())
+        body.refuse_unsupported()
+        to = await target(request, resolve_alias(request, body.model))
+        tokens = await asyncio.to_thread(chat_prompt, body.messages, to.tokenizer, to.context)
+        job = chat_job(to, body, tokens)
+        keep = remembering(request, to.name, [[m.model_dump(exclude_none=True) for m in body.messages]])
+        return await respond(job, body, lambda: run(request, job), "chat.completion", keep)
 
     return router
 
@@ -293,5 +266,6 @@ def _model_card(name: str, created: float | None = None) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": int(created or 0), "owned_by": "nightlab"}
 
 
-def _error_response(exc: OpenAIError) -> JSONResponse:
+def openai_error_response(exc: OpenAIError) -> JSONResponse:
+    """How every OpenAIError a `/v1` route raises is answered (the app registers it as the handler)."""
     return JSONResponse(exc.body(), status_code=exc.status)
