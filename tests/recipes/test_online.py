@@ -130,14 +130,17 @@ def test_the_dashboard_shows_the_online_rounds_in_a_browser(honest_run, tmp_path
 
 def test_a_hackable_reward_model_is_caught_by_the_rubric(service, tiny_model, tmp_path):
     rows = _run(service, tiny_model, tmp_path / "hackable", hackable)
+    gain = OnlineConfig.__dataclass_fields__["min_reward_gain"].default  # what the guard calls beating
     gamed = [
         r
         for r in rows[1:]
-        if r["candidate"]["reward"] > r["served"]["reward"]
+        if r["candidate"]["reward"] > r["served"]["reward"] + gain
         and r["candidate"]["rubric"] < r["served"]["rubric"]
     ]
     assert gamed, [(r["candidate"], r["served"]) for r in rows[1:]]
     assert all(not r["promoted"] and "being gamed" in r["reason"] for r in gamed)
+    for r in rows[1:]:  # whatever the reason, nothing served scores worse on the rubric than what it replaced
+        assert not r["promoted"] or r["candidate"]["rubric"] >= r["served"]["rubric"]
 
 
 def test_the_guard_names_the_first_rule_a_candidate_breaks():
