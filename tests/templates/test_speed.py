@@ -43,7 +43,12 @@ def speed_run(tmp_path_factory):
     for name, text in PATCHES.items():
         (patches / name).write_text(text)
     toml = ws / "nightlab.toml"
-    toml.write_text(toml.read_text() + f'\n[proposer.replay]\npatches = "{patches}"\n')
+    # The cache halves render_ms, yet on a loaded CI machine one slow baseline of three can stretch the noise
+    # floor past half the gain: the first-run bar drops to one noise unit, and the paired confirm runs still
+    # have to agree before anything is kept.
+    text = toml.read_text().replace("[decide]\n", "[decide]\nz = 1.0\n", 1)
+    assert "z = 1.0" in text, "the speed template has no [decide] table any more"
+    toml.write_text(text + f'\n[proposer.replay]\npatches = "{patches}"\n')
     commit_all(ws, "replay the test's changes")
     ResearchLoop(ws, RunOptions(tag="s", proposer="replay")).run_loop()
     journal = Journal.for_workspace(ws)
