@@ -162,11 +162,11 @@ def online_status(log_dir: Annotated[Path, typer.Argument(help="The online run's
     from rich.console import Console
 
     from nightlab.recipes.common.plots import plot_online
-    from nightlab.recipes.online.loop import read_journal
+    from nightlab.recipes.online.journal import read_rounds
     from nightlab.recipes.online.status import PLOT_FILE, status_table, summary
 
     try:
-        rows = read_journal(log_dir)
+        rows = read_rounds(log_dir)
     except (OSError, ValueError) as exc:
         fail(exc)
     Console().print(status_table(rows))

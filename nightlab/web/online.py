@@ -3,23 +3,14 @@ server, read from the run's `online.jsonl` (`nightlab dashboard --online DIR`)."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from markupsafe import Markup, escape
 
 from nightlab.errors import NightlabError
+from nightlab.recipes.online.journal import JOURNAL, read_rounds
 from nightlab.web.svg import HEIGHT, PAD, WIDTH, Scale
-
-JOURNAL = "online.jsonl"  # as nightlab.recipes.online.loop writes it (not imported: that loads the clients)
-
-
-def read_rounds(log_dir: Path) -> list[dict[str, Any]]:
-    path = Path(log_dir) / JOURNAL
-    if not path.is_file():
-        raise NightlabError(f"no {JOURNAL} in {log_dir}: `nightlab online run --log-dir {log_dir}` writes it")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def online_svg(rows: list[dict[str, Any]]) -> Markup:

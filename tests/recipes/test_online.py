@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from nightlab.recipes.online.guard import Bounds, Evaluation, promotion
-from nightlab.recipes.online.loop import JOURNAL, OnlineConfig, demo_questions, run_online
+from nightlab.recipes.online.journal import JOURNAL
+from nightlab.recipes.online.loop import OnlineConfig, demo_questions, run_online
 from nightlab.recipes.online.reward import JudgeReward, RewardError, agreement, split
 from nightlab.recipes.online.rubric import brief_arithmetic, user_rating
 from nightlab.recipes.online.user import SimulatedUser

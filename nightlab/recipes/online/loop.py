@@ -16,7 +16,6 @@ on the held-out prompts), which every later round is compared with. `nightlab on
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from collections.abc import Callable
@@ -32,11 +31,11 @@ from pydantic import dataclasses as pydantic_dataclasses
 from nightlab.recipes.common.rl_envs import ArithmeticEnv, Reward, Task
 from nightlab.recipes.common.settings import MODEL_NAME, SERVICE_KEY, SERVICE_URL, setting
 from nightlab.recipes.online.guard import Bounds, Evaluation, promotion
+from nightlab.recipes.online.journal import JOURNAL, append_round
 from nightlab.recipes.online.reward import RewardModel, agreement, split, user_text
 from nightlab.recipes.online.rubric import brief_arithmetic
 from nightlab.recipes.rl import RLConfig, RLRun, add_reference_logprobs, sample_groups
 
-JOURNAL = "online.jsonl"
 Rubric = Callable[[str, str], float]
 
 
@@ -250,32 +249,18 @@ def run_online(
             start = run.http.put(f"/aliases/{cfg.alias}", json=start_body)
             start.raise_for_status()
         rows.append(run.baseline())
-        _append(journal, rows[-1])
+        append_round(cfg.log_dir, rows[-1])
         for k in range(1, cfg.rounds + 1):
             if between_rounds is not None:
                 between_rounds(k)
             run.wait_for_ratings(cfg.every_events)
             rows.append(run.round(k))
-            _append(journal, rows[-1])
+            append_round(cfg.log_dir, rows[-1])
     except BaseException as exc:
         run.close(type(exc), exc, exc.__traceback__)
         raise
     run.close(None, None, None)
     return rows
-
-
-def _append(journal: Path, row: dict[str, Any]) -> None:
-    with journal.open("a", encoding="utf-8") as out:
-        out.write(json.dumps(row) + "\n")
-
-
-def read_journal(log_dir: Path) -> list[dict[str, Any]]:
-    path = Path(log_dir) / JOURNAL
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no {JOURNAL} in {log_dir}: `nightlab online run --log-dir {log_dir}` writes it"
-        )
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def sampling_client(service: tinker.ServiceClient, model: str) -> tinker.SamplingClient:
