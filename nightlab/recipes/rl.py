@@ -210,15 +210,21 @@ class RLRun:
     outcome.
     """
 
-    def __init__(self, cfg: RLConfig, env: Environment | None = None) -> None:
+    def __init__(self, cfg: RLConfig, env: Environment | None = None, state: str | None = None) -> None:
+        """`state`, a `save_state` path, continues a policy (its LoRA weights and Adam moments) where a
+        killed run left it, instead of starting a fresh LoRA."""
         self.cfg = cfg
         self.env = env or load_env(cfg.env)  # an environment object (the online loop's) or cfg.env's
         self.service = connect(cfg.base_url, cfg.api_key)
         with contextlib.ExitStack() as on_failure:  # a failed setup closes the session as errored
             on_failure.push(self.service)
-            self.trainer = self.service.create_lora_training_client(
-                base_model=cfg.model, rank=cfg.lora_rank, seed=cfg.seed
-            ).result()
+            self.trainer = (
+                self.service.create_training_client_from_state_with_optimizer(state).result()
+                if state
+                else self.service.create_lora_training_client(
+                    base_model=cfg.model, rank=cfg.lora_rank, seed=cfg.seed
+                ).result()
+            )
             self.tokenizer = self.trainer.get_tokenizer()
             wants_reference = cfg.measure_kl or cfg.kl_coef > 0
             self.reference = (

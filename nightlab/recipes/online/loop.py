@@ -12,6 +12,10 @@ Each round (once `every_events` new ratings arrived, when that is set):
    log why.
 Every round is a row of `online.jsonl` in the log directory; round 0 is the no-update baseline (the base model
 on the held-out prompts), which every later round is compared with. `nightlab online status` reads it.
+
+Each row also saves the policy's training state (LoRA weights and Adam moments) and records the feedback
+cursor and the RL step counter, so `--resume` carries a killed run on from its last row: the trainer is loaded
+from that state, and the rest of the loop's state is rebuilt from the service (`OnlineRun.restore`).
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ from pydantic import dataclasses as pydantic_dataclasses
 from nightlab.recipes.common.rl_envs import ArithmeticEnv, Reward, Task
 from nightlab.recipes.common.settings import MODEL_NAME, SERVICE_KEY, SERVICE_URL, setting
 from nightlab.recipes.online.guard import Bounds, Evaluation, promotion
-from nightlab.recipes.online.journal import JOURNAL, append_round
+from nightlab.recipes.online.journal import append_round, continued_rounds
 from nightlab.recipes.online.reward import RewardModel, agreement, split, user_text
 from nightlab.recipes.online.rubric import brief_arithmetic
 from nightlab.recipes.rl import RLConfig, RLRun, add_reference_logprobs, sample_groups
 
 Rubric = Callable[[str, str], float]
+RUN_KEYS = ("model", "alias", "seed")  # what makes a journal's rows one run: a resume must keep them
 
 
 @pydantic_dataclasses.dataclass
@@ -45,7 +50,9 @@ class OnlineConfig:
 
     base_url: Annotated[str, SERVICE_URL]
     model: Annotated[str, MODEL_NAME]
-    log_dir: Annotated[Path, setting("New directory for online.jsonl, one row per round.")]
+    log_dir: Annotated[
+        Path, setting("Directory for online.jsonl, one row per round: a new one, unless --resume.")
+    ]
     api_key: Annotated[str | None, SERVICE_KEY] = None
     alias: Annotated[str, setting("The served alias a promotion moves.")] = "assistant-latest"
     rounds: Annotated[int, setting("Rounds to run.", ge=1)] = 3
@@ -89,6 +96,12 @@ class OnlineConfig:
         int,
         setting("Demo: a simulated user asks this many questions before each round and rates them.", ge=0),
     ] = 0
+    resume: Annotated[
+        bool,
+        setting(
+            "Carry on the run in --log-dir after its last recorded round (a killed run, or more rounds)."
+        ),
+    ] = False
 
 
 class FeedbackEnv:
@@ -116,7 +129,9 @@ class FeedbackEnv:
 class OnlineRun:
     """The clients and state of one online run; `round(k)` runs one round and returns its journal row."""
 
-    def __init__(self, cfg: OnlineConfig, reward: RewardModel, rubric: Rubric) -> None:
+    def __init__(
+        self, cfg: OnlineConfig, reward: RewardModel, rubric: Rubric, state: str | None = None
+    ) -> None:
         self.cfg, self.reward_model, self.rubric = cfg, reward, rubric
         self.asked: list[str] = []
         self.env = FeedbackEnv(reward, rubric, self.asked)
@@ -136,7 +151,7 @@ class OnlineRun:
             measure_kl=True,
             seed=cfg.seed,
         )
-        self.rl = RLRun(self.rl_cfg, self.env)
+        self.rl = RLRun(self.rl_cfg, self.env, state)
         self.heldout = [t.user for t in ArithmeticEnv().tasks(cfg.heldout_prompts, seed=cfg.seed + 7_919)]
         self.http = httpx.Client(
             base_url=cfg.base_url.rstrip("/") + "/v1",
@@ -177,26 +192,61 @@ class OnlineRun:
             kl=float(np.mean(kl)) if kl else 0.0,
         )
 
+    def rated_since(self, since: float) -> list[dict[str, Any]]:
+        """This key's ratings rated after `since` (Unix time), in the order they were first rated."""
+        found = self.http.get("/feedback", params={"since": since})
+        found.raise_for_status()
+        return found.json()["data"]
+
     def wait_for_ratings(self, count: int, poll_seconds: float = 5.0) -> None:
         """Block until `count` ratings arrived since the last round (the loop's schedule)."""
-        while len(self.http.get("/feedback", params={"since": self.since}).json()["data"]) < count:
+        while len(self.rated_since(self.since)) < count:
             time.sleep(poll_seconds)
 
-    def feedback(self) -> tuple[int, float | None]:
-        """Take in what was rated since the last round; (how many events, the held-out agreement now)."""
-        events = self.http.get("/feedback", params={"since": self.since}).json()["data"]
-        if events:
-            self.since = max(e["updated_at"] for e in events)
+    def take_in(self, events: list[dict[str, Any]]) -> None:
+        """Split rated answers (by id, so always the same way): the training ones update the reward model and
+        the prompts RL draws from, the held-out ones measure the reward model."""
         train, heldout = split(events)
         self.reward_model.update(train)
         self.heldout_events += heldout
         self.asked += [user_text(e["prompt"]) for e in train]
+
+    def feedback(self) -> tuple[int, float | None]:
+        """Take in what was rated since the last round; (how many events, the held-out agreement now)."""
+        events = self.rated_since(self.since)
+        if events:
+            self.since = max(e["updated_at"] for e in events)
+        self.take_in(events)
         return len(events), agreement(self.reward_model, self.heldout_events)
 
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """The loop's state as the journal's last row left it (the trainer already holds its saved state):
+        every rating up to its cursor taken in again, in order, so the reward model, the held-out events and
+        the asked prompts are as they were; its RL step counter; the agreement at the last promotion."""
+        last = rows[-1]
+        self.since, self.step = last["since"], last["rl_steps"]
+        self.take_in([e for e in self.rated_since(0.0) if e["updated_at"] <= self.since])
+        promoted = [r for r in rows[1:] if r["promoted"]]
+        self.agreement_at_promotion = promoted[-1]["agreement"] if promoted else None
+
+    def resume_point(self, index: int) -> dict[str, Any]:
+        """What a resume after round `index` needs: the policy's training state (LoRA weights and Adam
+        moments) saved now, the feedback cursor and the RL step counter."""
+        state = self.rl.trainer.save_state(f"online-{index}").result().path
+        return {"state": state, "since": self.since, "rl_steps": self.step}
+
     def baseline(self) -> dict[str, Any]:
-        """Round 0: the base model on the held-out prompts, the no-update baseline."""
+        """Round 0: the base model on the held-out prompts, the no-update baseline; it also records what
+        makes the rows one run (`run`), which a resume checks."""
         base = self.evaluate(self.cfg.model)
-        return {"round": 0, "time": time.time(), "checkpoint": self.cfg.model, "candidate": asdict(base)}
+        return {
+            "round": 0,
+            "time": time.time(),
+            "checkpoint": self.cfg.model,
+            "candidate": asdict(base),
+            "run": {key: getattr(self.cfg, key) for key in RUN_KEYS},
+            **self.resume_point(0),
+        }
 
     def round(self, index: int) -> dict[str, Any]:
         events, agreed = self.feedback()
@@ -226,6 +276,7 @@ class OnlineRun:
             "served": asdict(current),
             "promoted": promote,
             "reason": why,
+            **self.resume_point(index),
         }
 
 
@@ -235,27 +286,34 @@ def run_online(
     rubric: Rubric,
     between_rounds: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Round 0 (the baseline), then `cfg.rounds` rounds, each row appended to `log_dir/online.jsonl` as it
-    ends; `between_rounds(k)` runs before round k (the simulated users of the demo and tests)."""
-    journal = cfg.log_dir / JOURNAL
-    if journal.exists() and journal.stat().st_size:
-        raise ValueError(f"{journal} already holds a run's rounds; pick a new log directory")
+    """Round 0 (the baseline), then rounds up to `cfg.rounds`, each row appended to `log_dir/online.jsonl` as
+    it ends, and all the rows returned. With `cfg.resume` the run carries on after the journal's last row (a
+    round cut mid-way left none and is rerun). `between_rounds(k)` runs before round k (the simulated users
+    of the demo and tests)."""
+    rows = continued_rounds(cfg.log_dir, {key: getattr(cfg, key) for key in RUN_KEYS}, cfg.resume)
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
-    run = OnlineRun(cfg, reward, rubric)
-    rows: list[dict[str, Any]] = []
+    resumed_from = rows[-1]["state"] if rows else None
+    run = OnlineRun(cfg, reward, rubric, resumed_from)
     try:
-        if run.served() == cfg.model:  # until the first promotion the alias serves the base model
-            start_body = {"model": cfg.model, "reason": "online run start"}
-            start = run.http.put(f"/aliases/{cfg.alias}", json=start_body)
-            start.raise_for_status()
-        rows.append(run.baseline())
-        append_round(cfg.log_dir, rows[-1])
-        for k in range(1, cfg.rounds + 1):
+        if rows:
+            run.restore(rows)
+        else:
+            if run.served() == cfg.model:  # until the first promotion the alias serves the base model
+                start_body = {"model": cfg.model, "reason": "online run start"}
+                start = run.http.put(f"/aliases/{cfg.alias}", json=start_body)
+                start.raise_for_status()
+            rows.append(run.baseline())
+            append_round(cfg.log_dir, rows[-1])
+        first = len(rows)
+        for k in range(first, cfg.rounds + 1):
             if between_rounds is not None:
                 between_rounds(k)
             run.wait_for_ratings(cfg.every_events)
-            rows.append(run.round(k))
-            append_round(cfg.log_dir, rows[-1])
+            row = run.round(k)
+            if resumed_from is not None and k == first:
+                row["resumed_from"] = resumed_from  # the saved state this round's training continued
+            rows.append(row)
+            append_round(cfg.log_dir, row)
     except BaseException as exc:
         run.close(type(exc), exc, exc.__traceback__)
         raise
