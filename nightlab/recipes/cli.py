@@ -76,6 +76,21 @@ def _run_rl(**values: Any) -> None:
     )
 
 
+def _run_vlm_classify(**values: Any) -> None:
+    from rich.console import Console
+
+    from nightlab.recipes.common.cli_options import settings_from
+    from nightlab.recipes.vlm_classify import PLOT_FILE, VLMClassifyConfig, accuracy_table, run_vlm_classify
+
+    try:
+        cfg = settings_from(VLMClassifyConfig, values)
+        rows = run_vlm_classify(cfg)
+    except _recipe_errors() as exc:
+        _recipe_fail(exc, values["base_url"])
+    Console().print(accuracy_table(rows))
+    typer.echo(f"plot: {Path(cfg.log_dir) / PLOT_FILE}")
+
+
 def _parameter(name: str, annotation: Any, default: Any) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
@@ -116,6 +131,18 @@ def _rl_command() -> TyperCommand:
         RLConfig,
         _run_rl,
         doc="GRPO-style RL with LoRA: groups of samples from the latest weights, group-relative advantages.",
+    )
+
+
+@cache
+def _vlm_classify_command() -> TyperCommand:
+    from nightlab.recipes.vlm_classify import VLMClassifyConfig
+
+    return _settings_command(
+        "vlm-classify",
+        VLMClassifyConfig,
+        _run_vlm_classify,
+        doc="Few-shot image classification: VLM + LoRA vs a linear probe on its vision encoder, at k shots.",
     )
 
 
@@ -181,7 +208,11 @@ def _online_status_command() -> TyperCommand:
     return cast(TyperCommand, typer.main.get_command(app))
 
 
-RECIPES: dict[str, Callable[[], TyperCommand]] = {"s1": _s1_command, "rl": _rl_command}
+RECIPES: dict[str, Callable[[], TyperCommand]] = {
+    "s1": _s1_command,
+    "rl": _rl_command,
+    "vlm-classify": _vlm_classify_command,
+}
 ONLINE: dict[str, Callable[[], TyperCommand]] = {"run": _online_command, "status": _online_status_command}
 
 
@@ -205,7 +236,9 @@ class OnlineGroup(RecipeGroup):
 
 
 recipe_app = typer.Typer(
-    cls=RecipeGroup, help="Post-training recipes run through `nightlab serve`: s1, rl.", no_args_is_help=True
+    cls=RecipeGroup,
+    help="Post-training recipes run through `nightlab serve`: s1, rl, vlm-classify.",
+    no_args_is_help=True,
 )
 
 online_app = typer.Typer(

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from nightlab import hardware
-from nightlab.train import adapter_files, forward, losses, models
+from nightlab.train import adapter_files, forward, losses, models, planner
 from nightlab.train.errors import EngineError, LossError, SamplingInputError
 from nightlab.train.lora import Adapter, LoadedBase, lora_config, lora_targets, tensor_layout
+from nightlab.train.quantize import QuantizationError, check_scheme
 from nightlab.train.records import (
     AdamParams,
     Datum,
@@ -33,6 +34,7 @@ from nightlab.train.records import (
     ModelInfo,
     Precision,
 )
+from nightlab.train.vision import vision_of
 
 if TYPE_CHECKING:
     from nightlab.train.sampling import SampleRequest, SampleResult
@@ -61,9 +63,18 @@ class Engine:
         preload: list[str] | tuple[str, ...] = (),
         precision: Precision = "auto",
         show_progress: bool = True,
+        quantization: Mapping[str, str] | None = None,
+        memory_limit: int | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.device = (hardware.accelerator() or "cpu") if device == "auto" else device
+        # scheme by served name; a base is refused when the planner says it will not fit `memory_limit` bytes
+        # (None: what the device has free when it loads)
+        self.quantization = {
+            models.resolve(name, self.data_dir).name: check_scheme(scheme)
+            for name, scheme in (quantization or {}).items()
+        }
+        self.memory_limit = memory_limit
         self.precision = precision
         self.show_progress = show_progress
         self._bases: OrderedDict[str, LoadedBase] = OrderedDict()  # least recently used first
@@ -133,11 +144,17 @@ class Engine:
             return list(self._bases)
 
     def _load_base(self, name: str, resolved: models.ResolvedModel) -> LoadedBase:
+        scheme = self.quantization.get(resolved.name, "none")
         try:
+            planner.check_fits(resolved, scheme, self.device, self.memory_limit)
             model, tokenizer, tokenizer_id = models.load(
-                resolved, self.data_dir, device=self.device, show_progress=self.show_progress
+                resolved,
+                self.data_dir,
+                device=self.device,
+                show_progress=self.show_progress,
+                quantization=scheme,
             )
-        except OSError as error:
+        except (OSError, planner.PlanError, QuantizationError) as error:
             raise EngineError(f"cannot load model {name!r}: {error}") from None
         model.requires_grad_(False)
         config = model.config
@@ -145,10 +162,12 @@ class Engine:
             name=resolved.name,
             tokenizer_id=tokenizer_id,
             arch=config.model_type,
-            max_context_length=int(getattr(config, "max_position_embeddings", 0) or 0),
+            max_context_length=models.context_length(config),
         )
         autocast = forward.pick_autocast(self.device, self.precision)
-        return LoadedBase(info, model, tokenizer, self.device, autocast, lora_targets(model))
+        vision = vision_of(model, tokenizer_id)
+        info.image_token_id = vision.image_token_id if vision is not None else None
+        return LoadedBase(info, model, tokenizer, self.device, autocast, lora_targets(model), vision=vision)
 
     def models(self) -> list[ModelInfo]:
         """Servable base models: the loaded ones and every prepared or allowed one, without loading them."""
@@ -255,7 +274,9 @@ class Engine:
             config = losses.resolve_config(loss_fn, loss_fn_config)
         except LossError as error:
             raise EngineError(str(error)) from None
-        checked = [forward.check_datum(i, datum, base.vocab_size, loss_fn) for i, datum in enumerate(data)]
+        checked = [
+            forward.check_datum(i, d, base.vocab_size, loss_fn, base.vision) for i, d in enumerate(data)
+        ]
         with base.lock, torch.no_grad() if forward_only else nullcontext():
             base.peft.set_adapter(adapter.slot)
             return forward.run_losses(base, checked, loss_fn, config, backward=not forward_only)
@@ -369,7 +390,8 @@ class Engine:
 
         base = self._base(base_model)
         try:
-            sampling.validate(request, base.vocab_size, base.info.max_context_length or None)
+            expanded = sampling.with_images(request, base.vision)
+            sampling.validate(expanded, base.vocab_size, base.info.max_context_length or None)
         except SamplingInputError as error:
             raise EngineError(str(error)) from None
 
@@ -388,9 +410,11 @@ class Engine:
             with base.lock:
                 if adapter_dir is None:
                     with base.peft.disable_adapter() if base.peft is not None else nullcontext():
-                        return sampling.generate(base.model, base.tokenizer, requests, base.autocast)
+                        return sampling.generate(
+                            base.model, base.tokenizer, requests, base.autocast, base.vision
+                        )
                 slot = self._sampler_slot(base, adapter_dir)  # first, as it may wrap the base into base.peft
                 base.peft.set_adapter(slot)
-                return sampling.generate(base.model, base.tokenizer, requests, base.autocast)
+                return sampling.generate(base.model, base.tokenizer, requests, base.autocast, base.vision)
         except SamplingInputError as error:
             raise EngineError(str(error)) from None

@@ -19,6 +19,7 @@ from nightlab.train import losses
 from nightlab.train.errors import EngineError, LossError
 from nightlab.train.lora import LoadedBase
 from nightlab.train.records import Datum, ForwardBackwardResult, Precision
+from nightlab.train.vision import Pixels, Vision, model_inputs
 
 TOKENS_PER_MICROBATCH = 4096  # padded tokens per forward; bounds the (tokens x vocab) fp32 logits in memory
 
@@ -49,6 +50,7 @@ class Checked:
     tokens: np.ndarray
     targets: np.ndarray  # (T,) or (T, K)
     inputs: dict[str, np.ndarray]
+    pixels: Pixels | None = None  # its images, whose placeholders `tokens` holds
 
 
 def _as_array(value: Any, what: str) -> np.ndarray:
@@ -71,10 +73,18 @@ def _check_tokens(array: np.ndarray, vocab_size: int, what: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def check_datum(index: int, datum: Datum, vocab_size: int, loss_fn: str) -> Checked:
-    """Refuse, naming datum `index` and the input, anything the model or loss `loss_fn` cannot take."""
+def check_datum(
+    index: int, datum: Datum, vocab_size: int, loss_fn: str, vision: Vision | None = None
+) -> Checked:
+    """Refuse, naming datum `index` and the input, anything the model (`vision` when it takes images) or
+    loss `loss_fn` cannot take; images become their placeholder tokens here."""
     where = f"datum {index}"
-    tokens = _check_tokens(_as_array(datum.tokens, f"{where}: tokens"), vocab_size, f"{where}: tokens")
+    token_list, pixels = datum.tokens, None
+    if vision is not None:
+        token_list, pixels = vision.expand(datum.tokens, datum.images, where)
+    elif datum.images:
+        raise EngineError(f"{where}: this model takes no images; send text tokens only")
+    tokens = _check_tokens(_as_array(token_list, f"{where}: tokens"), vocab_size, f"{where}: tokens")
     if tokens.ndim != 1 or tokens.size == 0:
         raise EngineError(f"{where}: tokens must be a non-empty 1-D list, got shape {tokens.shape}")
     if "target_tokens" not in datum.loss_fn_inputs:
@@ -94,7 +104,7 @@ def check_datum(index: int, datum: Datum, vocab_size: int, loss_fn: str) -> Chec
         losses.check_inputs(loss_fn, targets.shape, {key: value.shape for key, value in inputs.items()})
     except LossError as error:
         raise EngineError(f"{where}: {error}") from None
-    return Checked(tokens, targets, inputs)
+    return Checked(tokens, targets, inputs, pixels)
 
 
 def microbatches(data: list[Checked]) -> Iterator[list[int]]:
@@ -153,12 +163,17 @@ def target_logprobs(base: LoadedBase, batch: list[Checked]) -> list[torch.Tensor
         attention_mask[row, :size] = 1
         target = torch.from_numpy(datum.targets)
         targets[row, :size, : (1 if target.dim() == 1 else target.shape[1])] = target.view(size, -1)
+    input_ids, attention_mask = input_ids.to(base.device), attention_mask.to(base.device)
+    images: dict[str, torch.Tensor] = {}
+    if any(d.pixels is not None for d in batch):
+        images, _ = model_inputs(base.vision, input_ids, attention_mask, [d.pixels for d in batch])
     scores, _ = causal_logits(
         base.model,
         base.autocast,
-        input_ids=input_ids.to(base.device),
-        attention_mask=attention_mask.to(base.device),
+        input_ids=input_ids,
+        attention_mask=attention_mask,
         use_cache=False,
+        **images,
     )
     targets = targets.to(base.device)
     if width == 1:  # one target per position: the fused kernel, about a third faster than gather - logsumexp

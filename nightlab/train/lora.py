@@ -20,12 +20,14 @@ from torch import nn
 
 from nightlab.train.errors import EngineError
 from nightlab.train.records import LoraSpec, ModelInfo
+from nightlab.train.vision import Vision
 
 LORA_ALPHA = 32  # PEFT scales the update by alpha / rank
 TARGET_GROUPS = {  # module-name parts that put a linear layer in LoraSpec's attn or mlp group
     "attn": {"self_attn", "attn", "attention", "self_attention", "cross_attn"},
-    "mlp": {"mlp", "feed_forward", "ffn", "block_sparse_moe"},
+    "mlp": {"mlp", "feed_forward", "ffn", "block_sparse_moe", "experts"},
 }
+VISION_PARTS = {"visual", "vision_tower", "vision_model", "multi_modal_projector"}  # image-encoder modules
 
 
 @dataclass
@@ -37,10 +39,11 @@ class LoadedBase:
     tokenizer: Any
     device: str
     autocast: torch.dtype | None
-    targets: dict[str, list[str]]  # LoRA target module names by group: attn, mlp, unembed
+    targets: dict[str, list[str]]  # LoRA targets by group: see lora_targets
     lock: threading.RLock = field(default_factory=threading.RLock)
     peft: Any = None
     samplers: OrderedDict[tuple[str, int], str] = field(default_factory=OrderedDict)  # checkpoint -> slot
+    vision: Vision | None = None  # how a vision-language base takes images; None: text only
 
     @property
     def vocab_size(self) -> int:
@@ -93,15 +96,34 @@ class Adapter:
 
 
 def lora_targets(model: nn.Module) -> dict[str, list[str]]:
-    """Names of the linear layers LoRA can train, grouped the way LoraSpec switches them."""
+    """What LoRA can train, grouped the way LoraSpec switches it: linear layers by module name (attn, mlp,
+    unembed), and by parameter name the fused 3-D expert weights of MoE layers (experts: train_mlp switches
+    them too, as Tinker's train_mlp covers MoE layers), where PEFT gives each expert its own rank-r factors.
+
+    Routers stay frozen, as Tinker's LoraConfig has no knob for them: a router that is a linear layer is a
+    direct child of its MoE block (the module holding `experts`), while expert layers sit inside `experts`.
+    """
     from transformers.pytorch_utils import Conv1D
 
     unembed = model.get_output_embeddings()
-    groups: dict[str, list[str]] = {"attn": [], "mlp": [], "unembed": []}
+    routers = {
+        child
+        for block in model.modules()
+        if isinstance(getattr(block, "experts", None), nn.Module)
+        for child in block.children()
+        if isinstance(child, nn.Linear | Conv1D)
+    }
+    groups: dict[str, list[str]] = {"attn": [], "mlp": [], "experts": [], "unembed": []}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear | Conv1D):
-            continue
         parts = set(name.split("."))
+        if parts & VISION_PARTS:  # LoRA trains the language model; a VLM's vision tower stays as it is
+            continue
+        if "experts" in parts:
+            groups["experts"] += [
+                f"{name}.{key}" for key, p in module.named_parameters(recurse=False) if p.ndim == 3
+            ]
+        if not isinstance(module, nn.Linear | Conv1D) or module in routers:
+            continue
         if module is unembed:
             groups["unembed"].append(name)
         elif parts & TARGET_GROUPS["attn"]:
@@ -123,13 +145,19 @@ def lora_config(base: LoadedBase, lora: LoraSpec) -> Any:
     if not isinstance(lora.rank, int) or lora.rank < 1:
         raise EngineError(f"LoRA rank must be a positive integer, got {lora.rank!r}")
     wanted = {"attn": lora.train_attn, "mlp": lora.train_mlp, "unembed": lora.train_unembed}
-    targets = [name for group, on in wanted.items() if on for name in base.targets[group]]
-    if not targets:
+    modules = [name for group, on in wanted.items() if on for name in base.targets[group]]
+    parameters = base.targets["experts"] if lora.train_mlp else []
+    if not modules and not parameters:
         raise EngineError(
             "LoRA config trains nothing: enable at least one of train_attn, train_mlp, train_unembed"
         )
     return LoraConfig(
-        r=lora.rank, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM"
+        r=lora.rank,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=0.0,
+        target_modules=modules,
+        target_parameters=parameters or None,
+        task_type="CAUSAL_LM",
     )
 
 

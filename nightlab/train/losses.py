@@ -90,18 +90,21 @@ def gspo(logp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]
 def stable_reinforce(
     logp: Tensor, inputs: Mapping[str, Tensor], config: Mapping[str, float]
 ) -> tuple[Tensor, Tensor]:
-    """-sum sg(min(r, hi)) * logp * A + kl_coeff * sum k3, with k3 = r - 1 - log r >= 0.
+    """nightlab's StableReinforce (docs/service.md has the formula and why): on the tokens the sampler drew
+    (m = `sampled_mask`), -sg(min(pi/mu, c)) * A * logp + kl_coeff * k3(pi/q), where mu is the probability the
+    token was drawn with (`sampling_logprobs`, after temperature/top-k/top-p), q the sampler model's own
+    (`logprobs`), c = `clip_high_threshold` and k3(r) = r - 1 - log r >= 0; other tokens contribute nothing.
 
-    Tinker's StableReinforce reads per-sequence data its sampler recorded server-side and publishes no
-    formula; this is nightlab's stand-in from the datum alone: REINFORCE with a truncated importance weight
-    (never up-weighting a token past `clip_high_threshold`, default 2) and an optional k3 KL penalty to the
-    sampler.
+    Over the API the service fills q, mu and m from what the sampler recorded (found through the datums'
+    provenance); a datum given straight to the engine without them counts every token, with mu = q.
     """
-    delta = logp - inputs["logprobs"]
-    ratio = torch.exp(delta)
-    weight = torch.clamp(ratio, max=config["clip_high_threshold"]).detach()
-    kl = ratio - 1.0 - delta
-    return _sum(-weight * logp * inputs["advantages"] + config["kl_coeff"] * kl)
+    q = inputs["logprobs"]
+    drawn = inputs.get("sampling_logprobs", q)
+    sampled = inputs.get("sampled_mask", torch.ones_like(q))
+    weight = torch.clamp(torch.exp(logp - drawn), max=config["clip_high_threshold"]).detach()
+    delta = logp - q
+    kl = torch.exp(delta) - 1.0 - delta
+    return _sum(sampled * (-weight * inputs["advantages"] * logp + config["kl_coeff"] * kl))
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,12 @@ LOSSES: dict[str, LossSpec] = {
     "cispo": LossSpec(cispo, _RL, _THRESHOLD_INPUTS, _CLIP),
     "dro": LossSpec(dro, _RL, config={"beta": 0.05}),
     "gspo": LossSpec(gspo, _RL, (*_THRESHOLD_INPUTS, "sequence_ratio_mask"), _CLIP),
-    "stable_reinforce": LossSpec(stable_reinforce, _RL, config={"clip_high_threshold": 2.0, "kl_coeff": 0.0}),
+    "stable_reinforce": LossSpec(
+        stable_reinforce,
+        _RL,
+        ("sampling_logprobs", "sampled_mask"),
+        {"clip_high_threshold": 2.0, "kl_coeff": 0.0},
+    ),
 }
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from nightlab.errors import NightlabError
+from nightlab.train import quantize
+from nightlab.train.quantize import QuantizationError, Scheme
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct"
@@ -189,7 +191,12 @@ def describe(model: ResolvedModel) -> tuple[str, int]:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model.hub_id or str(model.path))
-    return config.model_type, int(getattr(config, "max_position_embeddings", 0) or 0)
+    return config.model_type, context_length(config)
+
+
+def context_length(config: Any) -> int:
+    """The max positions of a model's config (its text model's, for a vision-language one); 0 if unknown."""
+    return int(getattr(config.get_text_config(), "max_position_embeddings", 0) or 0)
 
 
 # --- progress ---
@@ -292,10 +299,36 @@ def gguf_tokenizer_dir(model: ResolvedModel, data_dir: Path) -> Path:
 # --- loading and preparing ---
 
 
-def load(model: ResolvedModel, data_dir: Path, *, device: str = "cpu", show_progress: bool = True):
-    """(model, tokenizer, tokenizer_id) for a resolved name; the model is in eval mode on `device`."""
+def _model_class(location: str):
+    """The auto class for a model directory: image-text-to-text for vision-language configs (Qwen2.5-VL,
+    Qwen3-VL, ...), whose causal-LM mapping does not exist; causal LM otherwise."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    config = AutoConfig.from_pretrained(location)
+    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and hasattr(config, "vision_config"):
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def load(
+    model: ResolvedModel,
+    data_dir: Path,
+    *,
+    device: str = "cpu",
+    show_progress: bool = True,
+    quantization: Scheme = "none",
+):
+    """(model, tokenizer, tokenizer_id) for a resolved name; the model is in eval mode on `device`, its linear
+    layers quantized to `quantization` as they load (QLoRA)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if quantization != "none" and model.source == "gguf":
+        raise QuantizationError(
+            f"{model.name} is a GGUF file: `nightlab models prepare {model.name}` first, then quantize the "
+            "prepared directory"
+        )
+    quantized = quantize.load_kwargs(quantization, device)
     with _progress(f"Loading {model.name}", total=2, enabled=show_progress) as advance:
         if model.source == "gguf":
             tokenizer_dir = gguf_tokenizer_dir(model, data_dir)
@@ -308,9 +341,10 @@ def load(model: ResolvedModel, data_dir: Path, *, device: str = "cpu", show_prog
             tokenizer = AutoTokenizer.from_pretrained(location)
             tokenizer_id = location
             advance("tokenizer")
-            weights = AutoModelForCausalLM.from_pretrained(location)
+            weights = _model_class(location).from_pretrained(location, **quantized)
         advance("weights")
-    return weights.to(device).eval(), tokenizer, tokenizer_id
+    # a quantized model is placed by its device_map as it loads (bitsandbytes models refuse `.to`)
+    return (weights if quantized else weights.to(device)).eval(), tokenizer, tokenizer_id
 
 
 def prepare_model(name: str, data_dir: Path, *, show_progress: bool = True) -> Path:

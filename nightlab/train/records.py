@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -54,9 +54,21 @@ class AdamParams:
 
 
 @dataclass
+class ImageInput:
+    """An image in a model input, as sent (png or jpeg bytes; the engine decodes them, so that a bad image
+    fails its own request in order); it goes before text token `at`."""
+
+    data: bytes
+    format: str
+    at: int
+    expected_tokens: int | None = None  # the client's count of its placeholder tokens, checked if given
+
+
+@dataclass
 class Datum:
     tokens: list[int]  # model input (all token chunks concatenated)
     loss_fn_inputs: dict[str, np.ndarray]  # target_tokens (T,) or (T, K), weights, logprobs, advantages, ...
+    images: list[ImageInput] = field(default_factory=list)  # targets count each image's placeholder tokens
 
 
 @dataclass
@@ -81,3 +93,4 @@ class ModelInfo:
     tokenizer_id: str
     arch: str
     max_context_length: int
+    image_token_id: int | None = None  # the placeholder a chat template writes for an image; None: text only

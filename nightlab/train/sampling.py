@@ -23,7 +23,7 @@ import math
 import secrets
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -31,6 +31,8 @@ import torch
 
 from nightlab.train.errors import SamplingInputError
 from nightlab.train.forward import causal_logits
+from nightlab.train.records import ImageInput
+from nightlab.train.vision import Pixels, Vision, model_inputs
 
 MAX_BATCH_ROWS = 64  # sequences decoded together; larger request sets run in several batches
 
@@ -72,6 +74,8 @@ class SampleRequest:
     topk_prompt_logprobs: int = 0
     topk_sample_logprobs: int = 0
     budget_forcing: BudgetForcing | None = None
+    images: list[ImageInput] = field(default_factory=list)  # images between the prompt's tokens
+    pixels: Pixels | None = None  # set by `with_images`, once the prompt holds the images' placeholders
     # called as on_token(sample_index, token) from the generating thread as each token is final, for
     # streaming; not called for budget-forced requests, whose recent tokens may still be taken back
     on_token: Callable[[int, int], None] | None = field(default=None, repr=False, compare=False)
@@ -83,6 +87,9 @@ class SampledSequence:
     logprobs: list[float]
     stop_reason: Literal["stop", "length"]
     topk_logprobs: list[list[tuple[int, float]]] | None = None  # per generated token when requested
+    # log-probability of each token under the distribution it was drawn from (after temperature, top-k and
+    # top-p; 0 for greedy and forced tokens): the behaviour policy StableReinforce weighs against
+    sampling_logprobs: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -93,16 +100,21 @@ class SampleResult:
 
 
 def generate(
-    model, tokenizer, requests: list[SampleRequest], autocast: torch.dtype | None = None
+    model,
+    tokenizer,
+    requests: list[SampleRequest],
+    autocast: torch.dtype | None = None,
+    vision: Vision | None = None,
 ) -> list[SampleResult]:
     """Batched generation over all requests (x num_samples) with the model as-is (adapter already active).
 
     `autocast` must be what training uses on this model, so that sampled and prompt logprobs are the ones the
-    trainer computes. All requests are validated before any work, so one bad request fails the call without
-    partial results.
+    trainer computes; `vision` is how it takes images, if it does. All requests are validated before any
+    work, so one bad request fails the call without partial results.
     """
     vocab = model.get_input_embeddings().num_embeddings
-    max_context = getattr(model.config, "max_position_embeddings", None)
+    max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    requests = [with_images(request, vision) for request in requests]
     for request in requests:
         validate(request, vocab, max_context)
     eos_ids = _eos_ids(model, tokenizer)
@@ -112,13 +124,24 @@ def generate(
         with torch.inference_mode():
             results: list[SampleResult] = []
             for chunk in _chunks(requests):
-                results.extend(_generate_batch(model, autocast, tokenizer, chunk, eos_ids))
+                results.extend(_generate_batch(model, autocast, tokenizer, chunk, eos_ids, vision))
             return results
     finally:
         model.train(was_training)
 
 
 # --- validation ---------------------------------------------------------------------------------------------
+
+
+def with_images(request: SampleRequest, vision: Vision | None) -> SampleRequest:
+    """The request with its images' placeholders in the prompt and their pixels prepared; refuses images
+    for a text-only model, and placeholder ids sent as text."""
+    if vision is None:
+        if request.images:
+            raise SamplingInputError("this model takes no images; send a text-only prompt")
+        return request
+    tokens, pixels = vision.expand(request.prompt_tokens, request.images, "prompt")
+    return replace(request, prompt_tokens=tokens, images=[], pixels=pixels)
 
 
 def validate(request: SampleRequest, vocab: int, max_context: int | None) -> None:
@@ -236,7 +259,13 @@ class _Sequence:
     """One sampled sequence: its tokens, logprobs, stop rules and budget-forcing state machine."""
 
     def __init__(
-        self, request: SampleRequest, sample_index: int, eos_ids: frozenset[int], tokenizer, width: int
+        self,
+        request: SampleRequest,
+        sample_index: int,
+        eos_ids: frozenset[int],
+        tokenizer,
+        width: int,
+        rope_delta: int = 0,
     ):
         p = request.params
         self.params = p
@@ -253,12 +282,14 @@ class _Sequence:
         self.window = max((len(s.encode()) for s in needles), default=0) + 2
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.sampling_logprobs: list[float] = []
         self.topk_logprobs: list[list[tuple[int, float]]] = []
         self.forced: deque[int] = deque()
         self.prompt_tokens_last = request.prompt_tokens[-1]
         self.feed = self.prompt_tokens_last  # the token the next forward takes for this row
         # cache column of the prompt's last token (prompts are left-padded) and of each output token once fed
         self.prompt_column = width - 1
+        self.rope_delta = rope_delta  # next position minus visible tokens: nonzero after images (M-RoPE)
         self.columns: list[int] = []
         self.stop_reason: Literal["stop", "length"] | None = None if p.max_tokens > 0 else "length"
 
@@ -273,15 +304,18 @@ class _Sequence:
     def result(self) -> SampledSequence:
         assert self.stop_reason is not None
         topk = self.topk_logprobs if self.topk else None
-        return SampledSequence(list(self.tokens), list(self.logprobs), self.stop_reason, topk)
+        return SampledSequence(
+            list(self.tokens), list(self.logprobs), self.stop_reason, topk, list(self.sampling_logprobs)
+        )
 
-    def advance(self, logp: torch.Tensor, sampled: int, column: int) -> list[int]:
+    def advance(self, logp: torch.Tensor, sampled: int, drawn_logp: float, column: int) -> list[int]:
         """Take the next token (forced or sampled), apply stop and budget rules; return cache columns to hide.
 
-        `logp` is the raw (temperature 1) next-token distribution; `column` is where the fed token will go.
+        `logp` is the raw (temperature 1) next-token distribution, `drawn_logp` the sampled token's
+        log-probability under the distribution it was drawn from; `column` is where the fed token will go.
         """
         forced = bool(self.forced)
-        self._append(self.forced.popleft() if forced else sampled, logp)
+        self._append(self.forced.popleft() if forced else sampled, logp, 0.0 if forced else drawn_logp)
         if not forced:
             hidden = self._apply_stop_rules(column)
             if hidden:
@@ -299,9 +333,10 @@ class _Sequence:
             self.on_token(self.sample_index, self.tokens[-1])
         return []
 
-    def _append(self, token: int, logp: torch.Tensor) -> None:
+    def _append(self, token: int, logp: torch.Tensor, drawn_logp: float) -> None:
         self.tokens.append(token)
         self.logprobs.append(float(logp[token]))
+        self.sampling_logprobs.append(drawn_logp)
         if self.topk:
             values, ids = logp.topk(self.topk)
             self.topk_logprobs.append(list(zip(ids.tolist(), values.tolist(), strict=True)))
@@ -345,7 +380,12 @@ class _Sequence:
             self.feed = self.prompt_tokens_last
             hidden = [self.prompt_column, *self.columns]
             self.columns, self.prompt_column = [], column
-        del self.tokens[begin:], self.logprobs[begin:], self.topk_logprobs[begin:]
+        del (
+            self.tokens[begin:],
+            self.logprobs[begin:],
+            self.sampling_logprobs[begin:],
+            self.topk_logprobs[begin:],
+        )
         self.forced.extend(self._encode(self.budget.wait_text))
         return hidden
 
@@ -353,11 +393,13 @@ class _Sequence:
 # --- the batch ----------------------------------------------------------------------------------------------
 
 
-def _pick_tokens(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
-    """Sample one token per row with that row's temperature / top-k / top-p and its own generator.
+def _pick_tokens(logits: torch.Tensor, seqs: list[_Sequence]) -> tuple[list[int], list[float]]:
+    """Sample one token per row with that row's temperature / top-k / top-p and its own generator; return the
+    tokens and each one's log-probability under the (truncated, renormalized) distribution it was drawn from.
 
     Inverse-CDF sampling with one uniform draw per row keeps rows independent of each other; temperature 0 is
-    argmax. Rows that are being forced still get a candidate, which is ignored (and draws no randomness).
+    argmax (drawn with probability 1). Rows that are being forced still get a candidate, which is ignored (and
+    draws no randomness).
     """
     rows, vocab = logits.shape
     temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype)
@@ -384,7 +426,8 @@ def _pick_tokens(logits: torch.Tensor, seqs: list[_Sequence]) -> list[int]:
     index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=vocab - 1)
     tokens = order.gather(1, index) if truncate else index
     tokens = torch.where(greedy[:, None], logits.argmax(-1, keepdim=True), tokens)
-    return tokens[:, 0].tolist()
+    drawn = torch.where(greedy, 0.0, (probs.gather(1, index)[:, 0] / cdf[:, -1]).log())
+    return tokens[:, 0].tolist(), drawn.tolist()
 
 
 def _prompt_scores(
@@ -411,7 +454,12 @@ def _prompt_scores(
 
 
 def _generate_batch(
-    model, autocast: torch.dtype | None, tokenizer, requests: list[SampleRequest], eos_ids: frozenset[int]
+    model,
+    autocast: torch.dtype | None,
+    tokenizer,
+    requests: list[SampleRequest],
+    eos_ids: frozenset[int],
+    vision: Vision | None,
 ) -> list[SampleResult]:
     device = model.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -422,18 +470,28 @@ def _generate_batch(
         ids[i, width - len(r.prompt_tokens) :] = torch.tensor(r.prompt_tokens)
         mask[i, width - len(r.prompt_tokens) :] = 1
     scored = [len(r.prompt_tokens) for r in requests if r.prompt_logprobs or r.topk_prompt_logprobs]
+    ids, mask_on = ids.to(device), mask.to(device)
+    extra = {"position_ids": (mask_on.cumsum(1) - 1).clamp(min=0)}
+    deltas = [0] * len(requests)
+    if vision is not None and any(r.pixels is not None for r in requests):
+        extra, rope_deltas = model_inputs(vision, ids, mask_on, [r.pixels for r in requests])
+        deltas = rope_deltas.tolist()
     logits, cache = causal_logits(
         model,
         autocast,
         keep=max(scored, default=1),
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device),
+        input_ids=ids,
+        attention_mask=mask_on,
         use_cache=True,
+        **extra,
     )
     prompt_scores = [_prompt_scores(r, logits[i]) for i, r in enumerate(requests)]
     owner = [i for i, r in enumerate(requests) for _ in range(r.num_samples)]
-    seqs = [_Sequence(r, j, eos_ids, tokenizer, width) for r in requests for j in range(r.num_samples)]
+    seqs = [
+        _Sequence(r, j, eos_ids, tokenizer, width, deltas[i])
+        for i, r in enumerate(requests)
+        for j in range(r.num_samples)
+    ]
     step = functools.partial(causal_logits, model, autocast, keep=1, use_cache=True)
     _decode(step, cache, mask, logits[:, -1].cpu(), owner, seqs, device)
     return [
@@ -456,9 +514,9 @@ def _decode(step, cache, mask: torch.Tensor, last: torch.Tensor, owner: list[int
     column = mask.shape[1]
     while active:
         logp = torch.log_softmax(last, dim=-1)
-        picks = _pick_tokens(last, active)
+        picks, drawn = _pick_tokens(last, active)
         for row, seq in enumerate(active):
-            for hidden in seq.advance(logp[row], picks[row], column):
+            for hidden in seq.advance(logp[row], picks[row], drawn[row], column):
                 mask[row, hidden] = 0
         keep = [i for i, s in enumerate(active) if not s.done]
         if not keep:
@@ -467,7 +525,7 @@ def _decode(step, cache, mask: torch.Tensor, last: torch.Tensor, owner: list[int
             cache.batch_select_indices(torch.tensor(keep, device=device))
             mask = mask[keep]
             active = [active[i] for i in keep]
-        positions = mask.sum(1, keepdim=True)
+        positions = mask.sum(1, keepdim=True) + torch.tensor([[s.rope_delta] for s in active])
         mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype)], dim=1)
         logits, cache = step(
             input_ids=torch.tensor([[s.feed] for s in active], device=device),

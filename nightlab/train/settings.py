@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nightlab.train.models import default_data_dir
+from nightlab.train.quantize import check_scheme
 
 API_KEY_PREFIX = "tml-"
 API_KEYS_ENV = "NIGHTLAB_API_KEYS"
@@ -64,6 +65,11 @@ class ServeSettings:
     max_request_bytes: int = 64 << 20
     # Web pages (`Origin` values, e.g. "http://localhost:3000") allowed to call the API; none by default.
     allowed_origins: list[str] = field(default_factory=list)
+    # Bases loaded quantized (QLoRA), by model name: "nf4" or "int8" ("none" by default); see docs/planner.md.
+    quantization: dict[str, str] = field(default_factory=dict)
+    # A base is refused when the planner's LoRA training peak for it passes this (GiB; None: the memory the
+    # device has free when it loads), with the planner's numbers.
+    memory_limit_gb: float | None = None
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser()
@@ -72,6 +78,15 @@ class ServeSettings:
             raise ValueError(f"API keys must start with {API_KEY_PREFIX!r} (the tinker SDK refuses others)")
         if self.max_loaded_bases < 1:
             raise ValueError(f"max_loaded_bases must be at least 1, got {self.max_loaded_bases}")
+        for scheme in self.quantization.values():
+            check_scheme(scheme)
+        if self.memory_limit_gb is not None and self.memory_limit_gb <= 0:
+            raise ValueError(f"memory_limit_gb must be positive, got {self.memory_limit_gb}")
+
+    @property
+    def memory_limit(self) -> int | None:
+        """The memory limit in bytes, as the engine takes it."""
+        return None if self.memory_limit_gb is None else int(self.memory_limit_gb * 2**30)
 
     def check_exposure(self) -> None:
         """Refuse to listen beyond this machine without API keys: anyone connecting could train and read

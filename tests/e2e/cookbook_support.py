@@ -17,13 +17,18 @@ from pathlib import Path
 import httpx
 
 API_KEY = "tml-cookbook-test"
-# What the cookbook needs to run offline and quietly: a tml- key, no telemetry, no hub, no wandb.
+# What the cookbook needs to run offline and quietly: a tml- key, no telemetry, no hub, no wandb; and a proxy
+# that is a closed local port for anything but loopback, so what it would fetch (0.6.1 asks the docs site for
+# model prices, and logs token counts alone without them) fails at once on this machine.
+_NOWHERE = "http://127.0.0.1:9"
 OFFLINE_ENV = {
     "TINKER_API_KEY": API_KEY,
     "TINKER_TELEMETRY": "0",
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "WANDB_MODE": "disabled",
+    **{name: _NOWHERE for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")},
+    **{name: "127.0.0.1,localhost" for name in ("NO_PROXY", "no_proxy")},
 }
 
 

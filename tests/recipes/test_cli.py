@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from nightlab.cli import app
 from nightlab.recipes import s1
 from nightlab.recipes.rl import METRICS_FILE, RLConfig
+from nightlab.recipes.vlm_classify import VLMClassifyConfig
 
 runner = CliRunner()
 
@@ -161,7 +162,10 @@ def recipe_command(name: str):
         return recipes.get_command(ctx, name)
 
 
-@pytest.mark.parametrize(("command", "settings"), [("s1", s1.S1Config), ("rl", RLConfig)])
+@pytest.mark.parametrize(
+    ("command", "settings"),
+    [("s1", s1.S1Config), ("rl", RLConfig), ("vlm-classify", VLMClassifyConfig)],
+)
 def test_every_setting_is_an_option_with_the_same_default(command, settings) -> None:
     """Options are made from the settings model: none is missing, none has a default of its own."""
     params = {p.name: p for p in recipe_command(command).params if p.param_type_name == "option"}

@@ -8,29 +8,20 @@ instead of generated ones, so the fuzzing reaches past "not found".
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
 from nightlab.train.api.openai_bodies import ChatBody, CompletionBody
-from tests.train.test_tinker_api import ALICE, Server, post, start_server, wait_future
+from tests.train.test_tinker_api import ALICE, Server, post, wait_future
 
 EXAMPLES = 300
 HEADERS = {"X-API-Key": ALICE, "Authorization": f"Bearer {ALICE}"}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("serve"), str(tiny_model_dir))
-    yield srv
-    srv.stop()
 
 
 def with_openai_bodies(schema: dict[str, Any]) -> dict[str, Any]:

@@ -15,16 +15,9 @@ import tinker
 from tinker import types
 
 from nightlab.train.checkpoints import MAX_PAGE_LIMIT, MAX_TTL_S
-from tests.train.test_tinker_api import ALICE, Server, post, start_server
+from tests.train.test_tinker_api import ALICE, Server, post
 
 CONTEXT = 512  # the tiny model's max_position_embeddings (and vocabulary size)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("serve"), str(tiny_model_dir))
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -113,13 +113,36 @@ def test_gspo_uses_the_masked_sequence_ratio_for_every_token():
     assert grad == pytest.approx([-s, -s, 0.0])  # each token: d(s * exp(logp - sg logp))/dlogp = s
 
 
-def test_stable_reinforce_truncates_the_weight_and_adds_a_kl_penalty():
-    logp, q, adv = [0.0, -1.0], [-1.0, -1.0], [1.0, 1.0]
-    loss, elem, grad = run("stable_reinforce", logp, {"kl_coeff": 0.5}, logprobs=q, advantages=adv)
-    r0 = math.e  # > 2 -> weight truncated to 2
-    k3 = r0 - 1 - 1.0
-    assert elem == pytest.approx([-2.0 * 0.0 + 0.5 * k3, -1.0 * -1.0 * 1.0 + 0.0])
-    assert grad == pytest.approx([-2.0 + 0.5 * (r0 - 1), -1.0])
+def test_stable_reinforce_against_the_formula_in_docs_service_md():
+    # token 0: drawn with mu = e^-1, pi = e^0 -> pi/mu = e > 2: weight truncated to 2; KL to q = e^-0.5
+    # token 1: drawn with mu = e^-0.5, pi = e^-1 -> weight e^-0.5, untruncated; pi = q: no KL
+    # token 2: a prompt token (mask 0): nothing, whatever its inputs
+    logp, q, mu = [0.0, -1.0, -3.0], [-0.5, -1.0, 0.0], [-1.0, -0.5, 0.0]
+    adv, mask, kl_coeff = [1.0, -2.0, 0.0], [1.0, 1.0, 0.0], 0.5
+    loss, elem, grad = run(
+        "stable_reinforce",
+        logp,
+        {"kl_coeff": kl_coeff},
+        logprobs=q,
+        advantages=adv,
+        sampling_logprobs=mu,
+        sampled_mask=mask,
+    )
+    w1 = math.exp(-0.5)
+    k3 = math.exp(0.5) - 1 - 0.5  # r - 1 - log r with r = pi/q = e^0.5
+    assert elem == pytest.approx([-2.0 * 1.0 * 0.0 + kl_coeff * k3, -w1 * -2.0 * -1.0, 0.0])
+    assert loss == pytest.approx(sum(elem))
+    # the weight is a constant (stop-gradient): d/dlogp = -w * A, plus kl_coeff * (r - 1) from k3
+    assert grad == pytest.approx([-2.0 + kl_coeff * (math.exp(0.5) - 1), 2.0 * w1, 0.0])
+
+
+def test_stable_reinforce_without_recorded_inputs_weighs_every_token_against_q():
+    """Straight to the engine (no service to fill them): mu = q and every token counts."""
+    logp, q, adv = [-1.0, -2.0], [-1.5, -1.0], [1.0, 1.0]
+    _, elem, grad = run("stable_reinforce", logp, {"clip_high_threshold": 1.5}, logprobs=q, advantages=adv)
+    w = [min(math.exp(0.5), 1.5), math.exp(-1.0)]
+    assert elem == pytest.approx([-w[0] * -1.0, -w[1] * -2.0])
+    assert grad == pytest.approx([-w[0], -w[1]])
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ and no more of them in memory than configured (real HTTP against a real server w
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,13 +15,6 @@ from nightlab.train.errors import EngineError
 from nightlab.train.records import LoraSpec
 from nightlab.train.settings import ServeSettings
 from tests.train.test_tinker_api import ALICE, Server, post, start_server, wait_future
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[Server]:
-    srv = start_server(tmp_path_factory.mktemp("serve"), str(tiny_model_dir))
-    yield srv
-    srv.stop()
 
 
 def create_model(server: Server, base_model: str) -> httpx.Response:

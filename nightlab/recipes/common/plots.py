@@ -74,3 +74,18 @@ def plot_online(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_ylabel("held-out score")
     ax.legend(loc="best")
     return _save(fig, path)
+
+
+def plot_accuracy_vs_shots(rows: list[dict[str, Any]], path: Path, chance: float) -> Path:
+    """Held-out accuracy against labelled images per class, one line per method, chance as a dashed line
+    (rows: shots, method, accuracy)."""
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for method in sorted({r["method"] for r in rows}):
+        mine = sorted((r for r in rows if r["method"] == method), key=lambda r: r["shots"])
+        ax.plot([r["shots"] for r in mine], [100 * r["accuracy"] for r in mine], marker="o", label=method)
+    ax.axhline(100 * chance, color="grey", ls="--", lw=0.8, label="chance")
+    ax.set(xlabel="shots per class", ylabel="accuracy (%)", title="few-shot image classification")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -28,7 +28,13 @@ KEEP_ALIVE_S = 75
 
 def create_app(settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
     """Build the app; pass `engine` to share loaded base models (a restart in tests, the CLI's preload)."""
-    engine = engine or Engine(settings.data_dir, device=settings.device, preload=settings.preload)
+    engine = engine or Engine(
+        settings.data_dir,
+        device=settings.device,
+        preload=settings.preload,
+        quantization=settings.quantization,
+        memory_limit=settings.memory_limit,
+    )
     service = TinkerService(settings, engine)
 
     @asynccontextmanager
@@ -93,7 +99,12 @@ def serve(settings: ServeSettings) -> None:
 
     settings.check_exposure()
     console = Console(stderr=True)
-    engine = Engine(settings.data_dir, device=settings.device)
+    engine = Engine(
+        settings.data_dir,
+        device=settings.device,
+        quantization=settings.quantization,
+        memory_limit=settings.memory_limit,
+    )
     engine.serve_only([*settings.preload, *settings.allowed_models], settings.max_loaded_bases)
     for name in settings.preload:
         with Progress(

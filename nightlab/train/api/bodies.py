@@ -5,9 +5,14 @@ Unknown keys are ignored (newer SDKs add fields), except in budget forcing, nigh
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+
+from nightlab.train.errors import UserError
+from nightlab.train.records import ImageInput
 
 
 class BudgetForcingBody(BaseModel):  # s1-style thinking control, on Tinker's /asample and OpenAI's /v1
@@ -121,10 +126,33 @@ class CreateSamplerBody(_Body):
 class ChunkBody(_Body):
     type: str = "encoded_text"
     tokens: list[int] = []
+    data: str | None = None  # image: base64 of the png or jpeg bytes
+    format: str | None = None
+    expected_tokens: int | None = Field(None, ge=0)
 
 
 class ModelInputBody(_Body):
     chunks: list[ChunkBody]
+
+    def parts(self) -> tuple[list[int], list[ImageInput]]:
+        """The text tokens, and the images' bytes with their places among those tokens."""
+        tokens: list[int] = []
+        images: list[ImageInput] = []
+        for i, chunk in enumerate(self.chunks):
+            if chunk.type == "encoded_text":
+                tokens.extend(chunk.tokens)
+            elif chunk.type == "image":
+                try:
+                    data = base64.b64decode(chunk.data or "", validate=True)
+                except binascii.Error:
+                    raise UserError(f"prompt chunk {i}: image data is not base64") from None
+                images.append(ImageInput(data, chunk.format or "", len(tokens), chunk.expected_tokens))
+            else:  # image_asset_pointer names a file or URL this offline server cannot fetch
+                raise UserError(
+                    f"prompt chunk {i}: {chunk.type} chunks are not supported here; send token chunks "
+                    "(encoded_text) and images as bytes (ImageChunk)"
+                )
+        return tokens, images
 
 
 class SamplingParamsBody(_Body):
@@ -150,6 +178,7 @@ class SampleBody(_Body):
     target_prompt_logprobs: dict[str, Any] | None = None
     prompt_alt_tokens_k: int = 0
     prompt_logprobs_last_n: int | None = Field(None, ge=1)
+    record_stability_info: bool | None = None  # keep the sequences for stable_reinforce (train/stability.py)
     budget_forcing: BudgetForcingBody | None = Field(
         None, description="nightlab extension: s1-style min/max thinking length (see docs/recipes.md)"
     )

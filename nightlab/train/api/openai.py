@@ -103,7 +103,7 @@ def build_router(engine: Engine) -> APIRouter:
                 param="model",
                 code="model_not_found",
             ) from None
-        return Target(name, base, adapter_dir, info.max_context_length, tokenizer)
+        return Target(name, base, adapter_dir, info.max_context_length, tokenizer, info.image_token_id)
 
     def resolve_alias(request: Request, name: str) -> str:
         """The model an alias of this key points at now; any other name as it is."""
@@ -254,8 +254,10 @@ def build_router(engine: Engine) -> APIRouter:
         body = parse_body(ChatBody, await request.body())
         body.refuse_unsupported()
         to = await target(request, resolve_alias(request, body.model))
-        tokens = await asyncio.to_thread(chat_prompt, body.messages, to.tokenizer, to.context)
-        job = chat_job(to, body, tokens)
+        tokens, images = await asyncio.to_thread(
+            chat_prompt, body.messages, to.tokenizer, to.context, to.image_token_id
+        )
+        job = chat_job(to, body, tokens, images)
         keep = remembering(request, to.name, [[m.model_dump(exclude_none=True) for m in body.messages]])
         return await respond(job, body, lambda: run(request, job), "chat.completion", keep)
 

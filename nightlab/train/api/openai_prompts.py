@@ -7,6 +7,8 @@ to the event loop through the job's `events` queue.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 from nightlab.train.api.openai_bodies import ChatBody, ChatMessage, CompletionBody, SamplingBody
 from nightlab.train.errors import OpenAIError
+from nightlab.train.records import ImageInput
 from nightlab.train.sampling import BudgetForcing, SampleRequest, SamplingParams
 
 DEFAULT_CHAT_MAX_TOKENS = 1024  # OpenAI's "until the context ends" is hours on a CPU; cap the default
@@ -32,6 +35,7 @@ class Target:
     adapter_dir: Path | None
     context: int
     tokenizer: Any
+    image_token_id: int | None = None  # where the chat template puts an image; None: the model takes none
 
 
 @dataclass
@@ -60,13 +64,14 @@ def completion_job(target: Target, body: CompletionBody, prompts: list[list[int]
     return _job(target, body, prompts, max_tokens, body.logprobs)
 
 
-def chat_job(target: Target, body: ChatBody, tokens: list[int]) -> Job:
-    """The job for `body`'s rendered prompt `tokens` (from `chat_prompt`, off the event loop)."""
+def chat_job(target: Target, body: ChatBody, tokens: list[int], images: list[ImageInput]) -> Job:
+    """The job for `body`'s rendered prompt `tokens` and its `images` (from `chat_prompt`, off the event
+    loop)."""
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     if limit is None:
         limit = max(0, min(DEFAULT_CHAT_MAX_TOKENS, target.context - len(tokens)))
     top = (body.top_logprobs or 0) if body.logprobs else None
-    return _job(target, body, [tokens], limit, top)
+    return _job(target, body, [tokens], limit, top, images)
 
 
 def check_fits(length: int, context: int, unit: str, limit: int, param: str) -> None:
@@ -107,16 +112,64 @@ def completion_prompts(prompt: Any, tokenizer, context: int = 0) -> list[list[in
     return out
 
 
-def chat_prompt(messages: list[ChatMessage], tokenizer, context: int = 0) -> list[int]:
-    """Render messages with the model's own chat template, ready for the assistant's turn; messages too long
+def _data_url_image(part: dict[str, Any]) -> tuple[bytes, str]:
+    """The bytes and format of an `image_url` content part, which must hold a base64 data URL: this server
+    fetches nothing from the network."""
+    ref = part.get("image_url")
+    url = ref.get("url") if isinstance(ref, dict) else ref
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise OpenAIError(
+            400,
+            "image_url must be a data URL (data:image/png;base64,...): this server is offline and fetches "
+            "no http(s) images",
+            param="messages",
+        )
+    header, _, payload = url.partition(",")
+    mime = header.removeprefix("data:").split(";")[0].lower()
+    fmt = {"image/png": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg"}.get(mime)
+    if fmt is None or not header.endswith(";base64"):
+        raise OpenAIError(
+            400, f"image_url data URLs must be base64 png or jpeg, not {header!r}", param="messages"
+        )
+    try:
+        return base64.b64decode(payload, validate=True), fmt
+    except binascii.Error:
+        raise OpenAIError(400, "image_url: the data URL's payload is not base64", param="messages") from None
+
+
+def _content(
+    parts: list[dict[str, Any]], images: list[tuple[bytes, str]], takes_images: bool
+) -> str | list[dict[str, Any]]:
+    """Text parts joined for a text model; for a vision model, parts as its chat template takes them, each
+    image_url's image (bytes, format) added to `images`."""
+    if not takes_images:
+        if any(part.get("type") != "text" for part in parts):
+            raise OpenAIError(400, "only text content parts are supported by this model", param="messages")
+        return "".join(part.get("text", "") for part in parts)
+    out: list[dict[str, Any]] = []
+    for part in parts:
+        if part.get("type") == "image_url":
+            images.append(_data_url_image(part))
+            out.append({"type": "image"})
+        elif part.get("type") == "text":
+            out.append({"type": "text", "text": part.get("text", "")})
+        else:
+            raise OpenAIError(400, "content parts must be text or image_url", param="messages")
+    return out
+
+
+def chat_prompt(
+    messages: list[ChatMessage], tokenizer, context: int = 0, image_token_id: int | None = None
+) -> tuple[list[int], list[ImageInput]]:
+    """Render messages with the model's own chat template, ready for the assistant's turn, and take out the
+    images (`image_url` parts, for a model whose template writes `image_token_id` for each); messages too long
     for the `context` are refused before rendering."""
     rendered = []
+    pictures: list[tuple[bytes, str]] = []
     for m in messages:
         msg = m.model_dump(exclude_none=True)
-        if isinstance(m.content, list):  # content parts: only text can reach a text model
-            if any(part.get("type") != "text" for part in m.content):
-                raise OpenAIError(400, "only text content parts are supported", param="messages")
-            msg["content"] = "".join(part.get("text", "") for part in m.content)
+        if isinstance(m.content, list):
+            msg["content"] = _content(m.content, pictures, image_token_id is not None)
         msg.setdefault("content", "")
         rendered.append(msg)
     chars = sum(len(str(m["content"])) for m in rendered)
@@ -129,11 +182,29 @@ def chat_prompt(messages: list[ChatMessage], tokenizer, context: int = 0) -> lis
         raise OpenAIError(
             400, f"the chat template rejected these messages: {exc}", param="messages"
         ) from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    if not pictures:
+        return tokens, []
+    places = [i for i, t in enumerate(tokens) if t == image_token_id]
+    if len(places) != len(pictures):
+        raise OpenAIError(
+            400, f"the chat template placed {len(places)} of {len(pictures)} images", param="messages"
+        )
+    # each image replaces its one placeholder; the engine writes as many as its patches need
+    images = [
+        ImageInput(data, fmt, at - i)
+        for i, ((data, fmt), at) in enumerate(zip(pictures, places, strict=True))
+    ]
+    return [t for t in tokens if t != image_token_id], images
 
 
 def _job(
-    target: Target, body: SamplingBody, prompts: list[list[int]], max_tokens: int, top: int | None
+    target: Target,
+    body: SamplingBody,
+    prompts: list[list[int]],
+    max_tokens: int,
+    top: int | None,
+    images: list[ImageInput] | None = None,
 ) -> Job:
     n = body.n or 1
     longest = max(len(p) for p in prompts)
@@ -160,7 +231,13 @@ def _job(
         notify = _notifier(job.events, prompt.first_choice) if body.stream and bf is None else None
         job.requests.append(
             SampleRequest(
-                prompt.tokens, params, n, topk_sample_logprobs=top or 0, budget_forcing=bf, on_token=notify
+                prompt.tokens,
+                params,
+                n,
+                topk_sample_logprobs=top or 0,
+                budget_forcing=bf,
+                images=images or [],
+                on_token=notify,
             )
         )
     return job

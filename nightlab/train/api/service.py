@@ -13,7 +13,6 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +39,7 @@ from nightlab.train.records import AdamParams, Datum, LoraSpec, ModelInfo
 from nightlab.train.sampling import BudgetForcing, SampleRequest, SampleResult, SamplingParams
 from nightlab.train.sessions import SessionStore, check_count
 from nightlab.train.settings import ServeSettings
+from nightlab.train.stability import StabilityStore
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,6 @@ class TrainingModel:
     session_id: str
     base_model: str
     queue: OrderedQueue
-    warned_provenance: bool = False
     max_context_length: int = 0  # known once the model is created; 0 while unknown or unlimited
 
     def check_fits(self, data: list[Datum]) -> None:
@@ -123,6 +122,7 @@ class TinkerService:
         self.checkpoints = CheckpointStore(settings.data_dir)
         self.feedback = FeedbackStore(settings.data_dir)
         self.aliases = AliasStore(settings.data_dir)
+        self.stability = StabilityStore()
         self.futures = FutureStore(ttl_s=settings.future_ttl_s)
         self.models: dict[str, TrainingModel] = {}
         self.samplers: dict[str, Sampler] = {}
@@ -150,6 +150,7 @@ class TinkerService:
     def sweep(self) -> None:
         """Forget results nobody will fetch, and end sessions whose client stopped sending heartbeats."""
         self.futures.prune()
+        self.stability.expire()
         for session_id in self.sessions.expire(self.settings.session_timeout_s):
             logger.info(
                 "session %s sent no heartbeat for %.0f s; freeing its adapters",
@@ -174,6 +175,7 @@ class TinkerService:
         work has run (the adapter, sampler adapters loaded from its unnamed weights, those weights' files)."""
         for sampler_id in [s.sampler_id for s in self.samplers.values() if s.session_id == session_id]:
             del self.samplers[sampler_id]
+        self.stability.drop_session(session_id)
         models = [
             self.models.pop(m.model_id) for m in list(self.models.values()) if m.session_id == session_id
         ]
@@ -330,24 +332,23 @@ class TinkerService:
 
     def forward_backward(self, owner: str, req: FwdBwdRequest) -> str:
         model = self.model(req.model_id, owner)
-        fits = partial(model.check_fits, req.data)
-        self._check_in_order(model, owner, req.seq_id, "forward_backward", fits, chunk=True)
-        if req.has_provenance and not model.warned_provenance:
-            model.warned_provenance = True
-            logger.warning(
-                "%s: forward_backward datums carry provenance spans "
-                "(tinker's StableReinforce stability data); nightlab ignores them "
-                "and computes %s from each datum's own inputs (see docs/service.md)",
-                req.model_id,
-                req.loss_fn,
-            )
+
+        def checked() -> list[Datum]:
+            """The datums, fitted to the context; for stable_reinforce, filled from the recorded samples
+            their provenance names (other losses have no use for provenance and ignore it)."""
+            model.check_fits(req.data)
+            if req.loss_fn != "stable_reinforce":
+                return req.data
+            return self.stability.resolve(model.session_id, req.data, req.provenance)
+
+        data = self._check_in_order(model, owner, req.seq_id, "forward_backward", checked, chunk=True)
 
         async def work() -> Payload:
-            model.check_fits(req.data)  # again: a request sent before its model was created is checked now
+            model.check_fits(data)  # again: a request sent before its model was created is checked now
             result = await self.call(
                 self.engine.forward_backward,
                 req.model_id,
-                req.data,
+                data,
                 req.loss_fn,
                 req.loss_fn_config,
                 req.forward_only,
@@ -498,9 +499,10 @@ class TinkerService:
     async def asample(self, owner: str, body: SampleBody) -> dict[str, Any]:
         if body.prompt_alt_tokens_k or body.target_prompt_logprobs is not None:
             raise UserError("prompt_alt_tokens_k and target_prompt_logprobs are not supported by this server")
+        session_id: str | None = None  # whose recorded sequences these become, with record_stability_info
         if body.sampling_session_id:
             sampler = self.sampler(body.sampling_session_id, owner)
-            base, adapter_dir = sampler.base_model, sampler.adapter_dir
+            base, adapter_dir, session_id = sampler.base_model, sampler.adapter_dir, sampler.session_id
         elif body.model_path:
             run, ckpt = self.checkpoints.resolve(body.model_path, owner)
             base, adapter_dir = run.base_model, ckpt.directory
@@ -508,14 +510,13 @@ class TinkerService:
             base, adapter_dir = body.base_model, None
         else:
             raise UserError("asample needs sampling_session_id, model_path or base_model")
-        tokens: list[int] = []
-        for chunk in body.prompt.chunks:
-            if chunk.type != "encoded_text":
-                raise UserError(
-                    f"{chunk.type} chunks are not supported here; send token chunks (encoded_text)"
-                )
-            tokens.extend(chunk.tokens)
-        if not tokens:
+        if body.record_stability_info and session_id is None:
+            raise UserError(
+                "record_stability_info needs a sampling session: sample through a SamplingClient "
+                "(its samples then belong to that session's training)"
+            )
+        tokens, images = await self.call(body.prompt.parts)  # decoding images takes a while: off the loop
+        if not tokens and not images:
             raise UserError("the prompt has no tokens")
         if body.prompt_logprobs_last_n is not None and not 1 <= body.prompt_logprobs_last_n < len(tokens):
             raise UserError(f"prompt_logprobs_last_n must be between 1 and {len(tokens) - 1} for this prompt")
@@ -527,18 +528,23 @@ class TinkerService:
             topk_prompt_logprobs=body.topk_prompt_logprobs,
             topk_sample_logprobs=body.topk_sample_logprobs,
             budget_forcing=BudgetForcing(**body.budget_forcing.model_dump()) if body.budget_forcing else None,
+            images=images,
         )
         await self.call(self.engine.check_sample, base, request)  # a bad request fails here, not in a batch
 
+        sequence_ids: list[str] = []  # known once the future exists, before its work runs
+
         async def work() -> Payload:
             result = await self.sampling.submit((base, adapter_dir), request)
+            if body.record_stability_info and session_id is not None:
+                self.stability.record(
+                    session_id, tokens, list(zip(sequence_ids, result.sequences, strict=True))
+                )
             return Payload(encode_sample(result, body.prompt_logprobs_last_n), PROTOBUF)
 
         request_id = self.futures.start(owner, work)
-        return {
-            "request_id": request_id,
-            "sample_sequence_ids": [f"{request_id}:{i}" for i in range(body.num_samples)],
-        }
+        sequence_ids.extend(f"{request_id}:{i}" for i in range(body.num_samples))
+        return {"request_id": request_id, "sample_sequence_ids": sequence_ids}
 
     # -- REST views --
     def training_run_json(self, run_id: str, owner: str) -> dict[str, Any]:

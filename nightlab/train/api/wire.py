@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,8 +15,10 @@ from google.protobuf.message import DecodeError
 from tinker.proto import tinker_public_pb2 as pb
 
 from nightlab.train.errors import UserError
-from nightlab.train.records import Datum
+from nightlab.train.records import Datum, ImageInput
 from nightlab.train.sampling import SampleResult
+from nightlab.train.stability import Provenance, Span
+from nightlab.train.vision import MAX_IMAGE_TOKENS
 
 PROTOBUF = "application/x-protobuf"
 # A loss_fn_inputs tensor holds at most this many cells per token of its datum (a full distribution over a
@@ -56,21 +59,38 @@ def _tensor(name: str, t: pb.Tensor, max_cells: int) -> np.ndarray:
         raise UserError(f"malformed tensor loss_fn_inputs[{name!r}]: {exc}") from exc
 
 
+def _image(where: str, at: int, chunk: pb.ImageChunk) -> ImageInput:
+    """An image chunk as the engine takes it (which decodes it, and counts its placeholders for its model)."""
+    if chunk.HasField("override_dimensions"):
+        raise UserError(
+            f"{where}: override_dimensions is not supported here; resize the image before sending"
+        )
+    expected = chunk.expected_tokens if chunk.HasField("expected_tokens") else None
+    return ImageInput(chunk.data, chunk.format, at, expected)
+
+
 def _datum(i: int, d: pb.Datum) -> Datum:
     tokens: list[int] = []
-    for chunk in d.model_input:
+    images: list[ImageInput] = []
+    for j, chunk in enumerate(d.model_input):
         kind = chunk.WhichOneof("chunk")
+        if kind == "image":
+            images.append(_image(f"datum {i} chunk {j}", len(tokens), chunk.image))
+            continue
         if kind != "encoded_text":
             raise UserError(
-                f"datum {i}: {kind} chunks are not supported here; send token chunks (encoded_text)"
+                f"datum {i}: {kind} chunks are not supported here; send token chunks (encoded_text) or images"
             )
         if len(chunk.encoded_text.tokens) % 4:
             raise UserError(f"datum {i}: token bytes are not a whole number of int32 values")
         tokens.extend(np.frombuffer(chunk.encoded_text.tokens, np.int32).tolist())
-    if not tokens:
+    if not tokens and not images:
         raise UserError(f"datum {i} has no tokens")
-    cells = len(tokens) * MAX_CELLS_PER_TOKEN
-    return Datum(tokens=tokens, loss_fn_inputs={k: _tensor(k, v, cells) for k, v in d.loss_fn_inputs.items()})
+    # the engine counts an image's placeholders against its model; until then, bound them by what was declared
+    length = len(tokens) + sum(image.expected_tokens or MAX_IMAGE_TOKENS for image in images)
+    cells = length * MAX_CELLS_PER_TOKEN
+    inputs = {k: _tensor(k, v, cells) for k, v in d.loss_fn_inputs.items()}
+    return Datum(tokens=tokens, loss_fn_inputs=inputs, images=images)
 
 
 @dataclass
@@ -82,7 +102,25 @@ class FwdBwdRequest:
     forward_only: bool
     data: list[Datum]
     fingerprint: str  # digest of the request's canonical encoding: a retry has the same one
-    has_provenance: bool  # datums carry provenance spans (SDK 0.38 stable_reinforce); nightlab ignores them
+    provenance: list[Provenance | None]  # per datum, when it carries spans (Datum.with_provenance)
+
+
+def _spans(spans: Iterable[pb.ProvenanceSpan]) -> list[Span]:
+    out: list[Span] = []
+    for span in spans:
+        kind = span.WhichOneof("span")
+        if kind is None:
+            raise UserError("a provenance span names neither prompt_tokens nor sampled_tokens")
+        run = getattr(span, kind)
+        out.append(Span(kind == "sampled_tokens", run.sequence_id, run.offset, run.length))
+    return out
+
+
+def _provenance(d: pb.Datum) -> Provenance | None:
+    """The datum's provenance; the SDK sends both span lists or neither."""
+    if not d.model_input_spans and not d.loss_fn_input_spans:
+        return None
+    return Provenance(_spans(d.model_input_spans), _spans(d.loss_fn_input_spans))
 
 
 def _expand(body: bytes, max_bytes: int) -> bytes:
@@ -126,7 +164,7 @@ def decode_forward_backward(body: bytes, content_encoding: str | None, max_bytes
         forward_only=msg.forward_only,
         data=[_datum(i, d) for i, d in enumerate(msg.data)],
         fingerprint=hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest(),
-        has_provenance=any(d.model_input_spans or d.loss_fn_input_spans for d in msg.data),
+        provenance=[_provenance(d) for d in msg.data],
     )
 
 
