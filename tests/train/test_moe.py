@@ -225,7 +225,10 @@ def test_routers_that_are_linear_layers_stay_frozen(family, fields, linear_route
     )
     model = AutoModelForCausalLM.from_config(config)
     targets = lora_targets(model)
+    targeted = {name for group in targets.values() for name in group}
+    assert not {t for t in targeted for router in linear_routers if t.startswith(router)}, "a router got LoRA"
     linear = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    assert sorted(linear - {name for group in targets.values() for name in group}) == linear_routers
+    # a transformers release may turn a linear router into a router module of its own (DeepSeek-V2's did)
+    assert sorted(linear - targeted) == [name for name in linear_routers if name in linear]
     assert any("shared_expert" in name for name in targets["mlp"])
     assert len(targets["experts"]) == 2 * len(moe_blocks(model))
