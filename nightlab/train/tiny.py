@@ -165,6 +165,26 @@ def train_tokenizer(vocab_size: int, seed: int, special_tokens: list[str]):
     )
 
 
+def new_model_dir(
+    path: Path,
+    vocab_size: int,
+    seed: int,
+    extra_tokens: tuple[str, ...] = (),
+    last_file: str = "tokenizer.json",
+    chat_template: str | None = None,
+) -> Any | None:
+    """Start a tiny model directory: write its tokenizer (ChatML, with `extra_tokens`; `chat_template` or
+    CHAT_TEMPLATE) to `path` and return it; None when `path` already holds a complete model (its config and
+    `last_file`), which the builders then reuse, so that session-scoped test fixtures stay cheap."""
+    if (path / "config.json").is_file() and (path / last_file).is_file():
+        return None
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(vocab_size, seed, SPECIAL_TOKENS + list(extra_tokens))
+    tokenizer.chat_template = chat_template or CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
 def decoder_fields(
     tokenizer: Any, hidden_size: int, num_layers: int, num_heads: int, max_positions: int
 ) -> dict[str, Any]:
@@ -202,12 +222,9 @@ def make_tiny_model(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = Path(path)
-    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
+    tokenizer = new_model_dir(path, vocab_size, seed)
+    if tokenizer is None:
         return path
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(vocab_size, seed, SPECIAL_TOKENS)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
 
     config = LlamaConfig(
         intermediate_size=hidden_size * 4,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nightlab.train.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, decoder_fields, train_tokenizer
+from nightlab.train.tiny import decoder_fields, new_model_dir
 
 # model_type: its config's names for the number of experts and for one expert's hidden width
 MOE_FAMILIES = {
@@ -40,12 +40,9 @@ def make_tiny_moe_model(
     if family not in MOE_FAMILIES:
         raise ValueError(f"unknown MoE family {family!r}: pick one of {', '.join(MOE_FAMILIES)}")
     path = Path(path)
-    if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
+    tokenizer = new_model_dir(path, vocab_size, seed)
+    if tokenizer is None:
         return path
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(vocab_size, seed, SPECIAL_TOKENS)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
 
     count_key, width_key = MOE_FAMILIES[family]
     config = AutoConfig.for_model(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nightlab.train.tiny import SPECIAL_TOKENS, train_tokenizer
+from nightlab.train.tiny import new_model_dir
 
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # Qwen's layout of one image in text: the image processor's patches replace the single pad token
@@ -41,12 +41,11 @@ def make_tiny_vlm(
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
     path = Path(path)
-    if (path / "config.json").is_file() and (path / "preprocessor_config.json").is_file():
+    tokenizer = new_model_dir(
+        path, vocab_size, seed, tuple(VISION_TOKENS), "preprocessor_config.json", CHAT_TEMPLATE
+    )
+    if tokenizer is None:
         return path
-    path.mkdir(parents=True, exist_ok=True)
-    tokenizer = train_tokenizer(vocab_size, seed, SPECIAL_TOKENS + VISION_TOKENS)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in VISION_TOKENS}
     Qwen2VLImageProcessorPil(
         patch_size=PATCH_SIZE,
