@@ -321,7 +321,7 @@ def load(
 ):
     """(model, tokenizer, tokenizer_id) for a resolved name; the model is in eval mode on `device`, its linear
     layers quantized to `quantization` as they load (QLoRA)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if quantization != "none" and model.source == "gguf":
         raise QuantizationError(
@@ -335,7 +335,7 @@ def load(
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
             tokenizer_id = str(tokenizer_dir)
             advance("tokenizer")
-            weights = AutoModelForCausalLM.from_pretrained(model.path, gguf_file=model.gguf_file)
+            weights = _load_gguf(model)
         else:
             location = model.hub_id or str(model.path)
             tokenizer = AutoTokenizer.from_pretrained(location)
@@ -367,7 +367,7 @@ def prepare_model(name: str, data_dir: Path, *, show_progress: bool = True) -> P
         if model.source == "gguf":
             tokenizer = gguf_tokenizer(model.path / model.gguf_file)
             advance("tokenizer")
-            weights = AutoModelForCausalLM.from_pretrained(model.path, gguf_file=model.gguf_file)
+            weights = _load_gguf(model)
         else:
             tokenizer = AutoTokenizer.from_pretrained(model.hub_id)
             advance("tokenizer")
@@ -389,6 +389,24 @@ def prepare_model(name: str, data_dir: Path, *, show_progress: bool = True) -> P
             )
         advance("done")
     return target.resolve()
+
+
+def _load_gguf(model: ResolvedModel) -> Any:
+    """A GGUF file's model as a plain one. Its tensors load dequantized, but newer transformers releases keep
+    a GGUF quantizer on the model, which refuses `save_pretrained`; a copy built from the config has none."""
+    from transformers import AutoModelForCausalLM
+
+    weights = AutoModelForCausalLM.from_pretrained(model.path, gguf_file=model.gguf_file)
+    if getattr(weights, "hf_quantizer", None) is None:
+        return weights
+
+    config = weights.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=weights.dtype)
+    plain.load_state_dict(weights.state_dict())
+    plain.generation_config = weights.generation_config
+    return plain
 
 
 @contextmanager
